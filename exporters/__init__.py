@@ -1,0 +1,1 @@
+"""Label Studio annotations to training datasets: COCO, RefCOCO, gRefCOCO."""

@@ -1,0 +1,5 @@
+import sys
+
+from groundlabel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""Reading a Label Studio label config into the plain spec that jobs carry to the workers.
+
+The spec is JSON-serialisable (``LabelingSpec.to_dict`` / ``from_dict``): it is what travels in a job's
+payload, so a worker never parses XML and never needs the backend's process.
+
+Per-label prompts: a ``<Label value="Car" predicted_values="car,automobile"/>`` is prompted with each
+comma-separated value (the best-scoring one wins per pixel); without ``predicted_values`` the label's
+own value is its prompt. Per-control options are read from the control tag's attributes, e.g.
+``<PolygonLabels name="poly" toName="image" model_score_threshold="0.5" polygon_tolerance="1.5">``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from groundlabel.errors import UserError
+
+#: Control tags that groundlabel fills, mapped to the ``type`` of the results it writes for them.
+SUPPORTED_CONTROLS: dict[str, str] = {
+    "PolygonLabels": "polygonlabels",
+    "BrushLabels": "brushlabels",
+    "RectangleLabels": "rectanglelabels",
+    "KeyPointLabels": "keypointlabels",
+}
+
+#: Control tags that may be present but that groundlabel neither fills nor complains about.
+PASSIVE_CONTROLS = {"TextArea", "Choices", "Labels", "Number", "Rating", "Taxonomy", "Relations"}
+
+
+@dataclass
+class ControlSpec:
+    """One control tag groundlabel answers for (``from_name``) on one image (``to_name``)."""
+
+    name: str
+    type: str  # one of SUPPORTED_CONTROLS' keys
+    to_name: str
+    labels: list[str]
+    prompts: dict[str, list[str]]  # label -> text prompts (synonyms)
+    options: dict[str, str] = field(default_factory=dict)  # the tag's other attributes
+
+    @property
+    def result_type(self) -> str:
+        """The ``type`` field of the Label Studio results for this control."""
+        return SUPPORTED_CONTROLS[self.type]
+
+    def option_float(self, key: str, default: float) -> float:
+        """A numeric tag attribute, with a clear error when it is not a number."""
+        raw = self.options.get(key)
+        if raw is None or raw == "":
+            return default
+        try:
+            return float(raw)
+        except ValueError as exc:
+            raise UserError(f"control {self.name!r}: attribute {key}={raw!r} is not a number") from exc
+
+
+@dataclass
+class LabelingSpec:
+    """What a label config asks of groundlabel: the image field, the controls, the text field."""
+
+    image_name: str  # the <Image> tag's name (results' to_name)
+    image_key: str  # the task data key holding the image URL (the tag's value without "$")
+    controls: list[ControlSpec]
+    text_name: str | None = None  # a <TextArea> on the image: the referring expression for LAVT
+    text_key: str | None = None  # task data key that may hold an expression ("$expr" on the TextArea)
+
+    def all_prompts(self) -> list[str]:
+        """Every distinct prompt of every control, in config order."""
+        seen: dict[str, None] = {}
+        for control in self.controls:
+            for label in control.labels:
+                for prompt in control.prompts[label]:
+                    seen.setdefault(prompt, None)
+        return list(seen)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON for a job payload."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LabelingSpec:
+        """Inverse of :meth:`to_dict`."""
+        controls = [ControlSpec(**c) for c in data["controls"]]
+        return cls(**{**data, "controls": controls})
+
+
+def _split_values(raw: str | None) -> list[str]:
+    return [v.strip() for v in (raw or "").split(",") if v.strip()]
+
+
+def parse_label_config(xml: str) -> LabelingSpec:
+    """Parse a Label Studio label config; raise :class:`UserError` with the reason if it is unusable."""
+    from label_studio_sdk.label_interface import LabelInterface
+
+    if not xml or not xml.strip():
+        raise UserError("the label config is empty")
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises several exception types for bad XML
+        raise UserError(f"the label config cannot be parsed: {exc}") from exc
+
+    images = [o for o in interface.objects if o.tag == "Image"]
+    if not images:
+        raise UserError("the label config has no <Image> tag: groundlabel pre-labels images")
+    image = images[0]
+    image_key = (image.value or "").lstrip("$")
+    if not image_key:
+        raise UserError(f"the <Image name={image.name!r}> tag has no value=\"$field\"")
+
+    controls: list[ControlSpec] = []
+    text_name = text_key = None
+    unknown: list[str] = []
+    for control in interface.controls:
+        to_names = list(control.to_name or [])
+        if image.name not in to_names:
+            continue
+        if control.tag in SUPPORTED_CONTROLS:
+            labels = list(control.labels)
+            if not labels:
+                raise UserError(f"control {control.name!r} ({control.tag}) has no <Label> values to predict")
+            label_attrs = getattr(control, "labels_attrs", {}) or {}
+            prompts: dict[str, list[str]] = {}
+            for label in labels:
+                attrs = getattr(label_attrs.get(label), "attr", None) or {}
+                prompts[label] = _split_values(attrs.get("predicted_values")) or [label]
+            options = {k: str(v) for k, v in control.attr.items() if k not in ("name", "toName")}
+            controls.append(ControlSpec(control.name, control.tag, image.name, labels, prompts, options))
+        elif control.tag == "TextArea":
+            if text_name is None:
+                text_name = control.name
+                value = control.attr.get("value") or ""
+                text_key = value.lstrip("$") or None
+        elif control.tag not in PASSIVE_CONTROLS:
+            unknown.append(f"{control.name} ({control.tag})")
+    if not controls:
+        extra = f"; found only {', '.join(unknown)}" if unknown else ""
+        raise UserError(
+            "the label config has no control groundlabel can fill on the image "
+            f"(one of {', '.join(SUPPORTED_CONTROLS)}){extra}"
+        )
+    return LabelingSpec(image.name, image_key, controls, text_name, text_key)

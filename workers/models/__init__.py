@@ -1,0 +1,1 @@
+"""Model families: one factory per family, one place that resolves weights, plain modules."""

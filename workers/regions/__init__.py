@@ -1,0 +1,1 @@
+"""Heatmaps and masks to Label Studio regions (polygons, brush RLE, boxes, key points)."""
