@@ -1,0 +1,90 @@
+"""Label Studio's region format, written by the workers and read by the exporters.
+
+Coordinates in Label Studio results are percent of the original image (0..100); ``original_width``
+and ``original_height`` are pixels. Brush masks use Label Studio's own bit-packed RLE over RGBA
+pixels (not COCO RLE); we encode and decode it with label-studio-sdk's converter.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from groundlabel.errors import UserError
+
+#: Result types that carry a region on an image.
+REGION_TYPES = ("polygonlabels", "brushlabels", "rectanglelabels", "keypointlabels")
+
+
+def new_region_id() -> str:
+    """A short unique id for a result (Label Studio requires unique ids within a prediction)."""
+    return uuid.uuid4().hex[:10]
+
+
+def brush_rle_encode(mask: np.ndarray) -> list[int]:
+    """Encode a 2-D boolean (or 0/1, 0/255) mask as Label Studio brush RLE."""
+    from label_studio_sdk.converter import brush
+
+    if mask.ndim != 2:
+        raise ValueError(f"a brush mask must be 2-D, got shape {mask.shape}")
+    return [int(v) for v in brush.mask2rle((np.asarray(mask) > 0).astype(np.uint8) * 255)]
+
+
+def brush_rle_decode(rle: Sequence[int], height: int, width: int) -> np.ndarray:
+    """Decode Label Studio brush RLE into a boolean ``(height, width)`` mask.
+
+    Raises :class:`UserError` when the RLE is corrupt or does not hold ``height*width`` RGBA pixels.
+    """
+    from label_studio_sdk.converter import brush
+
+    try:
+        flat = brush.decode_rle(list(rle))
+    except Exception as exc:  # the SDK's bit reader fails with IndexError/ValueError on junk
+        raise UserError(f"brush RLE cannot be decoded: {exc}") from exc
+    if flat.size != height * width * 4:
+        raise UserError(
+            f"brush RLE holds {flat.size // 4} pixels but the image is {width}x{height} ({height * width})"
+        )
+    return flat.reshape(height, width, 4)[:, :, 3] > 0
+
+
+def percent_to_pixels(points: Any, width: int, height: int) -> np.ndarray:
+    """``[[x%, y%], ...]`` to a float ``(N, 2)`` array of pixel coordinates."""
+    arr = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return arr * np.array([width / 100.0, height / 100.0])
+
+
+def pixels_to_percent(points: Any, width: int, height: int) -> list[list[float]]:
+    """A ``(N, 2)`` array of pixel coordinates to ``[[x%, y%], ...]``, clipped to 0..100."""
+    arr = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    pct = np.clip(arr * np.array([100.0 / width, 100.0 / height]), 0.0, 100.0)
+    return [[round(float(x), 4), round(float(y), 4)] for x, y in pct]
+
+
+def make_result(
+    *,
+    from_name: str,
+    to_name: str,
+    result_type: str,
+    value: dict[str, Any],
+    width: int,
+    height: int,
+    score: float | None = None,
+) -> dict[str, Any]:
+    """One Label Studio result dict (a region) in the shape predictions and exports use."""
+    result: dict[str, Any] = {
+        "id": new_region_id(),
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": result_type,
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": value,
+    }
+    if score is not None:
+        result["score"] = round(float(score), 4)
+    return result
