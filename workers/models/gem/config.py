@@ -1,0 +1,125 @@
+"""GEM engine configuration (no torch import here)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from groundlabel.errors import UserError
+
+METHODS = ("gem", "maskclip", "original")
+TEMPLATE_SETS = ("paper", "ensemble")
+CALIBRATIONS = ("softmax", "minmax")
+
+#: Generic "stuff" words that compete with the user's prompts in the calibrated softmax, so that a pixel
+#: showing none of the prompted classes gets a low score for all of them.
+DEFAULT_BACKGROUND_PROMPTS: tuple[str, ...] = (
+    "background",
+    "sky",
+    "wall",
+    "floor",
+    "ground",
+    "tree",
+    "grass",
+    "road",
+    "building",
+    "table",
+    "water",
+    "ceiling",
+    "field",
+    "mountain",
+)
+
+
+@dataclass
+class GemConfig:
+    """Everything that selects the CLIP model, the GEM variant and the score calibration.
+
+    ``background_prompts=()`` replaces the background words with a single constant "null" class whose logit
+    is ``logit_scale * null_cosine``. ``calibration="minmax"`` gives GEM's own per-image, per-prompt min-max
+    maps instead (always finds something; not comparable across prompts).
+    """
+
+    model_name: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    cache_dir: str | None = None
+    image_size: int | tuple[int, int] = 448
+    gem_depth: int = 7
+    ss_attn_iter: int = 1
+    ss_attn_temp: float | None = None
+    method: str = "gem"
+    templates: str = "paper"
+    background_prompts: tuple[str, ...] = DEFAULT_BACKGROUND_PROMPTS
+    device: str = "auto"
+    calibration: str = "softmax"
+    logit_scale: float = 100.0
+    null_cosine: float = 0.2
+    batch_size: int = 8
+    text_cache_size: int = 4096
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def arch(self) -> str:
+        """The open_clip model name (``ViT-B/16`` → ``ViT-B-16``)."""
+        return self.model_name.strip().replace("/", "-")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The network input size as (height, width)."""
+        if isinstance(self.image_size, int):
+            return (self.image_size, self.image_size)
+        h, w = self.image_size
+        return (int(h), int(w))
+
+    def validate(self) -> None:
+        """Raise ``UserError`` with the reason when a field is out of range."""
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            raise UserError("GemConfig.model_name must be an open_clip model name such as 'ViT-B-16'")
+        size = self.image_size
+        if isinstance(size, (list, tuple)):
+            if len(size) != 2:
+                raise UserError(f"GemConfig.image_size must be an int or (height, width), got {size!r}")
+            self.image_size = (int(size[0]), int(size[1]))
+            sizes = self.image_size
+        elif isinstance(size, int):
+            sizes = (size, size)
+        else:
+            raise UserError(f"GemConfig.image_size must be an int or (height, width), got {size!r}")
+        if min(sizes) < 16 or max(sizes) > 4096:
+            raise UserError(f"GemConfig.image_size must lie in [16, 4096], got {size!r}")
+        if self.gem_depth < 2:
+            raise UserError(
+                f"GemConfig.gem_depth must be >= 2 (it replaces the last gem_depth-1 blocks), "
+                f"got {self.gem_depth}"
+            )
+        if self.ss_attn_iter < 0:
+            raise UserError(f"GemConfig.ss_attn_iter must be >= 0, got {self.ss_attn_iter}")
+        if self.ss_attn_temp is not None and not self.ss_attn_temp > 0:
+            raise UserError(f"GemConfig.ss_attn_temp must be positive or None, got {self.ss_attn_temp}")
+        if self.method not in METHODS:
+            raise UserError(f"GemConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.templates not in TEMPLATE_SETS:
+            raise UserError(f"GemConfig.templates must be one of {TEMPLATE_SETS}, got {self.templates!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise UserError(f"GemConfig.calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        if isinstance(self.background_prompts, str):
+            raise UserError("GemConfig.background_prompts must be a sequence of words, not one string")
+        self.background_prompts = tuple(str(p).strip() for p in self.background_prompts if str(p).strip())
+        if not self.logit_scale > 0:
+            raise UserError(f"GemConfig.logit_scale must be positive, got {self.logit_scale}")
+        if not -1.0 <= self.null_cosine <= 1.0:
+            raise UserError(f"GemConfig.null_cosine must lie in [-1, 1], got {self.null_cosine}")
+        if self.batch_size < 1:
+            raise UserError(f"GemConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.text_cache_size < 0:
+            raise UserError(f"GemConfig.text_cache_size must be >= 0, got {self.text_cache_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict."""
+        d = asdict(self)
+        d["background_prompts"] = list(self.background_prompts)
+        if isinstance(self.image_size, tuple):
+            d["image_size"] = list(self.image_size)
+        return d

@@ -1,0 +1,299 @@
+"""The GEM engine: PIL images + class prompts → calibrated per-prompt score maps at original size."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from groundlabel.errors import UserError
+
+from .config import GemConfig
+from .modules import GemVisionTower
+from .prompts import EmbeddingCache, expand_prompt, normalize_prompt, templates_for
+from .weights import load_clip
+
+log = logging.getLogger(__name__)
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_TEXT_BATCH = 256
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else as torch understands it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"invalid device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def preprocess(images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor:
+    """GEM's preprocessing: RGB, bicubic resize to ``size`` (height, width) ignoring the aspect ratio,
+    OpenAI mean/std. Returns ``[B, 3, H, W]`` float32."""
+    h, w = size
+    arrays = []
+    for im in images:
+        rgb = im.convert("RGB").resize((w, h), Image.BICUBIC)
+        arrays.append(np.asarray(rgb, dtype=np.float32))
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
+    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def calibrate_softmax(
+    cosine: torch.Tensor,
+    n_prompts: int,
+    logit_scale: float,
+    *,
+    null_cosine: float | None = None,
+    group_of: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Softmax calibration over the class axis of ``cosine [K, ...]`` whose first ``n_prompts`` rows are
+    prompts and the rest background words. With no background rows, a constant null class at
+    ``null_cosine`` takes their place. Prompts sharing a group share the group's summed probability.
+    Returns ``[n_prompts, ...]`` in [0, 1]."""
+    logits = cosine.float() * logit_scale
+    if cosine.shape[0] == n_prompts:
+        if null_cosine is None:
+            raise ValueError("calibrate_softmax needs background rows or a null_cosine")
+        null = torch.full_like(logits[:1], float(null_cosine) * logit_scale)
+        logits = torch.cat([logits, null], dim=0)
+    probs = logits.softmax(dim=0)[:n_prompts]
+    if group_of is not None and len(set(group_of)) < n_prompts:
+        groups = torch.as_tensor(list(group_of), device=probs.device)
+        summed = torch.zeros(
+            (int(groups.max()) + 1, *probs.shape[1:]), device=probs.device, dtype=probs.dtype
+        )
+        summed.index_add_(0, groups, probs)
+        probs = summed[groups]
+    return probs.clamp_(0.0, 1.0)
+
+
+def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """GEM's per-map min-max normalisation of ``[P, H, W]`` to [0, 1] (a constant map becomes 0)."""
+    flat = maps.flatten(1)
+    lo = flat.min(dim=1).values.view(-1, 1, 1)
+    hi = flat.max(dim=1).values.view(-1, 1, 1)
+    return ((maps - lo) / (hi - lo).clamp_min(eps)).clamp_(0.0, 1.0)
+
+
+class GemEngine:
+    """GEM (Grounding Everything) on an open_clip CLIP ViT; see ``docs/gem.md`` for the score calibration."""
+
+    def __init__(
+        self, config: GemConfig | None = None, *, clip_model: Any = None, tokenizer: Any = None
+    ) -> None:
+        self.config = config if config is not None else GemConfig()
+        self.config.validate()
+        cfg = self.config
+        self.device = resolve_device(cfg.device)
+        if clip_model is None:
+            loaded = load_clip(cfg.model_name, cfg.pretrained, cfg.cache_dir)
+            clip_model = loaded.model
+            tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
+            weights_label = loaded.weights_label
+            self.weights_source = loaded.source
+        else:
+            weights_label = "custom"
+            self.weights_source = "clip_model argument"
+            if tokenizer is None:
+                from open_clip.tokenizer import SimpleTokenizer
+
+                tokenizer = SimpleTokenizer(context_length=int(getattr(clip_model, "context_length", 77)))
+        self.model = clip_model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        try:
+            self.tower = GemVisionTower(self.model.visual, cfg.gem_depth, cfg.ss_attn_iter, cfg.ss_attn_temp)
+        except ValueError as exc:
+            raise UserError(f"GEM cannot use model {cfg.model_name!r}: {exc}") from exc
+        self.model_version = self._version(weights_label)
+        self._text_cache = EmbeddingCache(cfg.text_cache_size)
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- naming
+    def _version(self, weights_label: str) -> str:
+        cfg = self.config
+        parts = [cfg.method, cfg.arch, weights_label]
+        h, w = cfg.input_size
+        if (h, w) != (448, 448):
+            parts.append(f"{h}x{w}" if h != w else str(h))
+        if cfg.method == "gem" and (cfg.gem_depth, cfg.ss_attn_iter, cfg.ss_attn_temp) != (7, 1, None):
+            parts.append(
+                f"d{cfg.gem_depth}i{cfg.ss_attn_iter}"
+                + (f"t{cfg.ss_attn_temp:g}" if cfg.ss_attn_temp else "")
+            )
+        if cfg.templates != "paper":
+            parts.append(cfg.templates)
+        if cfg.calibration != "softmax":
+            parts.append(cfg.calibration)
+        return "-".join(parts)
+
+    # ------------------------------------------------------------------- text
+    @property
+    def text_cache(self) -> EmbeddingCache:
+        """The LRU cache of prompt embeddings (``hits``/``misses`` counters included)."""
+        return self._text_cache
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    @torch.no_grad()
+    def _encode_sentences(self, sentences: list[str]) -> torch.Tensor:
+        outs = []
+        for i in range(0, len(sentences), _TEXT_BATCH):
+            tokens = self.tokenizer(sentences[i : i + _TEXT_BATCH]).to(self.device)
+            with self._autocast():
+                emb = self.model.encode_text(tokens)
+            outs.append(F.normalize(emb.float(), dim=-1))
+        return torch.cat(outs, dim=0)
+
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm text embeddings ``[len(prompts), D]`` (float32, on the engine's device), cached per
+        (model, template set, prompt)."""
+        templates = templates_for(self.config.templates)
+        keys = [(self.model_version, self.config.templates, normalize_prompt(p)) for p in prompts]
+        vectors: dict[Hashable, np.ndarray] = {}
+        missing: list[tuple[Hashable, str]] = []
+        for key, prompt in zip(keys, prompts, strict=True):
+            if key in vectors or any(key == m[0] for m in missing):
+                continue
+            cached = self._text_cache.get(key)
+            if cached is None:
+                missing.append((key, prompt))
+            else:
+                vectors[key] = cached
+        if missing:
+            sentences = [s for _, p in missing for s in expand_prompt(p, templates)]
+            emb = self._encode_sentences(sentences).view(len(missing), len(templates), -1)
+            emb = F.normalize(emb.mean(dim=1), dim=-1).cpu().numpy().astype(np.float32)
+            for (key, _), vec in zip(missing, emb, strict=True):
+                vectors[key] = vec
+                self._text_cache.put(key, vec)
+        return torch.from_numpy(np.stack([vectors[k] for k in keys])).to(self.device)
+
+    # ------------------------------------------------------------------ image
+    @torch.no_grad()
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unit-norm dense features ``[B, gh, gw, D]`` (float32) of preprocessed ``pixels [B, 3, H, W]``."""
+        gh, gw = self.tower.grid_for(pixels.shape[-2], pixels.shape[-1])
+        with self._autocast():
+            tokens = self.tower.dense_features(pixels.to(self.device), self.config.method)
+        feats = F.normalize(tokens[:, 1:].float(), dim=-1)
+        return feats.reshape(feats.shape[0], gh, gw, -1)
+
+    def cosine_maps(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[np.ndarray]:
+        """Raw cosine similarities ``[len(prompts), gh, gw]`` per image at token resolution (uncalibrated)."""
+        images, prompts = self._check_inputs(images, prompts)
+        if not prompts:
+            gh, gw = self.tower.grid_for(*self.config.input_size)
+            return [np.zeros((0, gh, gw), np.float32) for _ in images]
+        text = self.text_embeddings(prompts)
+        out = []
+        for start in range(0, len(images), self.config.batch_size):
+            feats = self.patch_features(
+                preprocess(images[start : start + self.config.batch_size], self.config.input_size)
+            )
+            cos = torch.einsum("bhwd,kd->bkhw", feats, text)
+            out.extend(c.cpu().numpy().astype(np.float32) for c in cos)
+        return out
+
+    def heatmaps(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        *,
+        groups: Sequence[Hashable] | None = None,
+    ) -> list[np.ndarray]:
+        """Calibrated scores in [0, 1], one float32 ``[len(prompts), H, W]`` array per image at its original
+        size. ``groups`` (one key per prompt) marks synonyms of one label: they share the label's probability
+        instead of competing with each other."""
+        images, prompts = self._check_inputs(images, prompts)
+        if groups is not None and len(groups) != len(prompts):
+            raise UserError(f"groups has {len(groups)} entries for {len(prompts)} prompts")
+        if not images:
+            return []
+        if not prompts:
+            return [np.zeros((0, im.height, im.width), np.float32) for im in images]
+        cfg = self.config
+
+        # Unique prompts (a repeated prompt must not split its probability with itself).
+        uniq: list[str] = []
+        where: dict[str, int] = {}
+        index: list[int] = []
+        for p in prompts:
+            key = normalize_prompt(p)
+            if key not in where:
+                where[key] = len(uniq)
+                uniq.append(p)
+            index.append(where[key])
+        group_of: list[int] | None = None
+        if groups is not None:
+            gid: dict[Hashable, int] = {}
+            group_of = [0] * len(uniq)
+            for p_idx, g in zip(index, groups, strict=True):
+                group_of[p_idx] = gid.setdefault(g, len(gid))
+        background = []
+        if cfg.calibration == "softmax":
+            seen = set(where)
+            for b in cfg.background_prompts:
+                key = normalize_prompt(b)
+                if key not in seen:
+                    seen.add(key)
+                    background.append(b)
+        text = self.text_embeddings(uniq + background)
+        index_t = torch.as_tensor(index, device=self.device)
+
+        out: list[np.ndarray] = []
+        with self._lock:
+            for start in range(0, len(images), cfg.batch_size):
+                chunk = images[start : start + cfg.batch_size]
+                feats = self.patch_features(preprocess(chunk, cfg.input_size))
+                cos = torch.einsum("bhwd,kd->bkhw", feats, text)
+                for im, c in zip(chunk, cos, strict=True):
+                    if cfg.calibration == "softmax":
+                        scores = calibrate_softmax(
+                            c, len(uniq), cfg.logit_scale, null_cosine=cfg.null_cosine, group_of=group_of
+                        )
+                    else:
+                        scores = c
+                    up = F.interpolate(
+                        scores[None], size=(im.height, im.width), mode="bilinear", align_corners=False
+                    )[0]
+                    if cfg.calibration == "minmax":
+                        up = minmax_normalize(up)
+                    up = up.clamp_(0.0, 1.0).index_select(0, index_t)
+                    out.append(up.cpu().numpy().astype(np.float32, copy=False))
+        return out
+
+    @staticmethod
+    def _check_inputs(
+        images: Sequence[Image.Image], prompts: Sequence[str]
+    ) -> tuple[list[Image.Image], list[str]]:
+        if isinstance(prompts, str):
+            raise UserError("prompts must be a sequence of strings, not one string")
+        images = list(images)
+        prompts = list(prompts)
+        for i, im in enumerate(images):
+            if not isinstance(im, Image.Image):
+                raise UserError(f"image {i} is a {type(im).__name__}, expected a PIL image")
+            if im.width < 1 or im.height < 1:
+                raise UserError(f"image {i} is empty ({im.width}x{im.height})")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise UserError(f"prompt {i} must be a non-empty string, got {p!r}")
+        return images, prompts

@@ -1,0 +1,242 @@
+"""GEM's dual-path vision transformer, built around an open_clip ``VisionTransformer`` (batch-first).
+
+The wrapper reuses the tower's own parameters (it adds none) and never changes the wrapped module: CLIP's
+``encode_image`` keeps working exactly as before. Three dense-feature methods share the code:
+
+- ``gem``: the last ``gem_depth - 1`` blocks run two paths. The original path is CLIP's block, unchanged.
+  The GEM path is a residual stream without MLP that accumulates ``out_proj(SSAttn(ln_1(x_ori)))``, where
+  SSAttn is the q-q / k-k / v-v self-self attention on L2-normalised per-head features with the adaptive
+  temperature, iterated ``ss_attn_iter`` times and finally assigned to the original v.
+- ``maskclip``: the last block's value path only (``out_proj(v)``), no q·k attention.
+- ``original``: CLIP's ordinary patch tokens.
+
+``ln_post`` and ``proj`` are applied to every path's tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "GemVisionTower",
+    "adaptive_inverse_temperature",
+    "resample_pos_embed",
+    "self_self_attention",
+]
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Resample a ``[1 + gh*gw, C]`` position embedding (class token first) to another grid.
+
+    Bicubic, antialiased, computed in float32; returns the input itself when the grid is unchanged.
+    """
+    old_grid = (int(old_grid[0]), int(old_grid[1]))
+    new_grid = (int(new_grid[0]), int(new_grid[1]))
+    if old_grid == new_grid:
+        return pos_embed
+    if pos_embed.shape[0] != 1 + old_grid[0] * old_grid[1]:
+        raise ValueError(
+            f"position embedding has {pos_embed.shape[0]} rows, expected 1 + {old_grid[0]}*{old_grid[1]}"
+        )
+    cls_pos, grid_pos = pos_embed[:1], pos_embed[1:]
+    width = pos_embed.shape[-1]
+    grid = grid_pos.float().reshape(1, old_grid[0], old_grid[1], width).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], width).to(pos_embed.dtype)
+    return torch.cat([cls_pos, grid], dim=0)
+
+
+def adaptive_inverse_temperature(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """GEM's adaptive inverse temperature per image: mean token norm of ``x [B, N, C]`` × head_dim^-0.5."""
+    return x.float().norm(dim=-1).mean(dim=-1) * head_dim**-0.5
+
+
+def self_self_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inv_temp: torch.Tensor | float,
+    iters: int = 1,
+) -> torch.Tensor:
+    """GEM's self-self attention on per-head features ``[B, H, N, d]``; returns ``[B, H, N, d]``.
+
+    The three branches (v-v, k-k, q-q) are stacked on the batch axis so that each step is one fused
+    ``scaled_dot_product_attention`` call. A per-image inverse temperature (tensor ``[B]``) is folded into the
+    queries; a scalar goes to ``scale=``.
+    """
+    b = q.shape[0]
+    xs = torch.stack([v, k, q], dim=0)  # [3, B, H, N, d]
+    if isinstance(inv_temp, torch.Tensor):
+        temp = inv_temp.to(device=q.device, dtype=q.dtype).reshape(1, b, 1, 1, 1)
+        scale = 1.0
+    else:
+        temp = None
+        scale = float(inv_temp)
+
+    flat = (3 * b, *xs.shape[2:])
+
+    def attend(xn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        # softmax(x̂ x̂ᵀ · inv_temp) @ values for the three branches at once; x̂ is already L2-normalised.
+        query = xn * temp if temp is not None else xn
+        out = F.scaled_dot_product_attention(
+            query.reshape(flat), xn.reshape(flat), values.reshape(flat), scale=scale
+        )
+        return out.reshape(3, b, *out.shape[1:])
+
+    for _ in range(iters):
+        xn = F.normalize(xs, dim=-1)
+        xs = attend(xn, xn)
+    assigned = attend(F.normalize(xs, dim=-1), v.unsqueeze(0).expand(3, *v.shape))
+    return assigned.mean(dim=0)
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.reshape(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class GemVisionTower(nn.Module):
+    """Dense patch features from an open_clip ``VisionTransformer`` with GEM, MaskCLIP or CLIP's own path."""
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        gem_depth: int = 7,
+        ss_attn_iter: int = 1,
+        ss_attn_temp: float | None = None,
+    ) -> None:
+        super().__init__()
+        _check_supported(visual)
+        blocks = visual.transformer.resblocks
+        if not 2 <= gem_depth <= len(blocks) + 1:
+            raise ValueError(
+                f"gem_depth must lie in [2, {len(blocks) + 1}] for a {len(blocks)}-block ViT, got {gem_depth}"
+            )
+        self.visual = visual
+        self.gem_depth = int(gem_depth)
+        self.ss_attn_iter = int(ss_attn_iter)
+        self.ss_attn_temp = ss_attn_temp
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Patch size (height, width)."""
+        ps = self.visual.patch_size
+        return (ps, ps) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (rows, cols) for an input of ``height × width`` pixels."""
+        ph, pw = self.patch_size
+        return (height // ph, width // pw)
+
+    def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patchify, add the class token and the (resampled) position embedding, apply ``ln_pre``."""
+        vis = self.visual
+        x = vis.conv1(pixels)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls = vis.class_embedding.to(x.dtype).reshape(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        pos = resample_pos_embed(vis.positional_embedding, tuple(vis.grid_size), grid)
+        x = x + pos.to(x.dtype)
+        x = vis.patch_dropout(x)
+        x = vis.ln_pre(x)
+        return x, grid
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.visual.ln_post(x)
+        if self.visual.proj is not None:
+            x = x @ self.visual.proj
+        return x
+
+    def _dual_block(
+        self, block: nn.Module, x_ori: torch.Tensor, x_gem: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        attn: nn.MultiheadAttention = block.attn
+        h = block.ln_1(x_ori)
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = (_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
+        ori = F.scaled_dot_product_attention(q, k, v)
+        ori = attn.out_proj(_merge(ori))
+        if self.ss_attn_temp is None:
+            inv_temp: torch.Tensor | float = adaptive_inverse_temperature(h, attn.head_dim)
+        else:
+            inv_temp = float(self.ss_attn_temp)
+        ss = self_self_attention(q, k, v, inv_temp, self.ss_attn_iter)
+        gem = attn.out_proj(_merge(ss))
+        x_new = x_ori + block.ls_1(ori)
+        x_new = x_new + block.ls_2(block.mlp(block.ln_2(x_new)))
+        return x_new, x_gem + block.ls_1(gem)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GEM's forward: ``(gem_tokens, original_tokens)``, each ``[B, 1 + gh*gw, D]`` after ln_post/proj."""
+        x, _ = self.embed(pixels)
+        blocks = self.visual.transformer.resblocks
+        start = len(blocks) - (self.gem_depth - 1)
+        for block in blocks[:start]:
+            x = block(x)
+        x_gem = x
+        for block in blocks[start:]:
+            x, x_gem = self._dual_block(block, x, x_gem)
+        return self._head(x_gem), self._head(x)
+
+    def original(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP's ordinary tokens ``[B, 1 + gh*gw, D]`` (the unchanged blocks), after ln_post/proj."""
+        x, _ = self.embed(pixels)
+        for block in self.visual.transformer.resblocks:
+            x = block(x)
+        return self._head(x)
+
+    def maskclip(self, pixels: torch.Tensor) -> torch.Tensor:
+        """MaskCLIP tokens ``[B, 1 + gh*gw, D]``: the last block's ``out_proj(v)``, then ln_post/proj."""
+        x, _ = self.embed(pixels)
+        blocks = self.visual.transformer.resblocks
+        for block in blocks[:-1]:
+            x = block(x)
+        last = blocks[-1]
+        attn: nn.MultiheadAttention = last.attn
+        c = attn.embed_dim
+        h = last.ln_1(x)
+        bias = attn.in_proj_bias[2 * c :] if attn.in_proj_bias is not None else None
+        v = F.linear(h, attn.in_proj_weight[2 * c :], bias)
+        return self._head(attn.out_proj(v))
+
+    def dense_features(self, pixels: torch.Tensor, method: str = "gem") -> torch.Tensor:
+        """Tokens ``[B, 1 + gh*gw, D]`` of the chosen method (class token first)."""
+        if method == "gem":
+            return self.forward(pixels)[0]
+        if method == "maskclip":
+            return self.maskclip(pixels)
+        if method == "original":
+            return self.original(pixels)
+        raise ValueError(f"unknown method {method!r}; expected gem, maskclip or original")
+
+
+def _check_supported(visual: nn.Module) -> None:
+    """Refuse vision towers that GEM's block surgery does not describe (with the reason)."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(
+            f"GEM needs an open_clip VisionTransformer image tower, got {type(visual).__name__} "
+            "(ResNet, timm and other towers are not supported)"
+        )
+    if getattr(visual, "attn_pool", None) is not None:
+        raise ValueError("GEM does not support vision towers with attentional pooling")
+    if not getattr(visual.transformer, "batch_first", True):
+        raise ValueError("GEM expects a batch-first open_clip transformer (open_clip >= 2.26)")
+    for block in visual.transformer.resblocks:
+        if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.attn, nn.MultiheadAttention):
+            raise ValueError(
+                f"GEM supports open_clip's standard ResidualAttentionBlock, got {type(block).__name__}"
+            )
+        if hasattr(block, "ln_1_kv"):
+            raise ValueError("GEM does not support cross-attention blocks")

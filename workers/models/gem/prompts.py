@@ -1,0 +1,155 @@
+"""Prompt templates and the text-embedding cache.
+
+``paper``: GEM's single template "a photo of a {}.". ``ensemble``: the 80 ImageNet templates published with
+OpenAI's CLIP; a prompt's embedding is the re-normalised mean of its L2-normalised template embeddings.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+import numpy as np
+
+PAPER_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"paper": PAPER_TEMPLATES, "ensemble": IMAGENET_TEMPLATES}
+
+
+def templates_for(name: str) -> tuple[str, ...]:
+    """The template strings of a named set (``paper`` or ``ensemble``)."""
+    try:
+        return TEMPLATE_SETS[name]
+    except KeyError:
+        raise ValueError(f"unknown template set {name!r}; expected one of {sorted(TEMPLATE_SETS)}") from None
+
+
+def normalize_prompt(prompt: str) -> str:
+    """Canonical form for caching and background de-duplication: single spaces, lower case."""
+    return " ".join(prompt.split()).lower()
+
+
+def expand_prompt(prompt: str, templates: tuple[str, ...]) -> list[str]:
+    """The sentences that stand for ``prompt`` (whitespace collapsed, case kept)."""
+    text = " ".join(prompt.split())
+    return [t.format(text) for t in templates]
+
+
+class EmbeddingCache:
+    """A small LRU dict of unit-norm text embeddings (float32 numpy vectors), with hit/miss counters."""
+
+    def __init__(self, max_size: int = 4096) -> None:
+        self.max_size = int(max_size)
+        self._data: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: Hashable) -> np.ndarray | None:
+        """The cached vector (marking it recently used), or None."""
+        value = self._data.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: Hashable, value: np.ndarray) -> None:
+        """Store a vector, evicting the least recently used ones beyond ``max_size``."""
+        if self.max_size <= 0:
+            return
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_size:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        """Drop every entry and reset the counters."""
+        self._data.clear()
+        self.hits = self.misses = 0
