@@ -15,6 +15,8 @@ The wrapper reuses the tower's own parameters (it adds none) and never changes t
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,8 @@ __all__ = [
     "resample_pos_embed",
     "self_self_attention",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def resample_pos_embed(
@@ -117,10 +121,11 @@ class GemVisionTower(nn.Module):
         super().__init__()
         _check_supported(visual)
         blocks = visual.transformer.resblocks
-        if not 2 <= gem_depth <= len(blocks) + 1:
-            raise ValueError(
-                f"gem_depth must lie in [2, {len(blocks) + 1}] for a {len(blocks)}-block ViT, got {gem_depth}"
-            )
+        if gem_depth < 2:
+            raise ValueError(f"gem_depth must be >= 2 (it replaces the last gem_depth-1 blocks): {gem_depth}")
+        if gem_depth > len(blocks) + 1:
+            log.warning("gem_depth %d exceeds a %d-block ViT; using all blocks", gem_depth, len(blocks))
+            gem_depth = len(blocks) + 1
         self.visual = visual
         self.gem_depth = int(gem_depth)
         self.ss_attn_iter = int(ss_attn_iter)

@@ -61,6 +61,16 @@ def is_offline() -> bool:
     return False
 
 
+def _hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path("~/.cache").expanduser()) / "huggingface" / "hub"
+
+
 def weights_dirs(cache_dir: str | None) -> list[Path]:
     """The folders searched for weight files, most specific first."""
     dirs: list[Path] = []
@@ -68,12 +78,7 @@ def weights_dirs(cache_dir: str | None) -> list[Path]:
         if d:
             dirs.append(Path(d).expanduser())
     dirs.append(Path("~/.cache/clip").expanduser())
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        dirs.append(Path(HF_HUB_CACHE))
-    except ImportError:  # pragma: no cover - huggingface_hub ships with the worker extras
-        pass
+    dirs.append(_hf_hub_cache())
     unique: list[Path] = []
     for d in dirs:
         if d not in unique:

@@ -1,0 +1,325 @@
+"""GEM's vision module against plain references written here from the equations (loops, N×N softmax)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
+
+from workers.models.gem.modules import GemVisionTower, resample_pos_embed, self_self_attention  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def tiny_clip(
+    seed: int = 0, *, layers: int = 4, ls_init_value: float | None = None, patch: int = 8
+) -> torch.nn.Module:
+    """A small CLIP ViT with random weights; LayerNorms, biases and layer scales randomised too."""
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=24,
+        vision_cfg=CLIPVisionCfg(
+            layers=layers,
+            width=48,
+            head_width=12,
+            patch_size=patch,
+            image_size=4 * patch,
+            ls_init_value=ls_init_value,
+        ),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    with torch.no_grad():
+        for name, p in model.visual.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or name.startswith("ln_"):
+                p.add_(0.1 * torch.randn_like(p))
+            if ".ls_" in name:
+                p.copy_(0.5 + 0.5 * torch.rand_like(p))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- references (single image)
+def ref_layer_norm(ln: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def ref_softmax_rows(a: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(a - a.max(dim=-1, keepdim=True).values)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def ref_qkv(block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
+    c = h.shape[-1]
+    q = h @ w[:c].T + b[:c]
+    k = h @ w[c : 2 * c].T + b[c : 2 * c]
+    v = h @ w[2 * c :].T + b[2 * c :]
+    return q, k, v
+
+
+def ref_out_proj(block, o: torch.Tensor) -> torch.Tensor:
+    return o @ block.attn.out_proj.weight.T + block.attn.out_proj.bias
+
+
+def ref_ls(module, x: torch.Tensor) -> torch.Tensor:
+    return x * module.gamma if hasattr(module, "gamma") else x
+
+
+def ref_mlp(block, x: torch.Tensor) -> torch.Tensor:
+    return block.mlp.c_proj(block.mlp.gelu(block.mlp.c_fc(x)))
+
+
+def ref_attention(block, h: torch.Tensor) -> torch.Tensor:
+    q, k, v = ref_qkv(block, h)
+    nh = block.attn.num_heads
+    d = h.shape[-1] // nh
+    heads = []
+    for i in range(nh):
+        s = slice(i * d, (i + 1) * d)
+        a = ref_softmax_rows((q[:, s] @ k[:, s].T) * d**-0.5)
+        heads.append(a @ v[:, s])
+    return ref_out_proj(block, torch.cat(heads, dim=-1))
+
+
+def ref_self_self(block, h: torch.Tensor, iters: int, temp: float | None) -> torch.Tensor:
+    q, k, v = ref_qkv(block, h)
+    nh = block.attn.num_heads
+    d = h.shape[-1] // nh
+    inv_t = temp if temp is not None else float(torch.stack([row.norm() for row in h]).mean()) * d**-0.5
+    heads = []
+    for i in range(nh):
+        s = slice(i * d, (i + 1) * d)
+        acc = torch.zeros_like(v[:, s])
+        for z in (v[:, s], k[:, s], q[:, s]):
+            for _ in range(iters):
+                zn = z / z.norm(dim=-1, keepdim=True)
+                z = ref_softmax_rows(zn @ zn.T * inv_t) @ zn
+            zn = z / z.norm(dim=-1, keepdim=True)
+            acc = acc + ref_softmax_rows(zn @ zn.T * inv_t) @ v[:, s]
+        heads.append(acc / 3)
+    return ref_out_proj(block, torch.cat(heads, dim=-1))
+
+
+def ref_block(block, x: torch.Tensor) -> torch.Tensor:
+    x = x + ref_ls(block.ls_1, ref_attention(block, ref_layer_norm(block.ln_1, x)))
+    return x + ref_ls(block.ls_2, ref_mlp(block, ref_layer_norm(block.ln_2, x)))
+
+
+def ref_embed(visual, image: torch.Tensor) -> torch.Tensor:
+    ph, pw = visual.patch_size
+    c, hh, ww = image.shape
+    gh, gw = hh // ph, ww // pw
+    w = visual.conv1.weight.reshape(visual.conv1.weight.shape[0], -1)
+    rows = []
+    for r in range(gh):
+        for col in range(gw):
+            patch = image[:, r * ph : (r + 1) * ph, col * pw : (col + 1) * pw].reshape(-1)
+            rows.append(w @ patch)
+    x = torch.cat([visual.class_embedding[None], torch.stack(rows)], dim=0)
+    pos = visual.positional_embedding
+    g0 = visual.grid_size
+    if (gh, gw) != tuple(g0):
+        grid = pos[1:].reshape(1, g0[0], g0[1], -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True, align_corners=False)
+        pos = torch.cat([pos[:1], grid[0].permute(1, 2, 0).reshape(gh * gw, -1)], dim=0)
+    return ref_layer_norm(visual.ln_pre, x + pos)
+
+
+def ref_head(visual, x: torch.Tensor) -> torch.Tensor:
+    return ref_layer_norm(visual.ln_post, x) @ visual.proj
+
+
+def ref_gem(visual, image, gem_depth=7, iters=1, temp=None) -> tuple[torch.Tensor, torch.Tensor]:
+    x = ref_embed(visual, image)
+    blocks = list(visual.transformer.resblocks)
+    first = len(blocks) - (gem_depth - 1)
+    for block in blocks[:first]:
+        x = ref_block(block, x)
+    x_gem = x.clone()
+    for block in blocks[first:]:
+        h = ref_layer_norm(block.ln_1, x)
+        x_gem = x_gem + ref_ls(block.ls_1, ref_self_self(block, h, iters, temp))
+        x = ref_block(block, x)
+    return ref_head(visual, x_gem), ref_head(visual, x)
+
+
+def ref_original(visual, image) -> torch.Tensor:
+    x = ref_embed(visual, image)
+    for block in visual.transformer.resblocks:
+        x = ref_block(block, x)
+    return ref_head(visual, x)
+
+
+def ref_maskclip(visual, image) -> torch.Tensor:
+    x = ref_embed(visual, image)
+    blocks = list(visual.transformer.resblocks)
+    for block in blocks[:-1]:
+        x = ref_block(block, x)
+    _, _, v = ref_qkv(blocks[-1], ref_layer_norm(blocks[-1].ln_1, x))
+    return ref_head(visual, ref_out_proj(blocks[-1], v))
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ----------------------------------------------------------------------------- tests
+SIZES = [(32, 32), (48, 64), (40, 24), (56, 32)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_gem_matches_reference(size):
+    model = tiny_clip(1, layers=4)
+    tower = GemVisionTower(model.visual, gem_depth=3)
+    torch.manual_seed(5)
+    pixels = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        gem, ori = tower(pixels)
+        for i in range(2):
+            ref_g, ref_o = ref_gem(model.visual, pixels[i], gem_depth=3)
+            assert rel_diff(gem[i], ref_g) < 1e-4
+            assert rel_diff(ori[i], ref_o) < 1e-4
+    gh, gw = size[0] // 8, size[1] // 8
+    assert gem.shape == (2, 1 + gh * gw, 24)
+    assert not torch.allclose(gem, ori, atol=1e-3), "GEM path should differ from CLIP's path"
+
+
+@pytest.mark.parametrize(
+    ("gem_depth", "iters", "temp", "ls"),
+    [(5, 0, None, None), (2, 2, None, 0.3), (4, 1, 2.5, None), (4, 3, None, 0.3)],
+)
+def test_gem_variants_match_reference(gem_depth, iters, temp, ls):
+    model = tiny_clip(2, layers=4, ls_init_value=ls)
+    tower = GemVisionTower(model.visual, gem_depth=gem_depth, ss_attn_iter=iters, ss_attn_temp=temp)
+    torch.manual_seed(6)
+    pixels = torch.randn(3, 3, 40, 48)
+    with torch.no_grad():
+        gem, ori = tower(pixels)
+        for i in range(3):
+            ref_g, ref_o = ref_gem(model.visual, pixels[i], gem_depth=gem_depth, iters=iters, temp=temp)
+            assert rel_diff(gem[i], ref_g) < 1e-4
+            assert rel_diff(ori[i], ref_o) < 1e-4
+
+
+def test_self_self_attention_per_image_temperature():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 5) for _ in range(3))
+    temps = torch.tensor([0.5, 3.0, 8.0])
+    batched = self_self_attention(q, k, v, temps, iters=2)
+    for i in range(3):
+        single = self_self_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], float(temps[i]), iters=2)
+        assert torch.allclose(batched[i : i + 1], single, atol=1e-6)
+    assert not torch.allclose(batched[0], self_self_attention(q, k, v, 8.0, 2)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 56)])
+def test_maskclip_and_original_match_reference(size):
+    model = tiny_clip(3)
+    tower = GemVisionTower(model.visual)
+    torch.manual_seed(7)
+    pixels = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        mc = tower.dense_features(pixels, "maskclip")
+        og = tower.dense_features(pixels, "original")
+        for i in range(2):
+            assert rel_diff(mc[i], ref_maskclip(model.visual, pixels[i])) < 1e-4
+            assert rel_diff(og[i], ref_original(model.visual, pixels[i])) < 1e-4
+
+
+def _clip_tokens(model, pixels):
+    visual = model.visual
+    visual.output_tokens = True
+    try:
+        pooled, tokens = visual(pixels)
+    finally:
+        visual.output_tokens = False
+    return pooled, tokens @ visual.proj
+
+
+def test_original_path_equals_open_clip_and_clip_is_untouched():
+    model = tiny_clip(4, layers=5)
+    torch.manual_seed(8)
+    pixels = torch.randn(2, 3, 32, 32)
+    n_params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        before = model.encode_image(pixels)
+        tower = GemVisionTower(model.visual, gem_depth=4)
+        gem, ori = tower(pixels)
+        plain = tower.original(pixels)
+        after = model.encode_image(pixels)
+        pooled, tokens = _clip_tokens(model, pixels)
+    assert torch.equal(before, after), "building and running GEM must not change CLIP's forward"
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert {id(p) for p in tower.parameters()} == {id(p) for p in model.visual.parameters()}
+    assert rel_diff(plain[:, 0], before) < 1e-5
+    assert rel_diff(plain[:, 1:], tokens) < 1e-5
+    assert rel_diff(ori[:, 0], pooled) < 1e-4
+    assert rel_diff(ori[:, 1:], tokens) < 1e-4
+    for block in model.visual.transformer.resblocks:
+        assert type(block).__name__ == "ResidualAttentionBlock"
+        assert isinstance(block.attn, torch.nn.MultiheadAttention)
+
+
+def test_pos_embed_resampling():
+    torch.manual_seed(0)
+    pos = torch.randn(1 + 4 * 4, 6)
+    assert resample_pos_embed(pos, (4, 4), (4, 4)) is pos
+    out = resample_pos_embed(pos, (4, 4), (3, 7))
+    assert out.shape == (1 + 3 * 7, 6)
+    assert torch.equal(out[0], pos[0])
+    const = torch.cat([torch.randn(1, 6), torch.ones(16, 6) * 0.7])
+    assert torch.allclose(resample_pos_embed(const, (4, 4), (6, 9))[1:], torch.full((54, 6), 0.7), atol=1e-5)
+    # A smooth ramp resampled up and back down stays close to the original.
+    ramp = torch.linspace(0, 1, 8)[:, None] + torch.linspace(0, 1, 8)[None, :]
+    ramp_pos = torch.cat([torch.zeros(1, 1), ramp.reshape(64, 1)])
+    round_trip = resample_pos_embed(resample_pos_embed(ramp_pos, (8, 8), (16, 16)), (16, 16), (8, 8))
+    assert (round_trip - ramp_pos).abs().max() < 0.05
+    with pytest.raises(ValueError, match="rows"):
+        resample_pos_embed(pos, (5, 5), (3, 3))
+
+
+def test_non_square_input_runs_with_resampled_positions():
+    model = tiny_clip(5)
+    tower = GemVisionTower(model.visual)
+    with torch.no_grad():
+        gem, _ = tower(torch.randn(1, 3, 24, 72))
+    assert gem.shape == (1, 1 + 3 * 9, 24)
+    assert torch.isfinite(gem).all()
+
+
+def test_unsupported_gem_depth_and_tower():
+    model = tiny_clip(0, layers=4)
+    with pytest.raises(ValueError, match="gem_depth"):
+        GemVisionTower(model.visual, gem_depth=1)
+    assert GemVisionTower(model.visual, gem_depth=9).gem_depth == 5  # capped: every block
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        GemVisionTower(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_vit_b16_config_matches_reference_and_open_clip():
+    model = open_clip.create_model("ViT-B-16", pretrained=None).eval()
+    tower = GemVisionTower(model.visual, gem_depth=7)
+    assert len(model.visual.transformer.resblocks) == 12
+    torch.manual_seed(9)
+    pixels = torch.randn(2, 3, 48, 80)
+    with torch.no_grad():
+        gem, ori = tower(pixels)
+        for i in range(2):
+            ref_g, ref_o = ref_gem(model.visual, pixels[i], gem_depth=7)
+            assert rel_diff(gem[i], ref_g) < 1e-4
+            assert rel_diff(ori[i], ref_o) < 1e-4
+        native = torch.randn(1, 3, 224, 224)
+        plain = tower.original(native)
+        _, ori_native = tower(native)
+        pooled, tokens = _clip_tokens(model, native)
+        assert rel_diff(plain[:, 0], model.encode_image(native)) < 1e-5
+        assert rel_diff(ori_native[:, 1:], tokens) < 1e-4
+        assert rel_diff(ori_native[:, 0], pooled) < 1e-4
