@@ -1,0 +1,216 @@
+"""Mask geometry: connected components, exact pixel-edge outlines, simplification, holes.
+
+Coordinate convention (used by every region type and by :func:`polygon_to_mask`): pixel ``(row, col)``
+covers the square ``[col, col+1) × [row, row+1)`` of the continuous image plane, so its centre is
+``(col + 0.5, row + 0.5)`` and the whole image spans ``[0, width] × [0, height]``. Label Studio's
+percent coordinates are this plane scaled by ``100 / width`` and ``100 / height``. A polygon covers a
+pixel when the pixel's centre lies inside it (even-odd rule).
+
+Outlines follow the pixel edges (the "crack" boundary), not the pixel centres, so a single pixel gives a
+1×1 square and a one-pixel-wide line keeps its area. They are traced by ``cv2.findContours`` on the
+mask upsampled ×2 (nearest), each traced sub-pixel centre being snapped to its nearest pixel corner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+#: Simplification is capped at this fraction of a ring's "thickness" (area / perimeter), so that thin
+#: and small regions keep their shape whatever tolerance the user sets.
+THICKNESS_FRACTION = 0.6
+#: A simplified ring whose area moved by more than this fraction is simplified again, less.
+MAX_AREA_CHANGE = 0.02
+
+
+@dataclass
+class Components:
+    """The 8-connected components of a mask that survived the minimum-area filter."""
+
+    labels: np.ndarray  # int32 [H, W]: component id per pixel, 0 = background
+    ids: np.ndarray  # ids of the kept components, largest first
+    boxes: np.ndarray  # [len(ids), 4] x, y, w, h in pixels
+    areas: np.ndarray  # [len(ids)] pixel counts
+    scores: np.ndarray  # [len(ids)] mean score inside each component (1.0 without a score map)
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+    def mask(self, k: int) -> tuple[np.ndarray, int, int]:
+        """The k-th kept component as a cropped uint8 mask and the crop's (x, y) offset."""
+        x, y, w, h = (int(v) for v in self.boxes[k])
+        crop = (self.labels[y : y + h, x : x + w] == self.ids[k]).astype(np.uint8)
+        return crop, x, y
+
+    def kept_mask(self) -> np.ndarray:
+        """All kept components as one boolean mask."""
+        if len(self) == 0:
+            return np.zeros(self.labels.shape, dtype=bool)
+        keep = np.zeros(int(self.labels.max()) + 1, dtype=bool)
+        keep[self.ids] = True
+        return keep[self.labels]
+
+
+def find_components(mask: np.ndarray, score_map: np.ndarray | None, min_area: float) -> Components:
+    """Label the 8-connected components of ``mask``; drop those smaller than ``min_area`` pixels."""
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8, ltype=cv2.CV_32S)
+    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
+    ids = np.arange(1, n, dtype=np.int64)
+    keep = areas >= max(min_area, 1)
+    ids, areas = ids[keep], areas[keep]
+    order = np.argsort(-areas, kind="stable")
+    ids, areas = ids[order], areas[order]
+    boxes = stats[ids, :4].astype(np.int64) if ids.size else np.zeros((0, 4), dtype=np.int64)
+    if score_map is not None and ids.size:
+        sums = np.bincount(labels.ravel(), weights=score_map.ravel().astype(np.float64), minlength=n)
+        scores = sums[ids] / areas
+    else:
+        scores = np.ones(ids.size, dtype=np.float64)
+    return Components(labels, ids, boxes, areas, scores)
+
+
+def ring_area(ring: np.ndarray) -> float:
+    """Signed area of a closed ring ``(N, 2)`` (shoelace; positive = clockwise on screen)."""
+    if len(ring) < 3:
+        return 0.0
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+def ring_perimeter(ring: np.ndarray) -> float:
+    """Perimeter of a closed ring."""
+    if len(ring) < 2:
+        return 0.0
+    return float(np.linalg.norm(np.roll(ring, -1, axis=0) - ring, axis=1).sum())
+
+
+def _clean_ring(points: np.ndarray) -> np.ndarray:
+    """Drop repeated and collinear vertices of a closed axis-aligned/diagonal ring."""
+    if len(points) == 0:
+        return points
+    keep = np.any(points != np.roll(points, 1, axis=0), axis=1)
+    pts = points[keep] if keep.any() else points[:1]
+    if len(pts) < 3:
+        return pts
+    prev, nxt = np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0)
+    d1, d2 = pts - prev, nxt - pts
+    cross = d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]
+    dot = d1[:, 0] * d2[:, 0] + d1[:, 1] * d2[:, 1]
+    turn = (cross != 0) | (dot <= 0)
+    return pts[turn] if turn.sum() >= 3 else pts
+
+
+def mask_rings(crop: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """Exact pixel-edge outlines of a uint8 mask: ``[(outer, [holes...]), ...]``, one per component.
+
+    Rings are float64 ``(N, 2)`` arrays of (x, y) pixel-corner coordinates relative to the crop; outer
+    rings are oriented with positive :func:`ring_area`, holes with negative.
+    """
+    up = cv2.resize(crop, (crop.shape[1] * 2, crop.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+    up = cv2.copyMakeBorder(up, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    if hierarchy is None:
+        return []
+    hierarchy = hierarchy[0]
+    rings: list[np.ndarray] = []
+    for c in contours:
+        sub = c.reshape(-1, 2).astype(np.float64) - 1.0  # undo the border
+        rings.append(_clean_ring(np.rint((sub + 0.5) / 2.0)))
+    out: list[tuple[np.ndarray, list[np.ndarray]]] = []
+    for i, (_, _, child, parent) in enumerate(hierarchy):
+        if parent != -1:
+            continue
+        outer = rings[i]
+        if ring_area(outer) < 0:
+            outer = outer[::-1]
+        holes: list[np.ndarray] = []
+        j = child
+        while j != -1:
+            hole = rings[j]
+            if ring_area(hole) > 0:
+                hole = hole[::-1]
+            holes.append(hole)
+            j = hierarchy[j][0]
+        out.append((outer, holes))
+    return out
+
+
+def simplify_ring(ring: np.ndarray, tolerance: float) -> np.ndarray:
+    """Douglas-Peucker (``cv2.approxPolyDP``) that keeps small and thin rings faithful.
+
+    The tolerance is capped at :data:`THICKNESS_FRACTION` of the ring's area/perimeter, and halved
+    until the simplified ring keeps at least 3 vertices and its area within :data:`MAX_AREA_CHANGE`.
+    """
+    if tolerance <= 0 or len(ring) <= 4:
+        return ring
+    area = abs(ring_area(ring))
+    perimeter = ring_perimeter(ring)
+    if area <= 0 or perimeter <= 0:
+        return ring
+    eps = min(float(tolerance), THICKNESS_FRACTION * area / perimeter)
+    pts = ring.astype(np.float32).reshape(-1, 1, 2)
+    while eps >= 0.05:
+        simple = cv2.approxPolyDP(pts, eps, True).reshape(-1, 2).astype(np.float64)
+        if len(simple) >= 3 and abs(abs(ring_area(simple)) - area) <= MAX_AREA_CHANGE * area:
+            if np.sign(ring_area(simple)) != np.sign(ring_area(ring)):
+                simple = simple[::-1]
+            return simple
+        eps /= 2.0
+    return ring
+
+
+def bridge_holes(outer: np.ndarray, holes: list[np.ndarray]) -> np.ndarray:
+    """One ring without holes: each hole joined to the ring by a zero-width cut (there and back).
+
+    The cut is the shortest segment between a vertex of the ring built so far and a vertex of the hole.
+    Because the cut is travelled once each way, it adds nothing under the even-odd or non-zero rule.
+    """
+    ring = outer
+    for hole in sorted(holes, key=lambda h: -abs(ring_area(h))):
+        if len(hole) < 3:
+            continue
+        i, j = _closest_pair(ring, hole)
+        ring = np.concatenate([ring[: i + 1], hole[j:], hole[: j + 1], ring[i:]], axis=0)
+    return ring
+
+
+def _closest_pair(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> tuple[int, int]:
+    best = (np.inf, 0, 0)
+    for start in range(0, len(a), chunk):
+        block = a[start : start + chunk]
+        d = ((block[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)
+        k = int(np.argmin(d))
+        i, j = divmod(k, d.shape[1])
+        if d[i, j] < best[0]:
+            best = (float(d[i, j]), start + i, j)
+    return best[1], best[2]
+
+
+def polygon_to_mask(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Rasterise one polygon given in PIXEL coordinates: pixels whose centre is inside (even-odd).
+
+    Label Studio percent points convert with :func:`groundlabel.ls_format.percent_to_pixels`.
+    """
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    out = np.zeros((height, width), dtype=bool)
+    if len(pts) < 3:
+        return out
+    x0, y0 = pts[:, 0], pts[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
+    row_first = max(int(np.floor(lo.min() - 0.5)), 0)
+    row_last = min(int(np.ceil(hi.max() - 0.5)), height - 1)
+    cols = np.arange(width) + 0.5
+    for row in range(row_first, row_last + 1):
+        yc = row + 0.5
+        crossing = (y0 > yc) != (y1 > yc)
+        if not crossing.any():
+            continue
+        xa, ya, xb, yb = x0[crossing], y0[crossing], x1[crossing], y1[crossing]
+        xs = np.sort(xa + (yc - ya) * (xb - xa) / (yb - ya))
+        inside = np.searchsorted(xs, cols, side="right") % 2 == 1
+        out[row] = inside
+    return out

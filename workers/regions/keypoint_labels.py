@@ -1,0 +1,64 @@
+"""``KeyPointLabels``: the heatmap peak per label, as GEM's point task does.
+
+The point is the centre of the pixel where the label's score is highest among the pixels it wins
+(above the threshold, in kept components). Without a score map (a binary mask), it is the pixel
+farthest inside the region (distance transform). Options:
+
+- ``keypoint_per_region="true"``: one point per connected component instead of one per label;
+- ``point_width``: the point size Label Studio draws, in percent of the image width (default 1.0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+from labeling_backend.label_config import ControlSpec
+from workers.regions.base import ControlModel
+from workers.regions.geometry import Components
+
+DEFAULT_POINT_WIDTH = 1.0
+
+
+class KeyPointLabelsModel(ControlModel):
+    """Key points for a ``<KeyPointLabels>`` control."""
+
+    control_type = "KeyPointLabels"
+
+    def __init__(self, control: ControlSpec, *, threshold: float | None = None) -> None:
+        super().__init__(control, threshold=threshold)
+        self.per_region = self.option_bool("keypoint_per_region", False)
+        self.point_width = self.option_float("point_width", DEFAULT_POINT_WIDTH, low=0.0, high=100.0)
+
+    def component_regions(
+        self, label: str, comps: Components, score_map: np.ndarray | None, *, width: int, height: int
+    ) -> list[dict[str, Any]]:
+        if self.per_region:
+            groups = [(comps.labels == comps.ids[k], comps.scores[k]) for k in range(len(comps))]
+        else:
+            groups = [(comps.kept_mask(), float(np.average(comps.scores, weights=comps.areas)))]
+        results = []
+        for mask, mean_score in groups:
+            row, col = peak(mask, score_map)
+            value = {
+                "x": round(100.0 * (col + 0.5) / width, 4),
+                "y": round(100.0 * (row + 0.5) / height, 4),
+                "width": self.point_width,
+            }
+            score = float(score_map[row, col]) if score_map is not None else mean_score
+            results.append(self.result(value, label, score, width=width, height=height))
+        return results
+
+
+def peak(mask: np.ndarray, score_map: np.ndarray | None) -> tuple[int, int]:
+    """(row, col) of the highest score inside ``mask``, or of the deepest mask pixel without scores."""
+    if score_map is not None:
+        inside = np.where(mask, score_map, -np.inf)
+    else:
+        padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        inside = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    flat = int(np.argmax(inside))
+    row, col = divmod(flat, mask.shape[1])
+    return row, col

@@ -1,0 +1,60 @@
+"""``PolygonLabels``: one closed polygon per connected component, holes bridged into the outline.
+
+Options (tag attributes) besides the common ones (:class:`~workers.regions.base.ControlModel`):
+
+- ``polygon_tolerance``: Douglas-Peucker tolerance in pixels (default 1.0; 0 keeps every pixel
+  corner). Small and thin regions are simplified less so that they keep their shape.
+- ``min_hole_area``: holes smaller than this are filled (pixels if >= 1, fraction of the image if < 1;
+  default: ``min_region_area``). Larger holes are kept: Label Studio polygons have no holes, so each is
+  joined to the outline by a zero-width cut, which the even-odd and non-zero rules both leave empty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from groundlabel.ls_format import pixels_to_percent
+from labeling_backend.label_config import ControlSpec
+from workers.regions.base import ControlModel
+from workers.regions.geometry import Components, bridge_holes, mask_rings, ring_area, simplify_ring
+
+DEFAULT_POLYGON_TOLERANCE = 1.0
+
+
+class PolygonLabelsModel(ControlModel):
+    """Polygons (percent points, ``closed: true``) for a ``<PolygonLabels>`` control."""
+
+    control_type = "PolygonLabels"
+
+    def __init__(self, control: ControlSpec, *, threshold: float | None = None) -> None:
+        super().__init__(control, threshold=threshold)
+        self.tolerance = self.option_float("polygon_tolerance", DEFAULT_POLYGON_TOLERANCE, low=0.0)
+        self.min_hole_area = self.option_float("min_hole_area", self.min_region_area, low=0.0)
+
+    def component_regions(
+        self, label: str, comps: Components, score_map: np.ndarray | None, *, width: int, height: int
+    ) -> list[dict[str, Any]]:
+        min_hole = self.min_hole_area if self.min_hole_area >= 1 else self.min_hole_area * width * height
+        results = []
+        for k in range(len(comps)):
+            crop, x0, y0 = comps.mask(k)
+            for outer, holes in mask_rings(crop):
+                ring = component_polygon(outer, holes, self.tolerance, min_hole)
+                if len(ring) < 3:
+                    continue
+                points = pixels_to_percent(ring + np.array([x0, y0]), width, height)
+                value = {"points": points, "closed": True}
+                results.append(self.result(value, label, comps.scores[k], width=width, height=height))
+        return results
+
+
+def component_polygon(
+    outer: np.ndarray, holes: list[np.ndarray], tolerance: float, min_hole_area: float
+) -> np.ndarray:
+    """Simplify a component's rings, drop holes below ``min_hole_area`` pixels, bridge the others."""
+    kept = [h for h in holes if abs(ring_area(h)) >= max(min_hole_area, 1e-9)]
+    ring = simplify_ring(outer, tolerance)
+    simple_holes = [simplify_ring(h, tolerance) for h in kept]
+    return bridge_holes(ring, [h for h in simple_holes if len(h) >= 3])
