@@ -1,0 +1,118 @@
+"""Request authentication (HTTP basic auth or a bearer token) and secret redaction in logs.
+
+Credentials are compared with :func:`hmac.compare_digest`. When neither ``BASIC_AUTH_USER`` /
+``BASIC_AUTH_PASS`` nor ``GROUNDLABEL_API_TOKEN`` is set, the service is open (a warning is logged at
+start). When both are set, either one is accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import re
+from collections.abc import Iterable
+
+from labeling_backend.settings import Settings
+
+REDACTED = "***"
+
+# Credentials that appear in text even when their value is not known to this process.
+_PATTERNS = [
+    re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer|token)\s+)[^\s\"',}]+"),
+    re.compile(r"(?i)\b((?:basic|bearer|token)\s+)[A-Za-z0-9+/=._\-]{12,}"),
+    re.compile(
+        r"(?i)([\"']?(?:password|passwd|access_token|api_key|apikey|token|secret)[\"']?\s*[:=]\s*"
+        r"[\"']?)[^\s\"',}&]+"
+    ),
+    re.compile(r"(?i)((?:https?|redis|rediss)://[^:/@\s]*:)[^@\s]+(@)"),
+]
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with known secret values and credential-looking fields replaced by ``***``."""
+    for secret in sorted((s for s in secrets if s and len(s) >= 3), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    for pattern in _PATTERNS:
+        if pattern.groups >= 2:
+            text = pattern.sub(lambda m: m.group(1) + REDACTED + m.group(2), text)
+        else:
+            text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that rewrites each record's message so that it holds no secret."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: leave it to the handler to report
+            return True
+        clean = redact(message, self.secrets)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        return True
+
+
+def install_log_redaction(secrets: Iterable[str] = ()) -> RedactingFilter:
+    """Attach one redacting filter to every handler of the root logger and of uvicorn's loggers."""
+    flt = RedactingFilter(secrets)
+    names = ["", "uvicorn", "uvicorn.error", "uvicorn.access", "rq.worker", "rq"]
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(flt)
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(flt)
+    return flt
+
+
+def _equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+
+
+def check_authorization(header: str | None, settings: Settings) -> str | None:
+    """None when the ``Authorization`` header is acceptable, else the reason it is refused."""
+    if not settings.auth_enabled:
+        return None
+    if not header:
+        return "credentials required (HTTP basic auth or a bearer token)"
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    scheme = scheme.lower()
+    if scheme == "basic" and settings.basic_auth_user and settings.basic_auth_pass:
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return "malformed basic auth credentials"
+        user, sep, password = decoded.partition(":")
+        # Compare both fields every time so that timing does not tell which one was wrong.
+        ok_user = _equal(user, settings.basic_auth_user)
+        ok_pass = _equal(password, settings.basic_auth_pass)
+        return None if (sep and ok_user and ok_pass) else "wrong user name or password"
+    if scheme in ("bearer", "token") and settings.api_token:
+        return None if _equal(value, settings.api_token) else "wrong token"
+    accepted = []
+    if settings.basic_auth_user:
+        accepted.append("Basic")
+    if settings.api_token:
+        accepted.append("Bearer")
+    return f"unsupported authorization scheme; use {' or '.join(accepted)}"
+
+
+def www_authenticate(settings: Settings) -> str:
+    """The ``WWW-Authenticate`` header of a 401 answer."""
+    if settings.basic_auth_user:
+        return 'Basic realm="groundlabel"'
+    return 'Bearer realm="groundlabel"'

@@ -1,0 +1,213 @@
+"""Running jobs without Redis: a pool of spawned child processes next to the backend.
+
+The backend process never imports torch; the children do (``workers.jobs.init_process`` loads the
+engines once per child). Payloads and results cross the process boundary as JSON text. It offers the
+same methods as :class:`labeling_backend.queue.RedisJobQueue`, with an in-memory result cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from labeling_backend.queue import JobState
+from labeling_backend.settings import QUEUE_BATCH, QUEUE_INTERACTIVE, Settings
+
+log = logging.getLogger(__name__)
+
+
+class TTLCache:
+    """A thread-safe LRU mapping whose entries expire."""
+
+    def __init__(self, maxsize: int, ttl: float) -> None:
+        self.maxsize, self.ttl = maxsize, ttl
+        self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                return None
+            expires, value = item
+            if expires < time.monotonic():
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return value
+
+    def set(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._data[key] = (time.monotonic() + self.ttl, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+    def pop(self, key: str) -> Any | None:
+        with self._lock:
+            item = self._data.pop(key, None)
+            return None if item is None else item[1]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class _Job:
+    def __init__(self, future: Future, keys: list[str], queue: str) -> None:
+        self.future, self.keys, self.queue = future, keys, queue
+        self.enqueued = time.monotonic()
+        self.ended: float | None = None
+
+
+class InProcessRunner:
+    """Jobs in ``workers`` spawned child processes; results cached in memory."""
+
+    def __init__(self, settings: Settings, workers: int | None = None, *, warm_up: bool = True) -> None:
+        self.settings = settings
+        self.workers = int(workers or settings.workers_inprocess)
+        self.where = "in-process"
+        self._cache = TTLCache(maxsize=100_000, ttl=settings.result_ttl)
+        self._pending: dict[str, tuple[str, int]] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+        self._pool = self._new_pool()
+        self._warm: Future | None = None
+        if warm_up:
+            from workers.jobs import warm_up as load_engines
+
+            self._warm = self._pool.submit(load_engines)
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        from workers.jobs import init_process  # torch-free at import: the children load the engines
+
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_process,
+        )
+
+    def ping(self) -> None:
+        """The pool needs nothing external."""
+
+    def warm_state(self) -> str:
+        """``loading``, ``ready`` or ``failed: reason`` for the engines of the first child."""
+        if self._warm is None:
+            return "not requested"
+        if not self._warm.done():
+            return "loading"
+        exc = self._warm.exception()
+        return "ready" if exc is None else f"failed: {exc}"
+
+    # -- cache ---------------------------------------------------------------------------------------
+
+    def cache_get(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        return [self._cache.get(k) for k in keys]
+
+    def pending_get(self, keys: Sequence[str]) -> list[tuple[str, int] | None]:
+        with self._lock:
+            return [self._pending.get(k) for k in keys]
+
+    def release_pending(self, keys: Sequence[str], job_id: str) -> None:
+        with self._lock:
+            for k in keys:
+                if self._pending.get(k, ("",))[0] == job_id:
+                    del self._pending[k]
+
+    # -- jobs ----------------------------------------------------------------------------------------
+
+    def submit(
+        self, payload: dict[str, Any], keys: Sequence[str], *, interactive: bool
+    ) -> tuple[str, list[int]]:
+        job_id = uuid.uuid4().hex
+        with self._lock:
+            taken = [i for i, k in enumerate(keys) if k not in self._pending]
+            if not taken:
+                return "", []
+            kept_keys = [keys[i] for i in taken]
+            payload = {**payload, "tasks": [payload["tasks"][i] for i in taken]}
+            for j, key in enumerate(kept_keys):
+                self._pending[key] = (job_id, j)
+            future = self._submit(json.dumps(payload))
+            job = _Job(future, kept_keys, QUEUE_INTERACTIVE if interactive else QUEUE_BATCH)
+            self._jobs[job_id] = job
+        future.add_done_callback(lambda f, jid=job_id: self._done(jid))
+        return job_id, taken
+
+    def _submit(self, text: str) -> Future:
+        from workers.jobs import run_json
+
+        try:
+            return self._pool.submit(run_json, text)
+        except BrokenProcessPool:
+            log.warning("the in-process worker pool broke (a child died); starting a new one")
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            return self._pool.submit(run_json, text)
+
+    def _done(self, job_id: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        job.ended = time.monotonic()
+        results = None
+        if not job.future.cancelled() and job.future.exception() is None:
+            results = json.loads(job.future.result())
+            for key, prediction in zip(job.keys, results, strict=False):
+                if isinstance(prediction, dict) and not prediction.get("error"):
+                    self._cache.set(key, prediction)
+        self.release_pending(job.keys, job_id)
+        # Keep finished jobs for a while so that waiting requests can read them, then forget them.
+        cutoff = time.monotonic() - max(self.settings.predict_timeout, self.settings.interactive_timeout) - 60
+        with self._lock:
+            for jid in [j for j, jb in self._jobs.items() if jb.ended is not None and jb.ended < cutoff]:
+                del self._jobs[jid]
+
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        states: dict[str, JobState] = {}
+        for job_id in dict.fromkeys(j for j in job_ids if j):
+            job = self._jobs.get(job_id)
+            if job is None:
+                states[job_id] = JobState("failed", error=f"job {job_id} is unknown (expired)")
+                continue
+            future = job.future
+            if not future.done():
+                states[job_id] = JobState("pending", detail="running" if future.running() else "queued")
+                continue
+            latency = (job.ended or time.monotonic()) - job.enqueued
+            exc = future.exception()
+            if exc is not None:
+                reason = "the worker process died" if isinstance(exc, BrokenProcessPool) else str(exc)
+                states[job_id] = JobState("failed", error=f"job failed: {reason}", latency=latency)
+            else:
+                states[job_id] = JobState("finished", results=json.loads(future.result()), latency=latency)
+        return states
+
+    def reap_abandoned(self) -> None:
+        """A dead child fails its futures at once (BrokenProcessPool): nothing to reap."""
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        out = {q: {"queued": 0, "started": 0, "failed": 0} for q in (QUEUE_INTERACTIVE, QUEUE_BATCH)}
+        with self._lock:
+            for job in self._jobs.values():
+                if job.future.running():
+                    out[job.queue]["started"] += 1
+                elif not job.future.done():
+                    out[job.queue]["queued"] += 1
+                elif job.future.exception() is not None:
+                    out[job.queue]["failed"] += 1
+        return out
+
+    def worker_count(self) -> int:
+        return self.workers
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,317 @@
+"""The job queue: RQ on Redis, JSON payloads only, two queues (``interactive`` before ``batch``).
+
+A job is ``workers.jobs.run_job(payload)`` referenced by its dotted path; its payload and its result are
+plain JSON (:class:`rq.serializers.JSONSerializer`), so nothing a Redis client writes is ever unpickled.
+One job holds a chunk of tasks that the worker runs as one model batch.
+
+Beside RQ's own keys, groundlabel keeps two kinds of keys in Redis:
+
+- ``groundlabel:result:<key>``: one task's finished prediction, for ``result_ttl`` seconds, where the
+  key hashes (task id, image, expression, label spec, context, model version). The worker writes it, so
+  a result computed after ``/predict`` gave up waiting is found by the next request.
+- ``groundlabel:pending:<key>``: ``<job id>:<index>`` while a job for that task is queued or running, so
+  that a second request for the same task waits for the same job instead of enqueueing another.
+
+A job whose worker died (SIGKILL, lost machine) stays "started" until its lease runs out (the worker
+renews it every ``GROUNDLABEL_WORKER_HEARTBEAT`` seconds); the next clean-up (run by any worker, and by a
+backend that waits for such a job) re-queues it while it has retries left, and marks it failed after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from labeling_backend.auth import redact
+from labeling_backend.settings import QUEUE_BATCH, QUEUE_INTERACTIVE, Settings
+
+log = logging.getLogger(__name__)
+
+JOB_FUNCTION = "workers.jobs.run_job"
+RESULT_PREFIX = "groundlabel:result:"
+PENDING_PREFIX = "groundlabel:pending:"
+CLEANUP_LOCK = "groundlabel:cleanup-lock"
+QUEUE_NAMES = (QUEUE_INTERACTIVE, QUEUE_BATCH)
+
+
+class QueueUnavailable(Exception):
+    """Redis cannot be reached; the message says where and why (without credentials)."""
+
+
+@dataclass
+class JobState:
+    """What a job has come to: ``finished`` (with its per-task results), ``failed`` or ``pending``."""
+
+    status: str
+    results: list[dict[str, Any]] | None = None
+    error: str | None = None
+    detail: str = ""
+    latency: float | None = None  # enqueue → end, seconds, for finished or failed jobs
+
+
+def connect(url: str, *, timeout: float = 3.0) -> redis.Redis:
+    """A Redis client with short timeouts, so that an unreachable Redis fails fast."""
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=timeout, socket_timeout=max(timeout, 5.0), health_check_interval=30
+    )
+
+
+def make_queues(connection: redis.Redis, settings: Settings) -> dict[str, Queue]:
+    """The two RQ queues with the JSON serializer, in the order workers listen to them."""
+    return {
+        QUEUE_INTERACTIVE: Queue(
+            QUEUE_INTERACTIVE,
+            connection=connection,
+            serializer=JSONSerializer,
+            default_timeout=settings.interactive_job_timeout,
+        ),
+        QUEUE_BATCH: Queue(
+            QUEUE_BATCH,
+            connection=connection,
+            serializer=JSONSerializer,
+            default_timeout=settings.job_timeout,
+        ),
+    }
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+class RedisJobQueue:
+    """Enqueues prediction jobs, reads their results and the per-task result cache."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis | None = None) -> None:
+        if not settings.redis_url and connection is None:
+            raise ValueError("RedisJobQueue needs REDIS_URL")
+        self.settings = settings
+        self.where = redact(settings.redis_url or "redis")
+        self.connection = connection or connect(settings.redis_url or "", timeout=settings.redis_timeout)
+        self.queues = make_queues(self.connection, settings)
+
+    # -- errors --------------------------------------------------------------------------------------
+
+    def _unavailable(self, exc: Exception) -> QueueUnavailable:
+        return QueueUnavailable(f"the job queue (Redis at {self.where}) is unreachable: {redact(str(exc))}")
+
+    def ping(self) -> None:
+        """Raise :class:`QueueUnavailable` when Redis does not answer."""
+        try:
+            self.connection.ping()
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    # -- the per-task result cache -------------------------------------------------------------------
+
+    def cache_get(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Cached predictions for ``keys`` (None where there is none)."""
+        if not keys:
+            return []
+        try:
+            raw = self.connection.mget([RESULT_PREFIX + k for k in keys])
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        return [json.loads(r) if r else None for r in raw]
+
+    def pending_get(self, keys: Sequence[str]) -> list[tuple[str, int] | None]:
+        """For each key, the (job id, index) of a queued or running job that computes it."""
+        if not keys:
+            return []
+        try:
+            raw = self.connection.mget([PENDING_PREFIX + k for k in keys])
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        out: list[tuple[str, int] | None] = []
+        for r in raw:
+            if not r:
+                out.append(None)
+                continue
+            job_id, _, index = r.decode().rpartition(":")
+            out.append((job_id, int(index)))
+        return out
+
+    def release_pending(self, keys: Sequence[str], job_id: str) -> None:
+        """Forget the pending markers of ``keys`` that still point at ``job_id``."""
+        if not keys:
+            return
+        try:
+            current = self.connection.mget([PENDING_PREFIX + k for k in keys])
+            stale = [
+                PENDING_PREFIX + k
+                for k, v in zip(keys, current, strict=True)
+                if v and v.decode().rpartition(":")[0] == job_id
+            ]
+            if stale:
+                self.connection.delete(*stale)
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    # -- jobs ----------------------------------------------------------------------------------------
+
+    def submit(
+        self, payload: dict[str, Any], keys: Sequence[str], *, interactive: bool
+    ) -> tuple[str, list[int]]:
+        """Enqueue one job for the tasks of ``payload`` that no other job is computing.
+
+        Returns the job id and the indices (into ``payload["tasks"]``) it took; the other tasks already
+        have a pending job (see :meth:`pending_get`). The job id is "" when it took none.
+        """
+        queue = self.queues[QUEUE_INTERACTIVE if interactive else QUEUE_BATCH]
+        timeout = self.settings.interactive_job_timeout if interactive else self.settings.job_timeout
+        job_id = uuid.uuid4().hex
+        marker_ttl = timeout * (self.settings.job_retries + 1) + int(sum(self.settings.retry_intervals)) + 60
+        try:
+            with self.connection.pipeline() as pipe:
+                for i, key in enumerate(keys):
+                    pipe.set(PENDING_PREFIX + key, f"{job_id}:{i}", nx=True, ex=marker_ttl)
+                claimed = pipe.execute()
+            taken = [i for i, ok in enumerate(claimed) if ok]
+            if not taken:
+                return "", []
+            if len(taken) < len(keys):
+                # Re-number the markers of the tasks this job keeps.
+                tasks = [payload["tasks"][i] for i in taken]
+                keys = [keys[i] for i in taken]
+                payload = {**payload, "tasks": tasks}
+                with self.connection.pipeline() as pipe:
+                    for j, key in enumerate(keys):
+                        pipe.set(PENDING_PREFIX + key, f"{job_id}:{j}", ex=marker_ttl)
+                    pipe.execute()
+            payload = {**payload, "cache": {"keys": list(keys), "ttl": self.settings.result_ttl}}
+            retry = None
+            if self.settings.job_retries > 0:
+                retry = Retry(max=self.settings.job_retries, interval=list(self.settings.retry_intervals))
+            queue.enqueue_call(
+                JOB_FUNCTION,
+                args=(payload,),
+                timeout=timeout,
+                result_ttl=self.settings.job_result_ttl,
+                failure_ttl=self.settings.failure_ttl,
+                job_id=job_id,
+                retry=retry,
+                description=f"predict {len(payload['tasks'])} task(s)",
+            )
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        return job_id, taken
+
+    def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """The state of each job."""
+        ids = list(dict.fromkeys(j for j in job_ids if j))
+        if not ids:
+            return {}
+        try:
+            jobs = Job.fetch_many(ids, connection=self.connection, serializer=JSONSerializer)
+            states: dict[str, JobState] = {}
+            for job_id, job in zip(ids, jobs, strict=True):
+                states[job_id] = self._state(job_id, job)
+            return states
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _state(self, job_id: str, job: Job | None) -> JobState:
+        if job is None:
+            return JobState("failed", error=f"job {job_id} is gone from the queue (expired or deleted)")
+        status = job.get_status(refresh=False)
+        latency = None
+        if job.enqueued_at and job.ended_at:
+            latency = max(0.0, (job.ended_at - job.enqueued_at).total_seconds())
+        if status == JobStatus.FINISHED:
+            value = job.return_value()
+            if not isinstance(value, list):
+                return JobState("failed", error=f"job {job_id} returned no prediction list", latency=latency)
+            return JobState("finished", results=value, latency=latency)
+        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+            result = job.latest_result()
+            text = getattr(result, "exc_string", None) or job.exc_info
+            reason = _last_line(text)
+            if "AbandonedJobError" in (text or ""):
+                reason = "the worker running this job died (no retries left)"
+            return JobState("failed", error=f"job {job_id} {status.value}: {reason}", latency=latency)
+        if status == JobStatus.STARTED:
+            detail = f"running on worker {job.worker_name or '?'}"
+        elif status == JobStatus.SCHEDULED:
+            detail = "waiting to be retried"
+        else:
+            detail = f"{status.value if status else 'unknown'} in queue {job.origin!r}"
+            position = None
+            if status == JobStatus.QUEUED and job.origin in self.queues:
+                position = self.queues[job.origin].get_job_position(job_id)
+            if position is not None:
+                detail += f" at position {position + 1}"
+            if not self.worker_count():
+                detail += "; no worker is listening on the queues"
+        return JobState("pending", detail=detail)
+
+    def worker_count(self) -> int:
+        """Number of live workers registered on either queue."""
+        from rq import Worker
+
+        try:
+            return sum(Worker.count(queue=q) for q in self.queues.values())
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def reap_abandoned(self) -> None:
+        """Re-queue or fail jobs whose worker stopped renewing their lease (at most once a second)."""
+        try:
+            if not self.connection.set(CLEANUP_LOCK, "1", nx=True, px=1000):
+                return
+            for queue in self.queues.values():
+                StartedJobRegistry(
+                    queue.name,
+                    connection=self.connection,
+                    serializer=JSONSerializer,
+                    job_class=queue.job_class,
+                ).cleanup()
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    # -- monitoring ----------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per queue: queued, started and failed job counts."""
+        out: dict[str, dict[str, int]] = {}
+        try:
+            for name, queue in self.queues.items():
+                out[name] = {
+                    "queued": queue.count,
+                    "started": StartedJobRegistry(name, connection=self.connection).get_job_count(
+                        cleanup=False
+                    ),
+                    "failed": FailedJobRegistry(name, connection=self.connection).get_job_count(
+                        cleanup=False
+                    ),
+                }
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        return out
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.connection.close()
+
+
+def wait_for_redis(connection: redis.Redis, timeout: float) -> bool:
+    """Poll until Redis answers or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connection.ping()
+            return True
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)

@@ -1,0 +1,88 @@
+"""``groundlabel serve``: the ML backend on uvicorn.
+
+With ``REDIS_URL`` the backend enqueues jobs for ``groundlabel worker`` processes; without it, it runs
+them in ``--workers-inprocess`` spawned child processes (the backend process itself never imports torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+
+log = logging.getLogger("groundlabel.backend")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from labeling_backend.app import create_app
+    from labeling_backend.auth import install_log_redaction
+    from labeling_backend.settings import Settings
+
+    overrides: dict[str, object] = {}
+    if args.workers_inprocess is not None:
+        if args.workers_inprocess < 1:
+            from groundlabel.errors import UserError
+
+            raise UserError("--workers-inprocess must be at least 1")
+        overrides["workers_inprocess"] = args.workers_inprocess
+    settings = Settings.from_env(**overrides)
+    level = (args.log_level or "info").lower()
+    logging.getLogger().setLevel(level.upper())
+    install_log_redaction(settings.secrets())
+    if not settings.auth_enabled and not _is_loopback(args.host):
+        log.warning(
+            "listening on %s without authentication: set BASIC_AUTH_USER/BASIC_AUTH_PASS or "
+            "GROUNDLABEL_API_TOKEN",
+            args.host,
+        )
+    mode = "jobs on Redis" if settings.redis_url else f"{settings.workers_inprocess} in-process worker(s)"
+    log.info(
+        "groundlabel backend on http://%s:%d, %s, model version %s",
+        args.host,
+        args.port,
+        mode,
+        settings.model_version,
+    )
+    app = create_app(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=level, access_log=args.access_log)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` verb."""
+    p = subparsers.add_parser(
+        "serve",
+        help="run the Label Studio ML backend (HTTP)",
+        description=(
+            "Serve Label Studio's ML backend protocol (/health, /setup, /predict, /webhook, /metrics). "
+            "Settings come from environment variables (see docs/backend.md)."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=9090, help="port (default: %(default)s)")
+    p.add_argument(
+        "--workers-inprocess",
+        type=int,
+        default=None,
+        help="child processes running jobs when REDIS_URL is not set "
+        "(default: GROUNDLABEL_WORKERS_INPROCESS or 1)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: %(default)s)",
+    )
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.set_defaults(handler=_run)
