@@ -17,6 +17,8 @@ from groundlabel.errors import UserError
 
 COMMAND_MODULES: list[str] = [
     "workers.predict",
+    "labeling_backend.serve",
+    "workers.worker",
 ]
 
 
