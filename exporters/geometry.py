@@ -1,0 +1,144 @@
+"""Label Studio regions to COCO geometry: pixel polygons, COCO RLE, area and bbox.
+
+Percent coordinates are converted with :mod:`groundlabel.ls_format`; masks are measured with
+pycocotools (``area``, ``toBbox``) so the numbers match what COCO tools compute from the same
+segmentation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from groundlabel.ls_format import percent_to_pixels
+
+
+class GeometryError(ValueError):
+    """A region whose shape cannot become a COCO instance; ``reason`` is the summary category."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def polygon_from_percent(points: Any, width: int, height: int) -> list[float]:
+    """A Label Studio polygon (``[[x%, y%], ...]``) as a flat COCO pixel polygon ``[x1, y1, ...]``.
+
+    Raises :class:`GeometryError` for fewer than 3 distinct points or a zero-area outline.
+    """
+    try:
+        pts = percent_to_pixels(points, width, height)
+    except (TypeError, ValueError) as exc:
+        raise GeometryError("degenerate polygon", f"points are not [[x, y], ...] numbers: {exc}") from exc
+    if not np.all(np.isfinite(pts)):
+        raise GeometryError("degenerate polygon", "points are not finite numbers")
+    distinct = np.unique(np.round(pts, 6), axis=0)
+    if len(distinct) < 3:
+        raise GeometryError("degenerate polygon", f"{len(distinct)} distinct point(s), a polygon needs 3")
+    x, y = pts[:, 0], pts[:, 1]
+    shoelace = 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+    if shoelace <= 1e-9:
+        raise GeometryError("degenerate polygon", "the points enclose zero area")
+    return [round(float(v), 3) for v in pts.reshape(-1)]
+
+
+def rectangle_from_percent(value: dict[str, Any], width: int, height: int) -> tuple[list[float], list[float]]:
+    """A Label Studio rectangle as ``(bbox [x, y, w, h], 4-point polygon)`` in pixels.
+
+    Label Studio rotates a rectangle by ``rotation`` degrees (clockwise on screen) around its
+    top-left corner ``(x, y)``; the polygon's corners follow that rotation and start at ``(x, y)``.
+    The bbox is the axis-aligned box around the corners.
+    """
+    try:
+        x = float(value["x"]) * width / 100.0
+        y = float(value["y"]) * height / 100.0
+        w = float(value["width"]) * width / 100.0
+        h = float(value["height"]) * height / 100.0
+        rotation = float(value.get("rotation") or 0.0)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GeometryError(
+            "degenerate polygon", f"rectangle needs numeric x, y, width, height: {exc}"
+        ) from exc
+    if not all(math.isfinite(v) for v in (x, y, w, h, rotation)):
+        raise GeometryError("degenerate polygon", "rectangle coordinates are not finite")
+    if w <= 0 or h <= 0:
+        raise GeometryError("degenerate polygon", f"rectangle of size {w:.3g}x{h:.3g} pixels has no area")
+    theta = math.radians(rotation)
+    c, s = math.cos(theta), math.sin(theta)
+    corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
+    pts = [(x + dx * c - dy * s, y + dx * s + dy * c) for dx, dy in corners]
+    xs = [p[0] for p in pts]
+    ys = [p[1] for p in pts]
+    bbox = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+    return [round(v, 3) for v in bbox], [round(v, 3) for p in pts for v in p]
+
+
+def rle_from_polygons(polygons: Sequence[Sequence[float]], width: int, height: int) -> dict[str, Any]:
+    """One COCO RLE (compressed) for the union of pixel polygons, rasterised by pycocotools."""
+    rles = mask_utils.frPyObjects([list(p) for p in polygons], height, width)
+    return mask_utils.merge(rles) if len(rles) > 1 else rles[0]
+
+
+def rle_from_mask(mask: np.ndarray) -> dict[str, Any]:
+    """A boolean ``(H, W)`` mask as COCO compressed RLE."""
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
+def measure(rle: dict[str, Any]) -> tuple[int, list[float]]:
+    """``(area, bbox)`` of an RLE, computed by pycocotools."""
+    return int(mask_utils.area(rle)), [float(v) for v in mask_utils.toBbox(rle)]
+
+
+def rle_to_json(rle: dict[str, Any]) -> dict[str, Any]:
+    """A pycocotools RLE with ``counts`` as text, ready for ``json.dump``."""
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
+
+
+def mask_to_polygons(mask: np.ndarray, *, tolerance: float = 0.0) -> list[list[float]]:
+    """Outer outlines of a boolean mask as flat COCO pixel polygons.
+
+    The outlines run along pixel edges (traced on a 2x nearest-neighbour upsampling), so rasterising
+    them with pycocotools gives back the mask (holes are filled: COCO polygons cannot hold holes).
+    ``tolerance`` > 0 simplifies the outlines (Douglas-Peucker, in pixels). Parts that end up with
+    fewer than 3 points are dropped.
+    """
+    import cv2
+
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    if not m.any():
+        return []
+    up = np.repeat(np.repeat(m, 2, axis=0), 2, axis=1)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons: list[list[float]] = []
+    for contour in contours:
+        if tolerance > 0:
+            contour = cv2.approxPolyDP(contour, tolerance * 2.0, True)
+        pts = (contour.reshape(-1, 2).astype(np.float64) + 0.5) / 2.0
+        if len(pts) < 3:
+            continue
+        polygons.append([round(float(v), 2) for v in pts.reshape(-1)])
+    return polygons
+
+
+def decode_segmentation(segmentation: Any, width: int, height: int) -> np.ndarray:
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) as a boolean mask."""
+    if isinstance(segmentation, list):
+        rle = rle_from_polygons(segmentation, width, height)
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    elif isinstance(segmentation, dict):
+        counts = segmentation["counts"]
+        rle = {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+    else:
+        raise GeometryError(
+            "unknown segmentation", f"cannot read a segmentation of type {type(segmentation)}"
+        )
+    return mask_utils.decode(rle).astype(bool)
