@@ -17,6 +17,7 @@ from groundlabel.errors import UserError
 
 COMMAND_MODULES: list[str] = [
     "workers.predict",
+    "exporters.cli",
     "labeling_backend.serve",
     "workers.worker",
 ]
