@@ -1,0 +1,363 @@
+"""``groundlabel predict``: pre-label image files with GEM and write Label Studio import JSON.
+
+Example::
+
+    groundlabel predict photos/*.jpg --labels "cat,dog" --out tasks.json --overlay overlays/
+
+Each image becomes one task ``{"data": {"image": ...}, "predictions": [{"model_version", "score",
+"result"}]}``; import the file into a Label Studio project whose label config matches (``--save-config``
+writes the generated one). Labels: ``--labels "Cat,Dog"`` (each label is its own prompt) or
+``"Car=car|automobile,Dog"`` (prompt synonyms after ``=``, separated by ``|``), or a label config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+from xml.sax.saxutils import quoteattr
+
+from groundlabel.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from labeling_backend.label_config import LabelingSpec
+
+log = logging.getLogger(__name__)
+
+#: ``--control`` choices → Label Studio control tags.
+CONTROL_TAGS = {
+    "polygon": "PolygonLabels",
+    "brush": "BrushLabels",
+    "rectangle": "RectangleLabels",
+    "keypoint": "KeyPointLabels",
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``predict`` verb."""
+    p = subparsers.add_parser(
+        "predict",
+        help="pre-label image files with GEM and write Label Studio import JSON",
+        description="Pre-label image files with GEM and write Label Studio import JSON.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Region options (threshold, polygon tolerance, minimum area...) can be set per control as "
+            "attributes of the control tag in --label-config; see docs/regions.md."
+        ),
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders of images (not recursive), or http(s) URLs")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog" or "Car=car|automobile,Dog"')
+    what.add_argument("--label-config", metavar="FILE.xml", help="a Label Studio label config")
+    p.add_argument("--control", action="append", choices=sorted(CONTROL_TAGS), default=None,
+                   help="control type(s) of the generated config (repeatable; default polygon)")
+    p.add_argument("--save-config", metavar="FILE.xml", help="write the label config used to FILE")
+    p.add_argument("--out", "-o", metavar="FILE", help="output JSON file (default: standard output)")
+    p.add_argument("--overlay", metavar="DIR", help="write a PNG per image: heatmaps and regions drawn")
+    p.add_argument("--image-root-url", metavar="PREFIX",
+                   help='task URLs = PREFIX + path relative to --image-root, e.g. "/data/local-files/?d="')
+    p.add_argument("--image-root", metavar="DIR", default=None,
+                   help="folder the --image-root-url paths are relative to (LOCAL_FILES_DOCUMENT_ROOT; "
+                        "default: the current folder)")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
+    model.add_argument("--model-config", metavar="FILE.json",
+                       help="an open_clip model config for a custom architecture (its stem is the name)")
+    model.add_argument("--pretrained", default="openai",
+                       help="open_clip tag, weight file, or 'none' for random weights (default openai)")
+    model.add_argument("--weights-dir", help="folder searched for weights (default $GROUNDLABEL_WEIGHTS_DIR)")
+    model.add_argument("--image-size", type=int, default=448, help="network input size (default 448)")
+    model.add_argument("--method", default="gem", choices=["gem", "maskclip", "original"])
+    model.add_argument("--templates", default="paper", choices=["paper", "ensemble"])
+    model.add_argument("--threshold", type=float, default=None,
+                       help="background below this calibrated score (default 0.5; a control's "
+                            "model_score_threshold attribute wins)")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    model.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+# ----------------------------------------------------------------------------- label config
+def parse_labels(text: str) -> list[tuple[str, list[str]]]:
+    """``"Car=car|automobile,Dog"`` → ``[("Car", ["car", "automobile"]), ("Dog", ["Dog"])]``."""
+    out: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        label, _, synonyms = item.partition("=")
+        label = label.strip()
+        prompts = [s.strip() for s in synonyms.split("|") if s.strip()] or [label]
+        if not label:
+            raise UserError(f"--labels: {item!r} has no label before '='")
+        if label in seen:
+            raise UserError(f"--labels: label {label!r} is given twice")
+        seen.add(label)
+        out.append((label, prompts))
+    if not out:
+        raise UserError("--labels is empty: give comma-separated labels such as 'cat,dog'")
+    return out
+
+
+def default_label_config(labels: list[tuple[str, list[str]]], controls: list[str] | None = None) -> str:
+    """A label config with one Image ``image`` (``$image``) and one control per requested type.
+
+    A single control is named ``label``; several are named after their type (``polygon``, ``brush``...).
+    """
+    kinds = list(dict.fromkeys(controls or ["polygon"]))
+    lines = ["<View>", '  <Image name="image" value="$image" zoom="true"/>']
+    for kind in kinds:
+        tag = CONTROL_TAGS[kind]
+        name = "label" if len(kinds) == 1 else kind
+        lines.append(f'  <{tag} name="{name}" toName="image">')
+        for label, prompts in labels:
+            extra = f" predicted_values={quoteattr(','.join(prompts))}" if prompts != [label] else ""
+            lines.append(f"    <Label value={quoteattr(label)}{extra}/>")
+        lines.append(f"  </{tag}>")
+    lines.append("</View>")
+    return "\n".join(lines) + "\n"
+
+
+def load_spec(args: argparse.Namespace) -> tuple[LabelingSpec, str]:
+    """The parsed spec and its XML, from ``--label-config`` or ``--labels``/``--control``."""
+    from labeling_backend.label_config import parse_label_config
+
+    if args.label_config:
+        if args.control:
+            raise UserError("--control applies to --labels only; a label config file names its controls")
+        path = Path(args.label_config)
+        try:
+            xml = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"--label-config {path}: cannot be read ({exc.strerror or exc})") from exc
+    else:
+        xml = default_label_config(parse_labels(args.labels), args.control)
+    return parse_label_config(xml), xml
+
+
+# ----------------------------------------------------------------------------- images
+def expand_images(items: list[str]) -> list[str]:
+    """Files and URLs as given; folders replaced by their image files (sorted, not recursive)."""
+    out: list[str] = []
+    for item in items:
+        if _is_url(item):
+            out.append(item)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                log.warning("%s: no image files in this folder", item)
+            out.extend(found)
+        else:
+            out.append(item)
+    return out
+
+
+def _is_url(item: str) -> bool:
+    return item.split("://", 1)[0].lower() in ("http", "https")
+
+
+def image_reference(item: str, root_url: str | None, root: str | None) -> str:
+    """What goes into the task's data: the path or URL as given, or ``root_url`` + relative path."""
+    if not root_url or _is_url(item):
+        return item
+    base = Path(root or os.getcwd()).resolve()
+    path = Path(item).resolve()
+    try:
+        rel = path.relative_to(base)
+    except ValueError:
+        raise UserError(f"{item} is not inside --image-root {base}: Label Studio cannot serve it") from None
+    return root_url + quote(rel.as_posix(), safe="/")
+
+
+def load_image(item: str) -> Image.Image:
+    """Decode a file (or fetch a URL with the worker's fetch settings from the environment)."""
+    if _is_url(item):
+        from workers.fetch import fetch_image
+
+        return fetch_image(item)
+    from workers.images import decode_image
+
+    return decode_image(item)
+
+
+# ----------------------------------------------------------------------------- running
+@dataclass
+class _Item:
+    index: int
+    source: str
+    image: Any = None
+    error: str | None = None
+
+
+def _prompt_groups(spec: LabelingSpec, prompts: list[str]) -> list[str]:
+    """Per prompt, the label it belongs to (its first one): synonyms of a label share probability."""
+    group: dict[str, str] = {}
+    for control in spec.controls:
+        for label in control.labels:
+            for prompt in control.prompts[label]:
+                group.setdefault(prompt, f"{control.name}\x00{label}")
+    return [group[p] for p in prompts]
+
+
+def build_engine(args: argparse.Namespace) -> Any:
+    """The GEM engine the model options ask for."""
+    from workers.models.gem import GemConfig, GemEngine
+
+    model_name = args.model
+    if args.model_config:
+        import open_clip
+
+        path = Path(args.model_config)
+        if not path.is_file():
+            raise UserError(f"--model-config {path}: no such file")
+        open_clip.add_model_config(path)
+        model_name = path.stem
+    pretrained = None if str(args.pretrained).lower() in ("none", "random", "") else args.pretrained
+    config = GemConfig(
+        model_name=model_name,
+        pretrained=pretrained,
+        cache_dir=args.weights_dir,
+        image_size=args.image_size,
+        method=args.method,
+        templates=args.templates,
+        device=args.device,
+        batch_size=max(1, args.batch_size),
+    )
+    return GemEngine(config)
+
+
+def _heatmaps(engine: Any, images: list[Any], prompts: list[str], groups: list[str]) -> list[Any]:
+    return engine.heatmaps(images, prompts, groups=groups)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``predict`` verb; returns 0, or 1 when some images failed (they are reported and skipped)."""
+    from tqdm import tqdm
+
+    from workers.regions import predict_regions
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    spec, xml = load_spec(args)
+    if args.save_config:
+        Path(args.save_config).write_text(xml, encoding="utf-8")
+    sources = expand_images(args.images)
+    if not sources:
+        raise UserError("no images to predict")
+    refs = [image_reference(s, args.image_root_url, args.image_root) for s in sources]
+    overlay_dir = Path(args.overlay) if args.overlay else None
+    if overlay_dir:
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+
+    prompts = spec.all_prompts()
+    groups = _prompt_groups(spec, prompts)
+    engine = build_engine(args)
+    tasks: list[dict[str, Any] | None] = [None] * len(sources)
+    failures: list[_Item] = []
+    used_names: set[str] = set()
+
+    bar = tqdm(total=len(sources), unit="img", desc="predict", disable=args.no_progress or None,
+               file=sys.stderr)
+    for start in range(0, len(sources), args.batch_size):
+        batch = [_Item(i, sources[i]) for i in range(start, min(start + args.batch_size, len(sources)))]
+        for item in batch:
+            try:
+                item.image = load_image(item.source)
+            except UserError as exc:
+                item.error = str(exc)
+        good = [it for it in batch if it.error is None]
+        maps_of: dict[int, Any] = {}
+        if good:
+            try:
+                maps = _heatmaps(engine, [it.image for it in good], prompts, groups)
+                maps_of = {it.index: m for it, m in zip(good, maps, strict=True)}
+            except Exception:  # retry one by one so that one bad image fails alone
+                log.debug("batch failed; retrying image by image", exc_info=True)
+                for it in good:
+                    try:
+                        maps_of[it.index] = _heatmaps(engine, [it.image], prompts, groups)[0]
+                    except Exception as exc:  # noqa: BLE001 - reported per image, the run goes on
+                        it.error = f"the model failed on this image: {exc}"
+        for item in batch:
+            if item.error is None:
+                try:
+                    scores = dict(zip(prompts, maps_of[item.index], strict=True))
+                    w, h = item.image.size
+                    results, score = predict_regions(
+                        spec, scores, width=w, height=h, threshold=args.threshold
+                    )
+                    tasks[item.index] = {
+                        "data": {spec.image_key: refs[item.index]},
+                        "predictions": [
+                            {"model_version": engine.model_version, "score": score, "result": results}
+                        ],
+                    }
+                    if overlay_dir:
+                        _write_overlay(overlay_dir, item, scores, results, used_names)
+                except UserError as exc:
+                    item.error = str(exc)
+            if item.error is not None:
+                failures.append(item)
+                bar.write(f"groundlabel predict: skipped {item.source}: {item.error}", file=sys.stderr)
+            item.image = None
+        bar.update(len(batch))
+    bar.close()
+
+    done = [t for t in tasks if t is not None]
+    _write_json(done, args.out)
+    if failures:
+        print(f"groundlabel predict: {len(failures)} of {len(sources)} images failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_overlay(
+    folder: Path, item: _Item, scores: dict[str, Any], results: list[dict[str, Any]], used: set[str]
+) -> None:
+    from workers.overlay import render_overlay
+
+    stem = Path(item.source.split("?", 1)[0]).stem or f"image{item.index}"
+    name = stem
+    n = 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}"
+    used.add(name)
+    render_overlay(item.image, scores, results, title=item.source).save(folder / f"{name}.png")
+
+
+def _write_json(tasks: list[dict[str, Any]], out: str | None) -> None:
+    text = json.dumps(tasks, ensure_ascii=False)
+    if not out or out == "-":
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
