@@ -170,8 +170,12 @@ def load_weights_file(model: Any, path: str | Path) -> None:
     try:
         if is_torchscript(path):
             state = torch.jit.load(path, map_location="cpu").state_dict()
-            for key in _JIT_EXTRA_KEYS:
-                state.pop(key, None)
+            # TorchScript keeps metadata and non-persistent buffers (the text causal mask) in its state dict.
+            expected = set(model.state_dict())
+            buffers = {name for name, _ in model.named_buffers()}
+            for key in list(state):
+                if key in _JIT_EXTRA_KEYS or (key in buffers and key not in expected):
+                    state.pop(key)
             state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
             resize_pos_embed(state, model)
             model.load_state_dict(state, strict=True)
