@@ -23,7 +23,7 @@ _PATTERNS = [
     re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer|token)\s+)[^\s\"',}]+"),
     re.compile(r"(?i)\b((?:basic|bearer|token)\s+)[A-Za-z0-9+/=._\-]{12,}"),
     re.compile(
-        r"(?i)([\"']?(?:password|passwd|access_token|api_key|apikey|token|secret)[\"']?\s*[:=]\s*"
+        r"(?i)([\"']?\b(?:password|passwd|access_token|api_key|apikey|token|secret)[\"']?\s*[:=]\s*"
         r"[\"']?)[^\s\"',}&]+"
     ),
     re.compile(r"(?i)((?:https?|redis|rediss)://[^:/@\s]*:)[^@\s]+(@)"),

@@ -1,0 +1,303 @@
+"""Shared test fixtures: a real redis-server per session, tiny random-weight GEM models, worker processes.
+
+- ``redis_server``: a ``redis-server`` on a free loopback port (no persistence), started once per session
+  and stopped at the end; ``redis_url`` gives it flushed for each test.
+- ``tiny_gem_config`` / ``tiny_gem_env``: an open_clip model-config JSON file for a tiny ViT and the
+  environment variables that make a worker build GEM on it with random weights.
+- ``make_tiny_gem_engine()``: the same engine in the test process.
+- ``start_worker``: real ``groundlabel worker`` subprocesses, killed at the end of the test.
+- ``png_data_uri`` / ``png_header_only``: images inside task data, no HTTP server needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: A tiny CLIP ViT (3 blocks, width 48, patch 8) in open_clip's model-config format.
+TINY_GEM_CONFIG = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "head_width": 12, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server process of the test session."""
+
+    def __init__(self, port: int | None = None) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server is not installed (bash scripts/setup.sh test installs it)")
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        client.close()
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test."""
+    client = redis_server.client()
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def tiny_gem_config(tmp_path_factory) -> Path:
+    """An open_clip model-config file ``tinyclip.json`` (model name ``tinyclip``)."""
+    path = tmp_path_factory.mktemp("gem") / "tinyclip.json"
+    path.write_text(json.dumps(TINY_GEM_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gem_env(tiny_gem_config: Path) -> dict[str, str]:
+    """Environment variables for a worker running GEM on the tiny model with random weights."""
+    return {
+        "GROUNDLABEL_GEM_MODEL_CONFIG": str(tiny_gem_config),
+        "GROUNDLABEL_GEM_PRETRAINED": "none",
+        "GROUNDLABEL_GEM_IMAGE_SIZE": "64",
+        "GROUNDLABEL_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def make_tiny_gem_engine(seed: int = 0, image_size: int = 64):
+    """A GemEngine on the tiny CLIP with random weights, built in this process."""
+    import open_clip
+    import torch
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    from workers.models.gem import GemConfig, GemEngine
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=TINY_GEM_CONFIG["embed_dim"],
+        vision_cfg=CLIPVisionCfg(**TINY_GEM_CONFIG["vision_cfg"]),
+        text_cfg=CLIPTextCfg(**TINY_GEM_CONFIG["text_cfg"]),
+    ).eval()
+    config = GemConfig(model_name="tinyclip", pretrained=None, image_size=image_size, device="cpu")
+    return GemEngine(config, clip_model=model)
+
+
+class WorkerProcess:
+    """A real ``groundlabel worker`` subprocess."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        env: dict[str, str],
+        *,
+        heartbeat: float = 0.5,
+        extra_args: list[str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+        self.log_path = log_path
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "groundlabel",
+                "worker",
+                "--redis-url",
+                redis_url,
+                "--heartbeat",
+                str(heartbeat),
+                "--maintenance-interval",
+                "2",
+                *(extra_args or []),
+            ],
+            env=full_env,
+            cwd=str(REPO),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, redis_url: str, timeout: float = 60.0) -> None:
+        """Wait until the worker has registered itself in Redis (models loaded)."""
+        import redis
+        from rq import Worker
+
+        conn = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited with {self.proc.returncode}: {self.output()}")
+                if any(w.pid == self.proc.pid for w in Worker.all(connection=conn)):
+                    return
+                time.sleep(0.1)
+        finally:
+            conn.close()
+        raise RuntimeError(f"worker not ready after {timeout} s: {self.output()}")
+
+    def output(self) -> str:
+        if self.log_path and self.log_path.exists():
+            return self.log_path.read_text(errors="replace")[-3000:]
+        return ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``groundlabel worker`` processes; each is killed when the test ends."""
+    started: list[WorkerProcess] = []
+
+    def start(redis_url: str, env: dict[str, str], **kwargs) -> WorkerProcess:
+        worker = WorkerProcess(redis_url, env, log_path=tmp_path / f"worker{len(started)}.log", **kwargs)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+def png_bytes(width: int = 40, height: int = 30, seed: int = 0) -> bytes:
+    """A small RGB PNG with a bright square on a dark background."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((height, width, 3)) * 40).astype(np.uint8)
+    pixels[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = (220, 60, 40)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_data_uri(width: int = 40, height: int = 30, seed: int = 0) -> str:
+    """A ``data:image/png;base64,...`` URL holding :func:`png_bytes`."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(width, height, seed)).decode()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header announces ``width`` × ``height`` pixels but which holds almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+POLYGON_CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="poly" toName="image" model_score_threshold="0.0">
+    <Label value="Thing" predicted_values="red square,thing"/>
+    <Label value="Other"/>
+  </PolygonLabels>
+</View>
+"""
+
+INTERACTIVE_CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <TextArea name="prompt" toName="image"/>
+  <KeyPointLabels name="click" toName="image"><Label value="Thing"/></KeyPointLabels>
+  <BrushLabels name="mask" toName="image" model_score_threshold="0.0"><Label value="Thing"/></BrushLabels>
+</View>
+"""

@@ -1,0 +1,119 @@
+"""Secrets stay out of logs; settings are read from the environment with clear errors."""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+import pytest
+
+from groundlabel.errors import UserError
+from labeling_backend.auth import RedactingFilter, check_authorization, install_log_redaction, redact
+from labeling_backend.settings import Settings, model_version_from_env
+
+
+def test_redact_known_secrets_and_credential_patterns():
+    text = (
+        "Authorization: Token abcdef0123456789abcdef key=LS-SECRET-KEY password=hunter2x "
+        "url=redis://user:redispw@host:6379/0 header {'authorization': 'Bearer eyJhbGciOiJIUzI1NiJ9.x.y'}"
+    )
+    out = redact(text, ["LS-SECRET-KEY"])
+    for secret in ("abcdef0123456789abcdef", "LS-SECRET-KEY", "hunter2x", "redispw", "eyJhbGciOiJIUzI1NiJ9"):
+        assert secret not in out
+    assert "redis://user:***@host:6379/0" in out
+    assert redact("the API is open") == "the API is open"
+
+
+def test_logging_filter_removes_secrets_from_messages_args_and_tracebacks(caplog):
+    settings = Settings.from_env(
+        {
+            "LABEL_STUDIO_API_KEY": "ls-key-0123456789",
+            "BASIC_AUTH_USER": "u",
+            "BASIC_AUTH_PASS": "pass-xyz-987",
+            "GROUNDLABEL_API_TOKEN": "tok-555-aaa",
+        }
+    )
+    logger = logging.getLogger("groundlabel.test.redaction")
+    flt = RedactingFilter(settings.secrets())
+    logger.addFilter(flt)
+    try:
+        with caplog.at_level(logging.INFO, logger="groundlabel.test.redaction"):
+            logger.info("calling LS with %s and %s", "ls-key-0123456789", {"password": "pass-xyz-987"})
+            logger.warning("Authorization: Bearer tok-555-aaa")
+            try:
+                raise RuntimeError("token=tok-555-aaa refused")
+            except RuntimeError:
+                logger.exception("failed")
+    finally:
+        logger.removeFilter(flt)
+    text = caplog.text + "".join(r.exc_text or "" for r in caplog.records)
+    assert "calling LS with" in text
+    for secret in ("ls-key-0123456789", "pass-xyz-987", "tok-555-aaa"):
+        assert secret not in text
+
+
+def test_install_log_redaction_covers_root_handlers():
+    handler = logging.StreamHandler()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        install_log_redaction(["very-secret-value"])
+        assert any(isinstance(f, RedactingFilter) for f in handler.filters)
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "value %s", ("very-secret-value",), None)
+        for f in handler.filters:
+            f.filter(record)
+        assert "very-secret-value" not in record.getMessage()
+    finally:
+        root.removeHandler(handler)
+
+
+def test_check_authorization():
+    s = Settings.from_env({"BASIC_AUTH_USER": "a", "BASIC_AUTH_PASS": "b"})
+    good = "Basic " + base64.b64encode(b"a:b").decode()
+    assert check_authorization(good, s) is None
+    assert check_authorization(None, s) is not None
+    assert (
+        check_authorization("Basic " + base64.b64encode(b"a:c").decode(), s) == "wrong user name or password"
+    )
+    assert check_authorization("Bearer x", s).startswith("unsupported authorization scheme")
+    assert check_authorization(None, Settings.from_env({})) is None
+
+
+def test_settings_from_env_and_errors():
+    s = Settings.from_env(
+        {
+            "REDIS_URL": "redis://r:6379/1",
+            "GROUNDLABEL_PREDICT_TIMEOUT": "50",
+            "GROUNDLABEL_ALLOWED_HOSTS": "a.com, b.com:8080",
+            "GROUNDLABEL_CHUNK_SIZE": "4",
+            "GROUNDLABEL_RETRY_INTERVALS": "1,5",
+        }
+    )
+    assert s.redis_url == "redis://r:6379/1" and s.predict_timeout == 50 and s.chunk_size == 4
+    assert s.allowed_hosts == ("a.com", "b.com:8080") and s.retry_intervals == (1.0, 5.0)
+    assert "abc123" not in repr(Settings.from_env({"GROUNDLABEL_API_TOKEN": "abc123"}))
+    with pytest.raises(UserError, match="GROUNDLABEL_PREDICT_TIMEOUT"):
+        Settings.from_env({"GROUNDLABEL_PREDICT_TIMEOUT": "soon"})
+    with pytest.raises(UserError, match="BASIC_AUTH_PASS"):
+        Settings.from_env({"BASIC_AUTH_USER": "only-user"})
+    with pytest.raises(UserError, match="REDIS_URL"):
+        Settings.from_env({"REDIS_URL": "localhost:6379"})
+    with pytest.raises(UserError, match="GROUNDLABEL_CHUNK_SIZE"):
+        Settings.from_env({"GROUNDLABEL_CHUNK_SIZE": "0"})
+
+
+def test_model_version_from_env():
+    assert model_version_from_env({}) == "gem-ViT-B-16-openai"
+    assert (
+        model_version_from_env(
+            {"GROUNDLABEL_GEM_MODEL": "ViT-L/14", "GROUNDLABEL_GEM_PRETRAINED": "/w/clip-l.pt"}
+        )
+        == "gem-ViT-L-14-clip-l"
+    )
+    assert (
+        model_version_from_env(
+            {"GROUNDLABEL_GEM_PRETRAINED": "none", "GROUNDLABEL_LAVT_CHECKPOINT": "/c/refcoco.pth"}
+        )
+        == "gem-ViT-B-16-random+lavt-refcoco"
+    )
+    assert model_version_from_env({"GROUNDLABEL_MODEL_VERSION": "mine-3"}) == "mine-3"
