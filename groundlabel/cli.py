@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "workers.predict",
     "exporters.cli",
     "labeling_backend.serve",
+    "labeling_backend.prelabel",
     "workers.worker",
 ]
 
