@@ -53,12 +53,18 @@ class KeyPointLabelsModel(ControlModel):
 
 
 def peak(mask: np.ndarray, score_map: np.ndarray | None) -> tuple[int, int]:
-    """(row, col) of the highest score inside ``mask``, or of the deepest mask pixel without scores."""
+    """(row, col) of the highest score inside ``mask``, or of the deepest mask pixel without scores.
+
+    Ties go to the pixel nearest the mask's centroid.
+    """
     if score_map is not None:
         inside = np.where(mask, score_map, -np.inf)
     else:
         padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
         inside = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
-    flat = int(np.argmax(inside))
-    row, col = divmod(flat, mask.shape[1])
-    return row, col
+    rows, cols = np.nonzero(inside == inside.max())
+    if rows.size == 1:
+        return int(rows[0]), int(cols[0])
+    my, mx = (float(v.mean()) for v in np.nonzero(mask))
+    k = int(np.argmin((rows - my) ** 2 + (cols - mx) ** 2))
+    return int(rows[k]), int(cols[k])

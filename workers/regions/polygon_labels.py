@@ -2,8 +2,9 @@
 
 Options (tag attributes) besides the common ones (:class:`~workers.regions.base.ControlModel`):
 
-- ``polygon_tolerance``: Douglas-Peucker tolerance in pixels (default 1.0; 0 keeps every pixel
-  corner). Small and thin regions are simplified less so that they keep their shape.
+- ``polygon_tolerance``: Douglas-Peucker tolerance in pixels (default 1.0), capped at a tenth of the
+  region's area / perimeter so that small and thin regions keep their shape. ``0`` gives the exact
+  pixel-edge outline (every pixel corner where the outline turns).
 - ``min_hole_area``: holes smaller than this are filled (pixels if >= 1, fraction of the image if < 1;
   default: ``min_region_area``). Larger holes are kept: Label Studio polygons have no holes, so each is
   joined to the outline by a zero-width cut, which the even-odd and non-zero rules both leave empty.
@@ -18,7 +19,16 @@ import numpy as np
 from groundlabel.ls_format import pixels_to_percent
 from labeling_backend.label_config import ControlSpec
 from workers.regions.base import ControlModel
-from workers.regions.geometry import Components, bridge_holes, mask_rings, ring_area, simplify_ring
+from workers.regions.geometry import (
+    Components,
+    bridge_holes,
+    clean_ring,
+    mask_rings,
+    midpoint_ring,
+    region_tolerance,
+    ring_area,
+    simplify_ring,
+)
 
 DEFAULT_POLYGON_TOLERANCE = 1.0
 
@@ -53,8 +63,13 @@ class PolygonLabelsModel(ControlModel):
 def component_polygon(
     outer: np.ndarray, holes: list[np.ndarray], tolerance: float, min_hole_area: float
 ) -> np.ndarray:
-    """Simplify a component's rings, drop holes below ``min_hole_area`` pixels, bridge the others."""
-    kept = [h for h in holes if abs(ring_area(h)) >= max(min_hole_area, 1e-9)]
-    ring = simplify_ring(outer, tolerance)
-    simple_holes = [simplify_ring(h, tolerance) for h in kept]
-    return bridge_holes(ring, [h for h in simple_holes if len(h) >= 3])
+    """One hole-free ring for a component: holes below ``min_hole_area`` pixels filled, the outline and
+    the other holes simplified (from their edge-midpoint rings) and the holes bridged in."""
+    rings = [outer] + [h for h in holes if abs(ring_area(h)) >= max(min_hole_area, 1e-9)]
+    if tolerance <= 0:
+        rings = [clean_ring(r) for r in rings]
+    else:
+        rings = [midpoint_ring(r) for r in rings]
+        eps = region_tolerance(rings, tolerance)
+        rings = [simplify_ring(r, eps) for r in rings]
+    return bridge_holes(rings[0], [h for h in rings[1:] if len(h) >= 3])
