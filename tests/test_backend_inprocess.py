@@ -1,0 +1,79 @@
+"""The backend never imports torch: not on import, and not while running jobs in-process (no Redis)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 240) -> str:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("REDIS_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_backend_modules_import_no_torch():
+    out = run_python("""
+        import sys
+        import labeling_backend.app, labeling_backend.serve, labeling_backend.queue
+        import labeling_backend.inprocess, labeling_backend.service, workers.jobs, workers.worker
+        from groundlabel.cli import build_parser
+        build_parser()
+        heavy = [m for m in ("torch", "open_clip", "transformers", "cv2") if m in sys.modules]
+        print(",".join(heavy) or "none")
+    """)
+    assert out == "none"
+
+
+@pytest.mark.slow
+def test_inprocess_jobs_run_in_a_child_process(tiny_gem_env):
+    from conftest import POLYGON_CONFIG, png_data_uri
+
+    body = {
+        "tasks": [
+            {"id": 1, "data": {"image": png_data_uri(seed=1)}},
+            {"id": 2, "data": {"image": "data:image/png;base64,AAAA"}},
+        ],
+        "label_config": POLYGON_CONFIG,
+    }
+    out = run_python(
+        f"""
+        import json, sys
+        from fastapi.testclient import TestClient
+        from labeling_backend.app import create_app
+        from labeling_backend.settings import Settings
+        settings = Settings.from_env(predict_timeout=180, model_version="inproc")
+        assert settings.redis_url is None
+        with TestClient(create_app(settings)) as client:
+            health = client.get("/health").json()
+            first = client.post("/predict", json={body!r}).json()
+            second = client.post("/predict", json={body!r}).json()
+        print(json.dumps({{"torch": "torch" in sys.modules, "health": health, "first": first,
+                          "second": second}}))
+    """,
+        env=tiny_gem_env,
+    )
+    data = json.loads(out)
+    assert data["torch"] is False
+    assert data["health"]["queue"] == "in-process"
+    first = data["first"]
+    assert first["results"][0]["result"] and first["results"][0]["model_version"] == "inproc"
+    assert first["results"][1] == [] and "cannot fetch image" in first["errors"][0]["error"]
+    assert data["second"]["results"][0] == first["results"][0]
