@@ -149,7 +149,10 @@ def decode_image(
         try:
             im = Image.open(io.BytesIO(raw))  # reads the header only
         except Image.DecompressionBombError as exc:
-            raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from exc
+            raise ImageError(
+                f"{name}: refused as a decompression bomb: its header announces more pixels than Pillow's "
+                f"limit ({exc})"
+            ) from exc
         except UnidentifiedImageError as exc:
             raise ImageError(f"{name}: is not an image Pillow can read (format not recognised)") from exc
         except (OSError, SyntaxError, ValueError) as exc:
