@@ -323,3 +323,26 @@ def test_vit_b16_config_matches_reference_and_open_clip():
         assert rel_diff(plain[:, 0], model.encode_image(native)) < 1e-5
         assert rel_diff(ori_native[:, 1:], tokens) < 1e-4
         assert rel_diff(ori_native[:, 0], pooled) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-32-quickgelu", "ViT-L-14", "ViT-L-14-quickgelu"])
+def test_other_clip_layouts_with_fewer_blocks(arch):
+    """B/32 and L/14 layouts (patch size, width, heads, activation) with 3 vision blocks to stay fast."""
+    cfg = open_clip.get_model_config(arch)
+    vision = dict(cfg["vision_cfg"], layers=3)
+    text = dict(cfg["text_cfg"], layers=1, width=64, heads=1)
+    torch.manual_seed(11)
+    model = open_clip.CLIP(
+        embed_dim=cfg["embed_dim"], vision_cfg=vision, text_cfg=text, quick_gelu=cfg.get("quick_gelu", False)
+    ).eval()
+    patch = vision["patch_size"]
+    tower = GemVisionTower(model.visual, gem_depth=7)
+    assert tower.gem_depth == 4  # capped to the 3 blocks
+    pixels = torch.randn(2, 3, 3 * patch, 5 * patch)
+    with torch.no_grad():
+        gem, ori = tower(pixels)
+        assert gem.shape == (2, 16, cfg["embed_dim"])
+        for i in range(2):
+            ref_g, ref_o = ref_gem(model.visual, pixels[i], gem_depth=4)
+            assert rel_diff(gem[i], ref_g) < 1e-4
+            assert rel_diff(ori[i], ref_o) < 1e-4
