@@ -191,7 +191,7 @@ def test_method_variants(method):
     assert not torch.allclose(feats, gem.patch_features(pixels), atol=1e-3)
     m = eng.heatmaps(IMAGES[:1], ["cat"])[0]
     assert m.shape == (1, 37, 53) and m.min() >= 0 and m.max() <= 1
-    assert eng.model_version.startswith(f"{method}-tiny")
+    assert eng.model_version == f"gem-tiny-custom-{method}-48"
 
 
 def test_preprocess_matches_gem_recipe():

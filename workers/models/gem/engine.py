@@ -121,12 +121,14 @@ class GemEngine:
             raise UserError(f"GEM cannot use model {cfg.model_name!r}: {exc}") from exc
         self.model_version = self._version(weights_label)
         self._text_cache = EmbeddingCache(cfg.text_cache_size)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # one forward at a time; the text cache is shared
 
     # ----------------------------------------------------------------- naming
     def _version(self, weights_label: str) -> str:
         cfg = self.config
-        parts = [cfg.method, cfg.arch, weights_label]
+        parts = ["gem", cfg.arch, weights_label]
+        if cfg.method != "gem":
+            parts.append(cfg.method)
         h, w = cfg.input_size
         if (h, w) != (448, 448):
             parts.append(f"{h}x{w}" if h != w else str(h))
@@ -168,22 +170,23 @@ class GemEngine:
         templates = templates_for(self.config.templates)
         keys = [(self.model_version, self.config.templates, normalize_prompt(p)) for p in prompts]
         vectors: dict[Hashable, np.ndarray] = {}
-        missing: list[tuple[Hashable, str]] = []
-        for key, prompt in zip(keys, prompts, strict=True):
-            if key in vectors or any(key == m[0] for m in missing):
-                continue
-            cached = self._text_cache.get(key)
-            if cached is None:
-                missing.append((key, prompt))
-            else:
-                vectors[key] = cached
-        if missing:
-            sentences = [s for _, p in missing for s in expand_prompt(p, templates)]
-            emb = self._encode_sentences(sentences).view(len(missing), len(templates), -1)
-            emb = F.normalize(emb.mean(dim=1), dim=-1).cpu().numpy().astype(np.float32)
-            for (key, _), vec in zip(missing, emb, strict=True):
-                vectors[key] = vec
-                self._text_cache.put(key, vec)
+        missing: dict[Hashable, str] = {}
+        with self._lock:
+            for key, prompt in zip(keys, prompts, strict=True):
+                if key in vectors or key in missing:
+                    continue
+                cached = self._text_cache.get(key)
+                if cached is None:
+                    missing[key] = prompt
+                else:
+                    vectors[key] = cached
+            if missing:
+                sentences = [s for p in missing.values() for s in expand_prompt(p, templates)]
+                emb = self._encode_sentences(sentences).view(len(missing), len(templates), -1)
+                emb = F.normalize(emb.mean(dim=1), dim=-1).cpu().numpy().astype(np.float32)
+                for key, vec in zip(missing, emb, strict=True):
+                    vectors[key] = vec
+                    self._text_cache.put(key, vec)
         return torch.from_numpy(np.stack([vectors[k] for k in keys])).to(self.device)
 
     # ------------------------------------------------------------------ image
