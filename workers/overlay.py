@@ -88,9 +88,10 @@ def draw_regions(
             captions.append(((x0, y0), caption, colour))
         elif kind == "keypointlabels":
             x, y = value["x"] * w / 100, value["y"] * h / 100
-            radius = max(4.0, line_width * 2.5)
+            radius = max(5.0, line_width * 3.0)
             lines.append(("point", (x - radius, y - radius, x + radius, y + radius), colour))
-            captions.append(((x + radius, y + radius), caption, colour))
+            font_size = getattr(font, "size", 14)
+            captions.append(((x + radius + 4, y + (font_size + 4) / 2), caption, colour))
         elif kind == "brushlabels":
             ow, oh = int(r.get("original_width", w)), int(r.get("original_height", h))
             mask = brush_rle_decode(value.get("rle", []), oh, ow)
@@ -108,6 +109,8 @@ def draw_regions(
         elif kind == "box":
             draw.rectangle(geom, outline=colour, width=line_width)
         else:
+            x0, y0, x1, y1 = geom
+            draw.ellipse((x0 - 2, y0 - 2, x1 + 2, y1 + 2), fill=(0, 0, 0))
             draw.ellipse(geom, fill=colour, outline=(255, 255, 255), width=max(1, line_width // 2))
     for (x, y), text, colour in captions:
         tx = float(np.clip(x, 0, max(0, w - 10)))
