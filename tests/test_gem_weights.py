@@ -102,7 +102,15 @@ def test_torchscript_archive_loads_with_quickgelu(tiny_arch, tmp_path):
 def test_wrong_architecture_file_is_a_user_error(tiny_arch, tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"visual.proj": torch.zeros(3, 3)}, str(path))
-    with pytest.raises(UserError, match="does not fit"):
+    with pytest.raises(UserError, match="does not fit the model"):
+        load_clip(tiny_arch, str(path))
+
+
+@pytest.mark.parametrize("name", ["broken.pt", "broken.safetensors"])
+def test_corrupt_file_is_a_user_error(tiny_arch, tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(UserError, match="cannot read weight file"):
         load_clip(tiny_arch, str(path))
 
 

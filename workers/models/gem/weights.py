@@ -182,9 +182,12 @@ def load_weights_file(model: Any, path: str | Path) -> None:
         else:
             load_checkpoint(model, path, strict=True, weights_only=True)
     except RuntimeError as exc:
-        raise UserError(f"weight file {path} does not fit the model architecture: {str(exc)[:600]}") from exc
+        if "state_dict" in str(exc) or "size mismatch" in str(exc):
+            raise UserError(f"weight file {path} does not fit the model: {str(exc)[:600]}") from exc
+        raise UserError(f"cannot read weight file {path}: {str(exc)[:400]}") from exc
     except Exception as exc:  # unpickling errors, corrupt files
         raise UserError(f"cannot read weight file {path}: {type(exc).__name__}: {str(exc)[:400]}") from exc
+    log.info("loaded CLIP weights from %s", path)
 
 
 def _missing_message(arch: str, tag: str, cfg: dict, dirs: list[Path], why: str) -> str:
