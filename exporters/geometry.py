@@ -115,8 +115,11 @@ def mask_to_polygons(mask: np.ndarray, *, tolerance: float = 0.0) -> list[list[f
     m = np.ascontiguousarray(mask, dtype=np.uint8)
     if not m.any():
         return []
-    up = np.repeat(np.repeat(m, 2, axis=0), 2, axis=1)
-    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    y0, x0 = int(rows[0]), int(cols[0])  # trace only the mask's bounding box
+    crop = m[y0 : int(rows[-1]) + 1, x0 : int(cols[-1]) + 1]
+    up = np.repeat(np.repeat(crop, 2, axis=0), 2, axis=1)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(2 * x0, 2 * y0))
     polygons: list[list[float]] = []
     for contour in contours:
         if tolerance > 0:
@@ -124,7 +127,7 @@ def mask_to_polygons(mask: np.ndarray, *, tolerance: float = 0.0) -> list[list[f
         pts = (contour.reshape(-1, 2).astype(np.float64) + 0.5) / 2.0
         if len(pts) < 3:
             continue
-        polygons.append([round(float(v), 2) for v in pts.reshape(-1)])
+        polygons.append(np.round(pts, 2).reshape(-1).tolist())
     return polygons
 
 
