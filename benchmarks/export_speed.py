@@ -58,28 +58,46 @@ def main() -> int:
             rows.append((f"export {name}", seconds, summary.to_dict()["exported"]))
 
     n = args.tasks
-    print(f"export speed: {n} tasks, {args.regions} regions/task (1 in 2 brush), 640x480, images none; "
-          f"export file {size_mb:.1f} MB (generated in {gen_s:.1f} s)")
+    print(
+        f"export speed: {n} tasks, {args.regions} regions/task (1 in 2 brush), 640x480, images none; "
+        f"export file {size_mb:.1f} MB (generated in {gen_s:.1f} s)"
+    )
     print(f"{'step':<20} {'seconds':>9} {'tasks/s':>10}  exported")
     result_rows = []
     for step, seconds, exported in rows:
-        exp = "" if exported is None else ", ".join(
-            f"{k} {v}" for k, v in exported.items() if k in ("annotations", "refs", "sentences")
+        exp = (
+            ""
+            if exported is None
+            else ", ".join(
+                f"{k} {v}" for k, v in exported.items() if k in ("annotations", "refs", "sentences")
+            )
         )
         print(f"{step:<20} {seconds:>9.2f} {n / seconds:>10.1f}  {exp}")
-        result_rows.append({"step": step, "seconds": round(seconds, 3), "tasks_per_s": round(n / seconds, 1),
-                            "exported": exported})
+        result_rows.append(
+            {
+                "step": step,
+                "seconds": round(seconds, 3),
+                "tasks_per_s": round(n / seconds, 1),
+                "exported": exported,
+            }
+        )
     results_dir = Path(__file__).resolve().parent / "results"
     results_dir.mkdir(exist_ok=True)
-    (results_dir / "export_speed.json").write_text(json.dumps({
-        "tasks": n,
-        "regions_per_task": args.regions,
-        "image_size": [640, 480],
-        "export_file_mb": round(size_mb, 1),
-        "python": platform.python_version(),
-        "cpu_threads": os.cpu_count(),
-        "rows": result_rows,
-    }, indent=2) + "\n")
+    (results_dir / "export_speed.json").write_text(
+        json.dumps(
+            {
+                "tasks": n,
+                "regions_per_task": args.regions,
+                "image_size": [640, 480],
+                "export_file_mb": round(size_mb, 1),
+                "python": platform.python_version(),
+                "cpu_threads": os.cpu_count(),
+                "rows": result_rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return 0
 
 
