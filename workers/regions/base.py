@@ -80,8 +80,11 @@ class ControlModel:
     def best_label(
         self, prompt_scores: Mapping[str, np.ndarray], *, width: int, height: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Per pixel: the best label's score (max over its prompts) and its index into ``labels``."""
-        best = np.full((height, width), -np.inf, dtype=np.float32)
+        """Per pixel: the best label's score (max over its prompts) and its index into ``labels``.
+
+        Ties go to the first label.
+        """
+        best: np.ndarray | None = None
         index = np.zeros((height, width), dtype=np.int32)
         for i, label in enumerate(self.control.labels):
             label_score: np.ndarray | None = None
@@ -89,9 +92,13 @@ class ControlModel:
                 s = prompt_score_map(prompt_scores, prompt, width=width, height=height, control=self.control)
                 label_score = s if label_score is None else np.maximum(label_score, s)
             assert label_score is not None
+            if best is None:
+                best = label_score.copy()
+                continue
             better = label_score > best
-            best[better] = label_score[better]
-            index[better] = i
+            np.copyto(index, i, where=better)
+            np.maximum(best, label_score, out=best)
+        assert best is not None
         return best, index
 
     def predict(

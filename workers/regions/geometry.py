@@ -60,7 +60,8 @@ class Components:
 
 def find_components(mask: np.ndarray, score_map: np.ndarray | None, min_area: float) -> Components:
     """Label the 8-connected components of ``mask``; drop those smaller than ``min_area`` pixels."""
-    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    mask = np.ascontiguousarray(mask)
+    m = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8, ltype=cv2.CV_32S)
     areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
     ids = np.arange(1, n, dtype=np.int64)
@@ -70,7 +71,7 @@ def find_components(mask: np.ndarray, score_map: np.ndarray | None, min_area: fl
     ids, areas = ids[order], areas[order]
     boxes = stats[ids, :4].astype(np.int64) if ids.size else np.zeros((0, 4), dtype=np.int64)
     if score_map is not None and ids.size:
-        sums = np.bincount(labels.ravel(), weights=score_map.ravel().astype(np.float64), minlength=n)
+        sums = np.bincount(labels.ravel(), weights=score_map.ravel(), minlength=n)
         scores = sums[ids] / areas
     else:
         scores = np.ones(ids.size, dtype=np.float64)

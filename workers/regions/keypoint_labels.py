@@ -59,6 +59,10 @@ def peak(mask: np.ndarray, score_map: np.ndarray | None) -> tuple[int, int]:
     """
     if score_map is not None:
         inside = np.where(mask, score_map, -np.inf)
+        flat = int(np.argmax(inside))
+        row, col = divmod(flat, mask.shape[1])
+        if np.count_nonzero(inside == inside[row, col]) == 1:
+            return row, col
     else:
         padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
         inside = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
