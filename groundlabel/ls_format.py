@@ -24,13 +24,56 @@ def new_region_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def brush_rle_encode(mask: np.ndarray) -> list[int]:
-    """Encode a 2-D boolean (or 0/1, 0/255) mask as Label Studio brush RLE."""
-    from label_studio_sdk.converter import brush
+_RLE_WORD_BITS = 8
+_RLE_SIZES = (3, 4, 8, 16)  # bits of the run-length field for each of the four size classes
+_RLE_MAX_RUN = 2**16
 
+
+def brush_rle_encode(mask: np.ndarray) -> list[int]:
+    """Encode a 2-D boolean (or 0/1, 0/255) mask as Label Studio brush RLE.
+
+    Vectorised with numpy; the output is identical, byte for byte, to label-studio-sdk's
+    ``converter.brush.mask2rle(mask * 255)`` (same run splitting, same padding), which is pure Python
+    and takes about 0.2 s per megapixel.
+    """
+    mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"a brush mask must be 2-D, got shape {mask.shape}")
-    return [int(v) for v in brush.mask2rle((np.asarray(mask) > 0).astype(np.uint8) * 255)]
+    pixels = np.where(mask.ravel() > 0, 255, 0).astype(np.int64)
+    num = pixels.size * 4  # every pixel is repeated for R, G, B and alpha
+    # Runs over the RGBA stream: each pixel run of length n is a run of 4n equal bytes.
+    if pixels.size:
+        change = np.flatnonzero(pixels[1:] != pixels[:-1])
+        ends = np.append(change, pixels.size - 1)
+        lengths = np.diff(np.append(-1, ends)) * 4
+        values = pixels[ends]
+    else:
+        lengths = values = np.zeros(0, dtype=np.int64)
+    # Runs longer than 2**16 are split into full 2**16 chunks and a remainder, all in size class 3.
+    chunks = np.where(lengths > 256, (lengths - 1) // _RLE_MAX_RUN, 0)
+    run_index = np.repeat(np.arange(lengths.size), chunks + 1)
+    last = np.r_[np.diff(run_index) != 0, True] if run_index.size else np.zeros(0, dtype=bool)
+    tok_len = np.where(last, lengths[run_index] - chunks[run_index] * _RLE_MAX_RUN, _RLE_MAX_RUN)
+    tok_val = values[run_index]
+    size_class = np.select([tok_len <= 8, tok_len <= 16, tok_len <= 256], [0, 1, 2], 3)
+    field_bits = np.asarray(_RLE_SIZES)[size_class]
+    flag = (tok_len > 1).astype(np.int64)  # a single value is written as a literal of one word
+    # token = flag | size class (2 bits) | length - 1 | value (8 bits), most significant bit first
+    tokens = (
+        (((flag << 2 | size_class) << field_bits | (tok_len - 1)) << _RLE_WORD_BITS) | tok_val
+    ).astype(np.int64)
+    tok_bits = 3 + field_bits + _RLE_WORD_BITS
+    width = int(tok_bits.max()) if tokens.size else 1
+    shifts = tok_bits[:, None] - 1 - np.arange(width)[None, :]
+    bits = (tokens[:, None] >> np.maximum(shifts, 0)) & 1
+    body = bits[shifts >= 0]
+    header_value = (num << 5 | (_RLE_WORD_BITS - 1)) << 16
+    for i, size in enumerate(_RLE_SIZES):
+        header_value |= (size - 1) << (12 - 4 * i)
+    header = (header_value >> np.arange(52, -1, -1)) & 1
+    stream = np.concatenate([header, body]).astype(np.uint8)
+    stream = np.concatenate([stream, np.zeros(8 - stream.size % 8, dtype=np.uint8)])
+    return np.packbits(stream).astype(int).tolist()
 
 
 def _decode_brush_rle(rle: Sequence[int]) -> np.ndarray:
