@@ -68,8 +68,9 @@ def same_outputs(a, b) -> bool:
         )
 
 
-def test_random_weights(tiny_arch):
-    loaded = load_clip(tiny_arch, None)
+@pytest.mark.parametrize("pretrained", [None, "", "none", "random"])
+def test_random_weights(tiny_arch, pretrained):
+    loaded = load_clip(tiny_arch, pretrained)
     assert loaded.weights_label == "random"
     assert loaded.arch == tiny_arch
 

@@ -216,7 +216,7 @@ def load_clip(
     import open_clip
 
     arch = model_name.strip().replace("/", "-")
-    if pretrained is not None and not str(pretrained).strip():
+    if pretrained is not None and str(pretrained).strip().lower() in ("", "none", "random"):
         pretrained = None
 
     if pretrained is None:
