@@ -18,6 +18,7 @@ from groundlabel.errors import UserError
 COMMAND_MODULES: list[str] = [
     "workers.predict",
     "workers.evaluation.cli",
+    "workers.models.lavt.cli",
     "exporters.cli",
     "labeling_backend.serve",
     "labeling_backend.prelabel",

@@ -13,12 +13,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "swin_t": {"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "drop_path_rate": 0.2},
     # A test-sized model: a few thousand parameters per stage and a two-layer BERT with a small vocabulary.
     "tiny": {
-        "embed_dim": 24,
+        "embed_dim": 16,
         "depths": (1, 1, 1, 1),
-        "num_heads": (1, 2, 3, 6),
+        "num_heads": (1, 2, 4, 8),
         "drop_path_rate": 0.0,
-        "window_size": 7,
+        "window_size": 4,
         "bert_config": {
+            "vocab_size": 64,
             "hidden_size": 48,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
