@@ -262,6 +262,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     from labeling_backend.settings import Settings
 
+    if args.chunk_size < 1:
+        raise UserError("--chunk-size must be at least 1")
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns the bar
     url = resolve_url(args.url)
     api_key = resolve_api_key(args.api_key)
     settings = Settings.from_env()

@@ -1,0 +1,210 @@
+"""``groundlabel prelabel``: planning, the CLI's errors, and whole runs against a real Label Studio.
+
+The runs use the backend's in-process job runner (a spawned child process running GEM on a tiny CLIP with
+random weights) and the real Label Studio of ``tests/labelstudio_server.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import png_bytes
+from labelstudio_server import require_label_studio, shared_label_studio
+
+from groundlabel.cli import main
+from groundlabel.errors import UserError
+from labeling_backend.labelstudio_client import (
+    LabelStudioError,
+    get_project,
+    has_prediction_version,
+    iter_tasks,
+    make_client,
+)
+from labeling_backend.prelabel import PrelabelReport, chunked, plan_tasks, run_prelabel
+from labeling_backend.settings import Settings
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="poly" toName="image" model_score_threshold="0.0">
+    <Label value="Thing" predicted_values="red square,thing"/>
+    <Label value="Other"/>
+  </PolygonLabels>
+  <BrushLabels name="mask" toName="image" model_score_threshold="0.0"><Label value="Thing"/></BrushLabels>
+</View>"""
+
+# --- planning ----------------------------------------------------------------------------------------
+
+
+def test_has_prediction_version_matches_whole_items():
+    assert has_prediction_version({"predictions_model_versions": "a,gem-x,b"}, "gem-x")
+    assert not has_prediction_version({"predictions_model_versions": "gem-x2,agem-x"}, "gem-x")
+    assert not has_prediction_version({"predictions_model_versions": ""}, "gem-x")
+    assert has_prediction_version({"predictions": [{"model_version": "gem-x"}]}, "gem-x")
+    assert not has_prediction_version({"predictions": [{"model_version": "gem-y"}]}, "gem-x")
+
+
+def test_plan_skips_current_predictions_unless_forced():
+    tasks = [
+        {"id": 1, "data": {"image": "a"}, "predictions_model_versions": "gem-v1"},
+        {"id": 2, "data": {"image": "b"}, "predictions_model_versions": "gem-v0"},
+        {"id": 3, "data": {"image": "c"}},
+    ]
+    plan = plan_tasks(tasks, 7, "gem-v1")
+    assert [t["id"] for t in plan.todo] == [2, 3] and plan.skipped == [1] and plan.total == 3
+    assert plan.todo[0] == {"id": 2, "data": {"image": "b"}}
+    forced = plan_tasks(tasks, 7, "gem-v1", force=True)
+    assert [t["id"] for t in forced.todo] == [1, 2, 3] and forced.skipped == []
+
+
+def test_chunked():
+    assert chunked(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert chunked([], 3) == []
+
+
+def test_summary_groups_failures_by_reason():
+    plan = plan_tasks([{"id": i, "data": {}} for i in range(1, 6)], 3, "mv")
+    report = PrelabelReport(
+        plan, done=[1, 2], empty=[2], failed={3: "not found", 4: "not found", 5: "timeout"}
+    )
+    text = "\n".join(report.summary_lines())
+    assert "done:    2 (1 with no region found)" in text
+    assert "2 task(s) (3, 4): not found" in text and "1 task(s) (5): timeout" in text
+    assert "failed:  3" in text
+
+
+# --- CLI errors --------------------------------------------------------------------------------------
+
+
+def test_cli_needs_url_and_key(monkeypatch, capsys):
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    assert main(["prelabel", "--project", "1"]) == 2
+    assert "no Label Studio URL" in capsys.readouterr().err
+    assert main(["prelabel", "--project", "1", "--url", "http://127.0.0.1:9"]) == 2
+    assert "no Label Studio API key" in capsys.readouterr().err
+    assert main(["prelabel", "--project", "1", "--url", "localhost:8080", "--api-key", "k"]) == 2
+    assert "must include the scheme" in capsys.readouterr().err
+    assert main(["prelabel", "--project", "1", "--chunk-size", "0"]) == 2
+    assert "--chunk-size" in capsys.readouterr().err
+
+
+def test_cli_reports_an_unreachable_label_studio(monkeypatch, capsys):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert main(["prelabel", "--project", "1", "--url", "http://127.0.0.1:9", "--api-key", "k"]) == 2
+    assert "cannot reach the server" in capsys.readouterr().err
+
+
+# --- against a real Label Studio ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def label_studio():
+    require_label_studio()
+    return shared_label_studio()
+
+
+def _project(label_studio, title: str, n_images: int, *, missing: int = 0) -> tuple[int, list[int]]:
+    project = label_studio.create_project(title, CONFIG)
+    folder = f"prelabel{project}"
+    label_studio.add_local_storage(project, folder)
+    tasks = []
+    for i in range(n_images):
+        (label_studio.files_root / folder / f"img{i}.png").write_bytes(png_bytes(40 + 8 * i, 30, seed=i))
+        tasks.append({"image": f"/data/local-files/?d={folder}/img{i}.png"})
+    tasks += [{"image": f"/data/local-files/?d={folder}/missing{i}.png"} for i in range(missing)]
+    return project, label_studio.import_tasks(project, tasks)
+
+
+@pytest.fixture(scope="module")
+def job_env(label_studio, tiny_gem_env):
+    """The environment of the job runner's child processes: tiny GEM, Label Studio with its legacy token."""
+    mp = pytest.MonkeyPatch()
+    for key, value in tiny_gem_env.items():
+        mp.setenv(key, value)
+    mp.setenv("LABEL_STUDIO_URL", label_studio.url)
+    mp.setenv("LABEL_STUDIO_API_KEY", label_studio.legacy_token)
+    mp.delenv("REDIS_URL", raising=False)
+    mp.delenv("GROUNDLABEL_MODEL_VERSION", raising=False)
+    yield Settings.from_env()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def runner(job_env):
+    """One in-process job runner (a spawned child with the engines loaded) for the module's runs."""
+    from labeling_backend.inprocess import InProcessRunner
+
+    runner = InProcessRunner(job_env, warm_up=True)
+    yield runner
+    runner.close()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_prelabel_run_resume_and_force(label_studio, job_env, runner):
+    project, ids = _project(label_studio, "prelabel run", 3, missing=1)
+    client = make_client(label_studio.url, label_studio.personal_access_token())
+    mv = job_env.model_version
+    assert mv == "gem-tinyclip-random"
+
+    report = run_prelabel(client, project, settings=job_env, chunk_size=2, progress=False, runner=runner)
+    assert sorted(report.done) == ids[:3]
+    assert list(report.failed) == [ids[3]] and "not found (HTTP 404)" in report.failed[ids[3]]
+    for task_id in ids[:3]:
+        (prediction,) = label_studio.predictions(task_id)
+        assert prediction["model_version"] == mv
+        types = {(r["from_name"], r["type"]) for r in prediction["result"]}
+        assert types <= {("poly", "polygonlabels"), ("mask", "brushlabels")} and types
+        for region in prediction["result"]:
+            assert set(region["value"][region["type"]]) <= {"Thing", "Other"}
+    assert label_studio.predictions(ids[3]) == []
+
+    # A re-run predicts only the task that failed (and fails it again).
+    again = run_prelabel(client, project, settings=job_env, chunk_size=2, progress=False, runner=runner)
+    assert again.done == [] and sorted(again.plan.skipped) == ids[:3] and list(again.failed) == [ids[3]]
+    assert all(len(label_studio.predictions(t)) == 1 for t in ids[:3])
+
+    # --force replaces the current predictions: still one per task.
+    before = {t: label_studio.predictions(t)[0]["id"] for t in ids[:3]}
+    forced = run_prelabel(
+        client, project, settings=job_env, chunk_size=3, force=True, progress=False, runner=runner
+    )
+    assert sorted(forced.done) == ids[:3]
+    for task_id in ids[:3]:
+        (prediction,) = label_studio.predictions(task_id)
+        assert prediction["id"] != before[task_id]
+
+    tasks = list(iter_tasks(client, project))
+    assert [has_prediction_version(t, mv) for t in tasks] == [True, True, True, False]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_prelabel_dry_run_changes_nothing(label_studio, capsys, monkeypatch):
+    project, ids = _project(label_studio, "prelabel dry run", 2)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    argv = [
+        "prelabel",
+        "--project",
+        str(project),
+        "--url",
+        label_studio.url,
+        "--dry-run",
+        "--chunk-size",
+        "1",
+    ]
+    assert main([*argv, "--api-key", label_studio.legacy_token]) == 0
+    out = capsys.readouterr().out
+    assert "would predict 2 task(s) in 2 chunk(s)" in out and f"task {ids[0]}:" in out
+    assert "poly (PolygonLabels: Thing, Other), mask (BrushLabels: Thing)" in out
+    assert all(label_studio.predictions(t) == [] for t in ids)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_label_studio_errors(label_studio):
+    with pytest.raises(LabelStudioError, match="no such project"):
+        get_project(make_client(label_studio.url, label_studio.legacy_token), 987654)
+    with pytest.raises(LabelStudioError, match=r"refused the API key .*HTTP 401"):
+        get_project(make_client(label_studio.url, "0" * 40), 1)
+    with pytest.raises(UserError, match="API key"):
+        make_client(label_studio.url, "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2ln")
