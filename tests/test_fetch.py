@@ -295,21 +295,18 @@ def test_data_uri():
 
 def test_request_label_studio_url_cannot_redirect_the_token(server):
     settings = FetchSettings(label_studio_url=server.base, api_key="legacy-secret-token")
-    # The configured Label Studio: the token goes there.
-    assert fetch_bytes("/img.png", settings=settings, label_studio_url=server.base + "/")
-    assert server.requests[-1][1]["Authorization"] == "Token legacy-secret-token"
-    # Another URL from the request: refused unless on an allowed host ...
-    with pytest.raises(FetchError, match="neither the configured LABEL_STUDIO_URL"):
-        fetch_bytes("/img.png", settings=settings, label_studio_url="http://evil.example.com")
-    # ... and even then it never receives the token.
-    other = f"http://localhost:{server.port}"
-    with_allowed = FetchSettings(
-        label_studio_url=server.base,
-        api_key="legacy-secret-token",
-        allowed_hosts=(f"localhost:{server.port}",),
-    )
-    assert fetch_bytes("/img.png", settings=with_allowed, label_studio_url=other)
+    # A configured Label Studio wins over whatever the request names: the token goes only there.
+    for named in (server.base + "/", "http://evil.example.com", f"http://localhost:{server.port}", "junk"):
+        assert fetch_bytes("/img.png", settings=settings, label_studio_url=named)
+        assert server.requests[-1][1]["Authorization"] == "Token legacy-secret-token"
+    assert len(server.requests) == 4
+    # Without one, the request's URL is used only on an allowed host, and never with the token.
+    unconfigured = FetchSettings(api_key="legacy-secret-token", allowed_hosts=(f"localhost:{server.port}",))
+    with pytest.raises(FetchError, match="not on a host in GROUNDLABEL_ALLOWED_HOSTS"):
+        fetch_bytes("/img.png", settings=unconfigured, label_studio_url="http://evil.example.com")
+    assert fetch_bytes("/img.png", settings=unconfigured, label_studio_url=f"http://localhost:{server.port}")
     assert "Authorization" not in server.requests[-1][1]
+    assert len(server.requests) == 5
 
 
 def test_settings_from_env(tmp_path):

@@ -201,23 +201,27 @@ class FetchSettings:
         return best
 
     def with_request_url(self, label_studio_url: str | None) -> FetchSettings:
-        """Check a Label Studio URL that came with a request; return the settings to use for it.
+        """Settings for a request that named a Label Studio URL (Label Studio's ``hostname``).
 
-        It is accepted when it is the configured Label Studio (same origin) or on an allowed host.
-        On an allowed host that is not the configured Label Studio, relative image URLs resolve
-        against it but no token is sent there: a request never chooses where the token goes.
+        A configured ``LABEL_STUDIO_URL`` always wins: the request's URL is then ignored (Label Studio
+        often names itself differently, e.g. ``localhost`` for ``127.0.0.1``). Without one, the request's
+        URL is used only when it is on a host in ``GROUNDLABEL_ALLOWED_HOSTS``, and no token is sent
+        there: a request never chooses where the worker sends its token.
         """
-        url = _normalise_base_url(label_studio_url, "the request's Label Studio URL")
-        if url is None or (self.label_studio_url and _origin(url) == _origin(self.label_studio_url)):
+        if not label_studio_url or self.label_studio_url:
             return self
+        try:
+            url = _normalise_base_url(label_studio_url, "the request's Label Studio URL") or ""
+        except UserError as exc:
+            raise FetchError(label_studio_url, str(exc)) from exc
         parts = urlsplit(url)
         host, port = parts.hostname or "", _port(parts)
         rule = self.host_rule(host, port)
         if rule is None:
             raise FetchError(
                 url,
-                "the request's Label Studio URL is neither the configured LABEL_STUDIO_URL nor on a host "
-                "in GROUNDLABEL_ALLOWED_HOSTS",
+                "LABEL_STUDIO_URL is not set and the request's Label Studio URL is not on a host in "
+                "GROUNDLABEL_ALLOWED_HOSTS",
             )
         if rule != "explicit":
             _check_addresses(url, host, port)
@@ -561,7 +565,8 @@ def fetch_image(
     """Fetch and decode a task's image (RGB, EXIF orientation applied).
 
     ``label_studio_url`` is the Label Studio URL that came with the request, if any; it is used only
-    when it is the configured one or on an allowed host (see :meth:`FetchSettings.with_request_url`).
+    when ``LABEL_STUDIO_URL`` is not set, and only on an allowed host, without the token (see
+    :meth:`FetchSettings.with_request_url`).
     Raises :class:`FetchError` (a :class:`~groundlabel.errors.UserError`) with the reason.
     """
     from workers.images import decode_image
