@@ -19,6 +19,7 @@ import io
 import json
 import pickle
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,9 @@ class Refer:
                 rles = [
                     mask_utils.frPyObjects(r, h, w) if isinstance(r.get("counts"), list) else r for r in seg
                 ]
-            decoded = mask_utils.decode(rles)
+            with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword notice, once per mask
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = mask_utils.decode(rles)
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise UserError(f"annotation {ann['id']} has an unreadable segmentation: {exc}") from exc
         if decoded.ndim == 2:

@@ -4,7 +4,6 @@ off, as in LAVT) and reported in the meta, never refused."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,14 @@ def load_tokenizer(
         if not (path / "vocab.txt").is_file() and not (path / "tokenizer.json").is_file():
             raise UserError(f"tokenizer folder {path} has neither vocab.txt nor tokenizer.json")
         return BertTokenizerFast.from_pretrained(str(path))
-    if os.sep in source or source.startswith("."):
+    if source.startswith((".", "/", "~")) or source.endswith(".txt") or source.count("/") > 1:
         raise UserError(f"tokenizer path {source} does not exist")
     try:
-        return BertTokenizerFast.from_pretrained(source, cache_dir=cache_dir)
+        tokenizer = BertTokenizerFast.from_pretrained(source, cache_dir=cache_dir)
+        # transformers 5 returns an empty tokenizer (special tokens only) when it finds no files.
+        if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+            raise OSError("no vocabulary files found")
+        return tokenizer
     except (OSError, ValueError) as exc:
         raise UserError(
             f"the BERT tokenizer {source!r} is neither in the Hugging Face cache nor reachable ({exc}); "

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from groundlabel.errors import UserError
-from workers.models.lavt.config import LavtConfig
+from workers.models.lavt.config import VARIANTS, LavtConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ def infer_architecture(model_state: Mapping[str, Any]) -> dict[str, Any]:
     key = model_state.get("backbone.layers.0.fusion.image_lang_att.f_key.0.weight")
     if torch.is_tensor(key):
         found["text_dim"] = int(key.shape[1])
-    for name, values in (("swin_b", (128, (2, 2, 18, 2))), ("swin_t", (96, (2, 2, 6, 2)))):
-        if (found.get("embed_dim"), found.get("depths")) == values:
+    for name, values in VARIANTS.items():
+        if (found.get("embed_dim"), found.get("depths")) == (values["embed_dim"], tuple(values["depths"])):
             found["variant"] = name
     return found
 
