@@ -327,7 +327,8 @@ def predict_tasks(payload: dict[str, Any]) -> list[dict[str, Any]]:
                 results, score, meta = _expression_prediction(
                     spec, images[i], expressions[i], excluded, lavt, gem
                 )
-                out[i] = {"result": results, "score": score, "model_version": model_version}
+                answered_by = lavt.model_version if lavt is not None else model_version
+                out[i] = {"result": results, "score": score, "model_version": answered_by}
                 if meta.get("truncated"):
                     out[i]["meta"] = {"truncated": True, "tokens": meta.get("tokens")}
             else:
