@@ -292,3 +292,97 @@ def test_cli_train_resume_and_eval(small_dataset, tmp_path, capsys, one_thread):
 
     assert main(["eval-lavt", str(tmp_path / "missing"), "--checkpoint", str(out / "model_best.pth")]) == 2
     assert "refs(unc).p not found" in capsys.readouterr().err
+
+
+EXPORT_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="poly" toName="image">
+    <Label value="circle"/><Label value="square"/><Label value="triangle"/>
+  </PolygonLabels>
+  <TextArea name="expr" toName="image" perRegion="true"/>
+</View>"""
+
+
+def test_trains_on_what_the_refcoco_exporter_writes(small_dataset, tmp_path, capsys, one_thread):
+    """Label Studio annotations → export_refcoco → train-lavt / eval-lavt: the loop closes."""
+    exporters = pytest.importorskip("exporters")
+    from exporters.synthetic import polygon_result, text_result
+    from groundlabel.cli import main
+
+    root, vocab = small_dataset
+    source = Refer(root)
+    media = tmp_path / "media"
+    (media / "upload" / "1").mkdir(parents=True)
+    tasks = []
+    for image_id, image in source.images.items():
+        (media / "upload" / "1" / image["file_name"]).write_bytes(
+            (source.image_dir / image["file_name"]).read_bytes()
+        )
+        w, h = image["width"], image["height"]
+        results = []
+        for ref in (r for r in source.refs if r["image_id"] == image_id):
+            flat = source.anns[ref["ann_id"]]["segmentation"][0]
+            points = [[100 * flat[k] / w, 100 * flat[k + 1] / h] for k in range(0, len(flat), 2)]
+            label = {1: "circle", 2: "square", 3: "triangle"}[ref["category_id"]]
+            region = polygon_result(points, label, w, h)
+            results += [region, text_result([s["raw"] for s in ref["sentences"]], rid=region["id"])]
+        tasks.append(
+            {
+                "id": image_id,
+                "data": {"image": f"/data/upload/1/{image['file_name']}"},
+                "annotations": [{"id": image_id, "result": results}],
+            }
+        )
+    out = tmp_path / "exported"
+    exporters.export_refcoco(
+        tasks,
+        out,
+        label_config=EXPORT_CONFIG,
+        fractions=(0.6, 0.4, 0.0, 0.0),
+        seed=3,
+        resolver=exporters.ImageResolver(images_root=media),
+    )
+    exported = Refer(out)
+    assert len(exported.refs) == len(source.refs) and set(exported.splits()) <= {"train", "val"}
+    source_image = {im["file_name"]: image_id for image_id, im in source.images.items()}
+    for ref in exported.refs:
+        image_id = source_image[exported.images[ref["image_id"]]["file_name"]]
+        raws = [s["raw"] for s in ref["sentences"]]
+        (original,) = [
+            r for r in source.refs if r["image_id"] == image_id and [s["raw"] for s in r["sentences"]] == raws
+        ]
+        a, b = exported.mask(ref), source.mask(original)
+        assert (a & b).sum() / max(1, (a | b).sum()) > 0.9
+
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train-lavt",
+                str(out),
+                "--variant",
+                "tiny",
+                "--image-size",
+                "64",
+                "--tokenizer",
+                str(vocab),
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--bert",
+                "none",
+                "--output",
+                str(run),
+                "--no-progress",
+                "--val-split",
+                "val",
+            ]
+        )
+        == 0
+    )
+    assert (run / "model_best.pth").is_file() and "val " in capsys.readouterr().out
