@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train-lavt",
         help="fine-tune LAVT on a RefCOCO-format dataset",
         description="Fine-tune LAVT (official recipe: weighted CE, AdamW 5e-5, poly LR) on a RefCOCO-format "
-        "folder as `groundlabel export-refcoco` writes it. Writes checkpoint_last.pth every "
+        "folder as `groundlabel export --format refcoco` writes it. Writes checkpoint_last.pth every "
         "epoch and model_best.pth (best val oIoU), which the workers load.",
     )
     train.add_argument("data_root", metavar="DATASET", help="RefCOCO-format root folder")
