@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import http.cookiejar
 import ipaddress
 import json
 import logging
@@ -386,53 +387,74 @@ def _check_hop(url: str, settings: FetchSettings, *, trusted: bool) -> None:
         _check_addresses(url, host, port)
 
 
+_CLIENTS: dict[tuple[float, float], httpx.Client] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _client(settings: FetchSettings) -> httpx.Client:
+    """A shared HTTP client per timeout pair: building one costs tens of milliseconds (TLS context),
+    and a shared one keeps connections to Label Studio alive between images. Thread-safe."""
+    key = (settings.connect_timeout, settings.read_timeout)
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+            # No redirects (followed by hand, each hop checked), no proxies or netrc from the environment.
+            # No cookies either: a session cookie from Label Studio must not stand in for the token.
+            no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+            client = httpx.Client(
+                timeout=timeout, follow_redirects=False, trust_env=False, cookies=no_cookies
+            )
+            _CLIENTS[key] = client
+        return client
+
+
 def _download(url: str, settings: FetchSettings, *, with_token: bool, trusted: bool = False) -> bytes:
     """GET ``url`` with a byte limit and a deadline, following redirects by hand."""
-    timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
     deadline = time.monotonic() + settings.total_timeout
-    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
-        current, hops, retried = url, 0, False
-        from_label_studio = False
-        while True:
-            _check_hop(current, settings, trusted=trusted or from_label_studio)
-            headers = {"Accept": "image/*,*/*;q=0.5"}
-            to_ls = with_token and _is_label_studio(current, settings)
-            if to_ls:
-                headers.update(_auth_header(client, settings))
-            try:
-                with client.stream("GET", current, headers=headers) as response:
-                    status = response.status_code
-                    if status in (301, 302, 303, 307, 308):
-                        location = response.headers.get("location")
-                        if not location:
-                            raise FetchError(current, f"HTTP {status} redirect without a Location")
-                        hops += 1
-                        if hops > settings.max_redirects:
-                            raise FetchError(url, f"more than {settings.max_redirects} redirects")
-                        target = urljoin(current, location)
-                        if to_ls and urlsplit(target).path.rstrip("/").endswith("/user/login"):
-                            reason = f"{REFUSED_TOKEN_REASON} (redirected to the login page)"
-                            raise FetchError(current, reason)
-                        # Label Studio's own redirects (presigned storage URLs) are trusted once.
-                        from_label_studio = _is_label_studio(current, settings)
-                        current = target
-                        continue
-                    if status in (401, 403) and to_ls and not retried and _jwt_claims(settings.api_key or ""):
-                        _TOKENS.invalidate(settings.label_studio_url or "", settings.api_key or "")
-                        retried = True
-                        continue
-                    _raise_for_status(current, status, to_ls)
-                    return _read_limited(current, response, settings, deadline)
-            except httpx.TimeoutException as exc:
-                raise FetchError(current, f"timed out ({type(exc).__name__})") from exc
-            except httpx.ConnectError as exc:
-                text = _describe(exc)
-                if "Name or service not known" in text or "nodename nor servname" in text:
-                    host = urlsplit(current).hostname
-                    raise FetchError(current, f"cannot resolve host {host!r} (DNS failure)") from exc
-                raise FetchError(current, f"connection failed: {text}") from exc
-            except httpx.HTTPError as exc:
-                raise FetchError(current, f"download failed: {_describe(exc)}") from exc
+    client = _client(settings)
+    current, hops, retried = url, 0, False
+    from_label_studio = False
+    while True:
+        _check_hop(current, settings, trusted=trusted or from_label_studio)
+        headers = {"Accept": "image/*,*/*;q=0.5"}
+        to_ls = with_token and _is_label_studio(current, settings)
+        if to_ls:
+            headers.update(_auth_header(client, settings))
+        try:
+            with client.stream("GET", current, headers=headers) as response:
+                status = response.status_code
+                if status in (301, 302, 303, 307, 308):
+                    location = response.headers.get("location")
+                    if not location:
+                        raise FetchError(current, f"HTTP {status} redirect without a Location")
+                    hops += 1
+                    if hops > settings.max_redirects:
+                        raise FetchError(url, f"more than {settings.max_redirects} redirects")
+                    target = urljoin(current, location)
+                    if to_ls and urlsplit(target).path.rstrip("/").endswith("/user/login"):
+                        reason = f"{REFUSED_TOKEN_REASON} (redirected to the login page)"
+                        raise FetchError(current, reason)
+                    # Label Studio's own redirects (presigned storage URLs) are trusted once.
+                    from_label_studio = _is_label_studio(current, settings)
+                    current = target
+                    continue
+                if status in (401, 403) and to_ls and not retried and _jwt_claims(settings.api_key or ""):
+                    _TOKENS.invalidate(settings.label_studio_url or "", settings.api_key or "")
+                    retried = True
+                    continue
+                _raise_for_status(current, status, to_ls)
+                return _read_limited(current, response, settings, deadline)
+        except httpx.TimeoutException as exc:
+            raise FetchError(current, f"timed out ({type(exc).__name__})") from exc
+        except httpx.ConnectError as exc:
+            text = _describe(exc)
+            if "Name or service not known" in text or "nodename nor servname" in text:
+                host = urlsplit(current).hostname
+                raise FetchError(current, f"cannot resolve host {host!r} (DNS failure)") from exc
+            raise FetchError(current, f"connection failed: {text}") from exc
+        except httpx.HTTPError as exc:
+            raise FetchError(current, f"download failed: {_describe(exc)}") from exc
 
 
 def _raise_for_status(url: str, status: int, to_label_studio: bool) -> None:
