@@ -1,0 +1,182 @@
+"""End to end with a real Label Studio: the ML backend connected through ``/api/ml``, and ``prelabel``.
+
+Label Studio (``tests/labelstudio_server.py``) runs headless on SQLite; ``groundlabel serve`` runs as a
+subprocess with GEM on a tiny random-weight CLIP in one in-process worker, downloading images from Label
+Studio with a personal access token; ``groundlabel prelabel`` runs as a subprocess with the legacy token.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import REPO, free_port, png_bytes
+from labelstudio_server import require_label_studio, shared_label_studio
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="poly" toName="image" model_score_threshold="0.0">
+    <Label value="Thing" predicted_values="red square,thing"/>
+    <Label value="Other"/>
+  </PolygonLabels>
+  <BrushLabels name="mask" toName="image" model_score_threshold="0.0"><Label value="Thing"/></BrushLabels>
+</View>"""
+
+LABELS = {("poly", "polygonlabels"): {"Thing", "Other"}, ("mask", "brushlabels"): {"Thing"}}
+MODEL_VERSION = "gem-tinyclip-random"
+
+
+def _clean_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "GROUNDLABEL_MODEL_VERSION")
+    }
+    env.update(extra)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@pytest.fixture(scope="module")
+def label_studio():
+    require_label_studio()
+    return shared_label_studio()
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, tiny_gem_env, tmp_path_factory):
+    """``groundlabel serve`` on a free port; yields its URL once its engines are loaded."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("backend") / "serve.log"
+    env = _clean_env(
+        {
+            **tiny_gem_env,
+            "LABEL_STUDIO_URL": label_studio.url,
+            "LABEL_STUDIO_API_KEY": label_studio.personal_access_token(),
+        }
+    )
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "groundlabel", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"groundlabel serve exited: {log_path.read_text()[-3000:]}")
+            try:
+                health = httpx.get(url + "/health", timeout=2).json()
+                if health.get("engines") == "ready":
+                    break
+                if str(health.get("engines", "")).startswith("failed"):
+                    raise RuntimeError(f"engines failed: {health}")
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"backend not ready: {log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _make_project(label_studio, title: str, n: int) -> tuple[int, list[int]]:
+    project = label_studio.create_project(title, CONFIG)
+    folder = f"e2e{project}"
+    label_studio.add_local_storage(project, folder)
+    tasks = []
+    for i in range(n):
+        Path(label_studio.files_root, folder, f"img{i}.png").write_bytes(png_bytes(48 + 8 * i, 36, seed=i))
+        tasks.append({"image": f"/data/local-files/?d={folder}/img{i}.png"})
+    ids = label_studio.import_tasks(project, tasks)
+    assert len(ids) == n
+    return project, ids
+
+
+def _check_predictions(label_studio, ids: list[int], model_version: str) -> dict[int, int]:
+    """Exactly one prediction per task, of ``model_version``, with regions of the configured controls."""
+    prediction_ids = {}
+    for task_id in ids:
+        predictions = label_studio.predictions(task_id)
+        assert len(predictions) == 1, (task_id, predictions)
+        prediction = predictions[0]
+        assert prediction["model_version"] == model_version
+        assert prediction["result"], f"task {task_id}: no region at threshold 0"
+        seen = set()
+        for region in prediction["result"]:
+            key = (region["from_name"], region["type"])
+            assert key in LABELS, region
+            assert region["to_name"] == "image"
+            assert set(region["value"][region["type"]]) <= LABELS[key]
+            assert region["original_width"] > 0 and region["original_height"] == 36
+            seen.add(key)
+        assert seen == set(LABELS), f"task {task_id}: regions only for {seen}"
+        prediction_ids[task_id] = prediction["id"]
+    return prediction_ids
+
+
+def test_backend_connected_to_label_studio(label_studio, backend):
+    project, ids = _make_project(label_studio, "e2e backend", 3)
+    ml = label_studio.api_json(
+        "POST",
+        "/api/ml",
+        json={"url": backend, "project": project, "title": "groundlabel", "is_interactive": False},
+    )
+    assert ml["id"] and ml.get("state") != "ER", ml
+    response = label_studio.api(
+        "POST",
+        "/api/dm/actions",
+        params={"id": "retrieve_tasks_predictions", "project": project},
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+    assert response.status_code == 200, response.text[:500]
+    _check_predictions(label_studio, ids, MODEL_VERSION)
+    # Asking again stores nothing new: Label Studio skips tasks predicted by the backend's version.
+    label_studio.api(
+        "POST",
+        "/api/dm/actions",
+        params={"id": "retrieve_tasks_predictions", "project": project},
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+    _check_predictions(label_studio, ids, MODEL_VERSION)
+
+
+def test_prelabel_command_and_resume(label_studio, tiny_gem_env):
+    project, ids = _make_project(label_studio, "e2e prelabel", 3)
+    env = _clean_env({**tiny_gem_env, "LABEL_STUDIO_API_KEY": label_studio.legacy_token})
+    argv = [
+        sys.executable,
+        "-m",
+        "groundlabel",
+        "prelabel",
+        "--project",
+        str(project),
+        "--url",
+        label_studio.url,
+    ]
+    first = subprocess.run([*argv, "--chunk-size", "2"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    assert "done:    3" in first.stdout and "failed:  0" in first.stdout
+    stored = _check_predictions(label_studio, ids, MODEL_VERSION)
+
+    again = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr[-3000:]
+    assert "done:    0" in again.stdout and "skipped: 3" in again.stdout
+    assert _check_predictions(label_studio, ids, MODEL_VERSION) == stored
