@@ -59,9 +59,21 @@ class RedactingFilter(logging.Filter):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text, self.secrets)
-        if clean != message or record.args:
-            record.msg, record.args = clean, None
+        if clean != message:
+            self._redact_record(record, clean)
         return True
+
+    def _redact_record(self, record: logging.LogRecord, clean: str) -> None:
+        # Keep the record's (msg, args) shape where redacting the arguments is enough: formatters such as
+        # uvicorn's access log unpack record.args. Otherwise replace the message by its redacted text.
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(redact(a, self.secrets) if isinstance(a, str) else a for a in record.args)
+            try:
+                if record.getMessage() == clean:
+                    return
+            except Exception:
+                pass
+        record.msg, record.args = clean, None
 
 
 def install_log_redaction(secrets: Iterable[str] = ()) -> RedactingFilter:

@@ -67,6 +67,27 @@ def test_install_log_redaction_covers_root_handlers():
         root.removeHandler(handler)
 
 
+def test_redaction_keeps_access_log_records_formattable():
+    """uvicorn's access formatter unpacks record.args: redaction must keep their shape."""
+    from uvicorn.logging import AccessFormatter
+
+    formatter = AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False)
+    flt = RedactingFilter(["sekret-token-1"])
+    plain = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "POST", "/predict", "1.1", 200), None,
+    )
+    flt.filter(plain)
+    assert formatter.format(plain) == '127.0.0.1:5000 - "POST /predict HTTP/1.1" 200 OK'
+    leaky = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/x?token=sekret-token-1", "1.1", 404), None,
+    )
+    flt.filter(leaky)
+    line = formatter.format(leaky)
+    assert "sekret-token-1" not in line and line.endswith("404 Not Found")
+
+
 def test_check_authorization():
     s = Settings.from_env({"BASIC_AUTH_USER": "a", "BASIC_AUTH_PASS": "b"})
     good = "Basic " + base64.b64encode(b"a:b").decode()
