@@ -36,8 +36,8 @@ def peak_rss_mib() -> float:
 def main() -> int:
     import torch
 
+    from workers.models.device import autocast_context, resolve_device
     from workers.models.lavt.config import LavtConfig
-    from workers.models.lavt.engine import autocast_context, resolve_device
     from workers.models.lavt.model import LavtNetwork, count_parameters
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

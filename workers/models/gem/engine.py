@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from groundlabel.errors import UserError
+from workers.models.device import autocast_context, resolve_device
 
 from .config import GemConfig
 from .modules import GemVisionTower
@@ -24,19 +25,6 @@ log = logging.getLogger(__name__)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _TEXT_BATCH = 256
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; anything else as torch understands it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UserError(f"invalid device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available on this machine")
-    return dev
 
 
 def preprocess(images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor:
@@ -149,17 +137,12 @@ class GemEngine:
         """The LRU cache of prompt embeddings (``hits``/``misses`` counters included)."""
         return self._text_cache
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
-
     @torch.no_grad()
     def _encode_sentences(self, sentences: list[str]) -> torch.Tensor:
         outs = []
         for i in range(0, len(sentences), _TEXT_BATCH):
             tokens = self.tokenizer(sentences[i : i + _TEXT_BATCH]).to(self.device)
-            with self._autocast():
+            with autocast_context(self.device):
                 emb = self.model.encode_text(tokens)
             outs.append(F.normalize(emb.float(), dim=-1))
         return torch.cat(outs, dim=0)
@@ -194,7 +177,7 @@ class GemEngine:
     def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Unit-norm dense features ``[B, gh, gw, D]`` (float32) of preprocessed ``pixels [B, 3, H, W]``."""
         gh, gw = self.tower.grid_for(pixels.shape[-2], pixels.shape[-1])
-        with self._autocast():
+        with autocast_context(self.device):
             tokens = self.tower.dense_features(pixels.to(self.device), self.config.method)
         feats = F.normalize(tokens[:, 1:].float(), dim=-1)
         return feats.reshape(feats.shape[0], gh, gw, -1)

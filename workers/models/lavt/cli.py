@@ -156,8 +156,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``eval-lavt``."""
+    from workers.models.device import resolve_device
     from workers.models.lavt.data import Refer, RefSegmentation
-    from workers.models.lavt.engine import resolve_device
     from workers.models.lavt.factory import load_network
     from workers.models.lavt.text import load_tokenizer
     from workers.models.lavt.train import METRICS_HEADER, evaluate, format_metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,25 +13,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from groundlabel.errors import UserError
+from workers.models.device import autocast_context, resolve_device
 from workers.models.lavt.config import LavtConfig
 from workers.models.lavt.factory import load_network
 from workers.models.lavt.model import IMAGE_MEAN, IMAGE_STD, LavtNetwork
 from workers.models.lavt.text import load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"unknown device {name!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for but CUDA is not available")
-    return device
 
 
 def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
@@ -42,14 +29,6 @@ def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
     mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(3, 1, 1)
     return (x - mean) / std
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA under ``auto``; ``bf16`` forces it (CPU too); ``fp32`` disables it."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 class LavtEngine:

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from groundlabel.errors import UserError
+from workers.models.device import autocast_context, resolve_device
 from workers.models.lavt.config import LavtConfig
 from workers.models.lavt.data import Refer, RefSegmentation, iou_stats, summarize
-from workers.models.lavt.engine import autocast_context, resolve_device
 from workers.models.lavt.factory import RUNTIME_FIELDS
 from workers.models.lavt.model import LavtNetwork
 from workers.models.lavt.text import load_tokenizer, tokenizer_vocab
