@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--bg-threshold", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="only the three methods, no depth/size variants")
+    parser.add_argument("--target", choices=("shape", "colour"), default="shape", help="what the classes are")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     args = parser.parse_args()
 
@@ -62,10 +63,11 @@ def main() -> int:
         variants=variants,
         bg_threshold=args.bg_threshold,
         threads=args.threads,
+        target=args.target,
     )
     print(
         f"tiny CLIP {Path(args.checkpoint).name}: {layers} blocks, width {cfg.vision_width}, "
-        f"{size}px input, patch {cfg.patch_size}; {args.scenes} held-out scenes"
+        f"{size}px input, patch {cfg.patch_size}; {args.scenes} held-out scenes; classes: {args.target}s"
     )
     print(format_results(results, args.bg_threshold))
     print(f"total {time.perf_counter() - start:.1f} s")
@@ -75,6 +77,7 @@ def main() -> int:
         json.dumps(
             {
                 "checkpoint": Path(args.checkpoint).name,
+                "target": args.target,
                 "scenes": args.scenes,
                 "bg_threshold": args.bg_threshold,
                 "results": [r.row() for r in results],

@@ -18,6 +18,7 @@ def test_scenes_are_deterministic_and_consistent() -> None:
     assert [s.caption for s in a] != [s.caption for s in other]
     for s in a:
         assert s.image.size == (48, 48) and s.labels.shape == (48, 48)
+        np.testing.assert_array_equal(s.labels > 0, s.colour_labels > 0)
         present = {SHAPES[k - 1] for k in np.unique(s.labels) if k}
         named = {shape for _, shape in s.objects}
         assert named <= present  # every captioned object is visible in the label map

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from workers.evaluation.metrics import ConfusionMatrix
-from workers.evaluation.scenes import BACKGROUND_WORDS, SHAPES, Scene, make_scenes
+from workers.evaluation.scenes import BACKGROUND_WORDS, COLOURS, SHAPES, Scene, make_scenes
 
 EVAL_SEED = 20240601  # held out: training draws from seeds 0.. (default 0)
 BACKGROUND_PROMPTS: tuple[str, ...] = ("background", *(f"{w} background" for w in BACKGROUND_WORDS.values()))
+TARGETS = ("shape", "colour")
 THRESHOLDS: tuple[float, ...] = tuple(round(t, 2) for t in np.arange(0.1, 0.95, 0.05))
 
 
@@ -54,19 +55,23 @@ class MethodResult:
 
 
 def evaluate_engine(
-    engine: Any, scenes: Sequence[Scene], *, name: str, bg_threshold: float = 0.5
+    engine: Any, scenes: Sequence[Scene], *, name: str, bg_threshold: float = 0.5, target: str = "shape"
 ) -> MethodResult:
-    """Score one engine (anything with ``heatmaps(images, prompts)``) on ``scenes``."""
+    """Score one engine (anything with ``heatmaps(images, prompts)``) on ``scenes``; ``target`` is what
+    the classes are: the shapes ("circle", ...) or the object colours ("red", ...)."""
     import time
 
-    prompts = list(SHAPES)
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    names = list(SHAPES) if target == "shape" else list(COLOURS)
+    prompts = names
     k = len(prompts)
     fg = ConfusionMatrix(k)
     bg = {t: ConfusionMatrix(k + 1) for t in sorted({*THRESHOLDS, bg_threshold})}
     start = time.perf_counter()
     maps = engine.heatmaps([s.image for s in scenes], prompts)
     for scene, scores in zip(scenes, maps, strict=True):
-        gt = scene.labels.astype(np.int64)
+        gt = (scene.labels if target == "shape" else scene.colour_labels).astype(np.int64)
         best = scores.argmax(0)
         fg_gt = np.where(gt == 0, 255, gt - 1)
         fg.update(best, fg_gt)
@@ -74,11 +79,11 @@ def evaluate_engine(
         for t, cm in bg.items():
             cm.update(np.where(top < t, 0, best + 1), gt)
     seconds = time.perf_counter() - start
-    bg_names = ["background", *SHAPES]
+    bg_names = ["background", *names]
     sweep = {t: cm.summary(bg_names) for t, cm in bg.items()}
     best_t = max(sweep, key=lambda t: sweep[t]["mIoU"])
     return MethodResult(
-        name, fg.summary(SHAPES), sweep[bg_threshold], sweep[best_t], best_t, seconds, len(scenes)
+        name, fg.summary(names), sweep[bg_threshold], sweep[best_t], best_t, seconds, len(scenes)
     )
 
 
@@ -87,13 +92,15 @@ def evaluate_tiny_clip(
     *,
     scenes: int = 200,
     seed: int = EVAL_SEED,
-    scene_size: int = 64,
+    scene_size: int | None = None,
     variants: Sequence[tuple[str, dict]] | None = None,
     bg_threshold: float = 0.5,
     threads: int | None = None,
+    target: str = "shape",
 ) -> list[MethodResult]:
     """Evaluate GEM, MaskCLIP and the original path (and any ``variants``: (name, GemConfig overrides))
-    of the tiny CLIP at ``checkpoint`` on ``scenes`` held-out scenes."""
+    of the tiny CLIP at ``checkpoint`` on ``scenes`` held-out scenes (of the model's input size unless
+    ``scene_size`` is given)."""
     import torch
 
     from workers.evaluation.tiny_clip import load_tiny_clip
@@ -102,7 +109,7 @@ def evaluate_tiny_clip(
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, cfg = load_tiny_clip(checkpoint)
-    data = make_scenes(scenes, seed, scene_size)
+    data = make_scenes(scenes, seed, scene_size or cfg.image_size)
     depth = min(7, cfg.vision_layers + 1)
     if variants is None:
         variants = [
@@ -122,7 +129,7 @@ def evaluate_tiny_clip(
             **overrides,
         }
         engine = GemEngine(GemConfig(**options), clip_model=model, tokenizer=tokenizer)
-        result = evaluate_engine(engine, data, name=name, bg_threshold=bg_threshold)
+        result = evaluate_engine(engine, data, name=name, bg_threshold=bg_threshold, target=target)
         result.extra = {"config": {k: v for k, v in options.items() if k != "background_prompts"}}
         results.append(result)
     return results
@@ -130,7 +137,7 @@ def evaluate_tiny_clip(
 
 def format_results(results: Sequence[MethodResult], bg_threshold: float = 0.5) -> str:
     """The method × mIoU table, then per-class IoU (fg protocol)."""
-    w = max(len("method"), *(len(r.name) for r in results))
+    w = max(len("fg IoU per class"), *(len(r.name) for r in results))
     lines = [
         f"{'method':<{w}} | fg mIoU | bg mIoU @{bg_threshold:.2f} | bg mIoU best (thr) | s/scene",
         f"{'-' * w}-+---------+----------------+--------------------+--------",
@@ -141,8 +148,9 @@ def format_results(results: Sequence[MethodResult], bg_threshold: float = 0.5) -
             f"{r.bg_best['mIoU']:11.2f} ({r.best_threshold:.2f}) | {r.seconds / max(r.scenes, 1):.4f}"
         )
     lines.append("")
-    lines.append(f"{'IoU per class (fg)':<{w}} | " + " | ".join(f"{s:>8}" for s in SHAPES))
+    names = list(results[0].fg["per_class"]) if results else []
+    lines.append(f"{'fg IoU per class':<{w}} | " + " | ".join(f"{s:>8}" for s in names))
     for r in results:
-        vals = [r.fg["per_class"][s]["IoU"] for s in SHAPES]
+        vals = [r.fg["per_class"][s]["IoU"] for s in names]
         lines.append(f"{r.name:<{w}} | " + " | ".join("     n/a" if v is None else f"{v:8.2f}" for v in vals))
     return "\n".join(lines)

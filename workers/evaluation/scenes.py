@@ -48,6 +48,7 @@ class Scene:
     objects: list[tuple[str, str]] = field(default_factory=list)  # visible (colour, shape), drawing order
     background: str = "noise"
     caption: str = ""
+    colour_labels: np.ndarray | None = None  # 0 = background, k = the k-th colour of ``COLOURS``
 
 
 def _random_colour(rng: np.random.Generator, distractor_p: float) -> np.ndarray:
@@ -170,9 +171,11 @@ def _clutter(rng: np.random.Generator, img: np.ndarray, count: int, distractor_p
         img[m] = colour
 
 
-def caption_for(objects: list[tuple[str, str]], background: str, rng: np.random.Generator) -> str:
+def caption_for(
+    objects: list[tuple[str, str]], background: str, rng: np.random.Generator, colour_drop: float = 0.3
+) -> str:
     """A caption naming every visible object, in a few phrasings; colours dropped now and then."""
-    drop_colour = rng.random() < 0.3
+    drop_colour = rng.random() < colour_drop
     order = rng.permutation(len(objects))
     phrases = [shape if drop_colour else f"{colour} {shape}" for colour, shape in (objects[i] for i in order)]
     named = [f"{'an' if p[0] in 'aeiou' else 'a'} {p}" for p in phrases]
@@ -195,14 +198,17 @@ def make_scene(
     max_radius: float | None = None,
     distractor_p: float = 0.45,
     clutter: tuple[int, int] = (0, 6),
+    colour_drop: float = 0.3,
 ) -> Scene:
-    """Draw one scene of ``size`` x ``size`` pixels from ``rng``."""
+    """Draw one scene of ``size`` x ``size`` pixels from ``rng`` (radii in pixels; ``colour_drop`` is the
+    chance that the caption names the shapes without their colours)."""
     min_radius = size * 0.09 if min_radius is None else min_radius
     max_radius = size * 0.26 if max_radius is None else max_radius
     kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     img = _background(rng, size, kind, distractor_p)
     _clutter(rng, img, int(rng.integers(clutter[0], clutter[1] + 1)), distractor_p)
     labels = np.zeros((size, size), dtype=np.uint8)
+    colour_labels = np.zeros((size, size), dtype=np.uint8)
     colour_names = list(COLOURS)
     drawn: list[tuple[str, str, np.ndarray]] = []
     n = int(rng.integers(min_objects, max_objects + 1))
@@ -221,6 +227,7 @@ def make_scene(
         pix = base[None, :] * shade[:, None] + rng.normal(0, 8, size=(len(xx), 3))
         img[yy, xx] = pix
         labels[mask] = SHAPES.index(shape) + 1
+        colour_labels[mask] = colour_names.index(colour) + 1
         drawn.append((colour, shape, mask))
     # an object counts only if a useful part of it stays visible after later objects occluded it
     visible: list[tuple[str, str]] = []
@@ -235,8 +242,10 @@ def make_scene(
         image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.8))))
     if not visible:  # everything occluded: caption the last object drawn, which is fully visible
         visible = [(drawn[-1][0], drawn[-1][1])] if drawn else []
-    caption = caption_for(visible, kind, rng) if visible else f"a {BACKGROUND_WORDS[kind]} background."
-    return Scene(image=image, labels=labels, objects=visible, background=kind, caption=caption)
+    caption = (
+        caption_for(visible, kind, rng, colour_drop) if visible else f"a {BACKGROUND_WORDS[kind]} background."
+    )
+    return Scene(image, labels, visible, kind, caption, colour_labels)
 
 
 def make_scenes(count: int, seed: int, size: int = 64, **kwargs: object) -> list[Scene]:

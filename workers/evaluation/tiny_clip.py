@@ -173,18 +173,26 @@ def train_tiny_clip(
     log_every: int = 50,
     save_every: int = 0,
     out: str | Path | None = None,
+    colour_drop: float = 0.3,
+    min_radius: float = 0.09,
+    max_radius: float = 0.26,
 ) -> tuple[Any, CompactTokenizer, dict]:
     """Train a tiny CLIP with the symmetric InfoNCE loss on freshly generated scenes.
 
     The learning rate warms up linearly, then stays constant, so the checkpoint written after step k
     (``save_every`` > 0 with ``out``) is exactly the one a run with ``steps=k`` ends with. Returns the
     model (eval mode, float32), its tokenizer and a summary (final loss, in-batch retrieval accuracy,
-    seconds).
+    seconds). ``colour_drop`` and the radii (fractions of the image size) shape the training scenes.
     """
     import torch
     import torch.nn.functional as F
 
     config = config or TinyClipConfig()
+    scene_options = {
+        "colour_drop": colour_drop,
+        "min_radius": min_radius * config.image_size,
+        "max_radius": max_radius * config.image_size,
+    }
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -211,6 +219,9 @@ def train_tiny_clip(
             "seed": seed,
             "lr": lr,
             "warmup": warmup,
+            "colour_drop": colour_drop,
+            "min_radius": min_radius,
+            "max_radius": max_radius,
             "loss": loss_ema,
             "i2t_accuracy": acc_ema,
             "seconds": time.perf_counter() - start,
@@ -219,7 +230,7 @@ def train_tiny_clip(
     start = time.perf_counter()
     loss_ema = acc_ema = float("nan")
     for step in range(steps):
-        scenes = [make_scene(rng, config.image_size) for _ in range(batch_size)]
+        scenes = [make_scene(rng, config.image_size, **scene_options) for _ in range(batch_size)]
         images = image_tensor([s.image for s in scenes], config.image_size)
         texts = tokenizer([s.caption for s in scenes])
         for group in opt.param_groups:
@@ -332,6 +343,9 @@ def _train_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         save_every=args.save_every,
+        colour_drop=args.colour_drop,
+        min_radius=args.min_radius,
+        max_radius=args.max_radius,
         out=args.out,
     )
     size = Path(args.out).stat().st_size / 2**20
@@ -355,6 +369,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="also write the checkpoint every N steps")
+    p.add_argument("--colour-drop", type=float, default=0.3, help="chance a caption omits the colours")
+    p.add_argument("--min-radius", type=float, default=0.09, help="smallest shape radius / image size")
+    p.add_argument("--max-radius", type=float, default=0.26, help="largest shape radius / image size")
     p.add_argument("--layers", type=int, default=8, help="vision transformer blocks")
     p.add_argument("--width", type=int, default=64, help="vision and text width")
     p.add_argument("--image-size", type=int, default=48)
