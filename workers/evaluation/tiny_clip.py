@@ -176,6 +176,7 @@ def train_tiny_clip(
     colour_drop: float = 0.3,
     min_radius: float = 0.09,
     max_radius: float = 0.26,
+    max_objects: int = 4,
 ) -> tuple[Any, CompactTokenizer, dict]:
     """Train a tiny CLIP with the symmetric InfoNCE loss on freshly generated scenes.
 
@@ -192,6 +193,7 @@ def train_tiny_clip(
         "colour_drop": colour_drop,
         "min_radius": min_radius * config.image_size,
         "max_radius": max_radius * config.image_size,
+        "max_objects": max_objects,
     }
     if threads:
         torch.set_num_threads(threads)
@@ -222,6 +224,7 @@ def train_tiny_clip(
             "colour_drop": colour_drop,
             "min_radius": min_radius,
             "max_radius": max_radius,
+            "max_objects": max_objects,
             "loss": loss_ema,
             "i2t_accuracy": acc_ema,
             "seconds": time.perf_counter() - start,
@@ -346,6 +349,7 @@ def _train_command(args: argparse.Namespace) -> int:
         colour_drop=args.colour_drop,
         min_radius=args.min_radius,
         max_radius=args.max_radius,
+        max_objects=args.max_objects,
         out=args.out,
     )
     size = Path(args.out).stat().st_size / 2**20
@@ -372,6 +376,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--colour-drop", type=float, default=0.3, help="chance a caption omits the colours")
     p.add_argument("--min-radius", type=float, default=0.09, help="smallest shape radius / image size")
     p.add_argument("--max-radius", type=float, default=0.26, help="largest shape radius / image size")
+    p.add_argument("--max-objects", type=int, default=4, help="most objects in a training scene")
     p.add_argument("--layers", type=int, default=8, help="vision transformer blocks")
     p.add_argument("--width", type=int, default=64, help="vision and text width")
     p.add_argument("--image-size", type=int, default=48)
