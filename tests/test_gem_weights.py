@@ -136,6 +136,22 @@ def test_missing_tag_offline_names_file_folders_and_hub_repo(isolated_caches, mo
     assert "timm/vit_base_patch16_clip_224.openai" in msg
 
 
+def test_unreachable_hub_fails_at_once_with_the_reason(isolated_caches, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a loopback port with nothing listening: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(UserError, match="Hugging Face hub is unreachable") as info:
+        load_clip("ViT-B/16", "openai")
+    assert time.monotonic() - start < 10  # no minute of hub client retries
+    assert "GROUNDLABEL_WEIGHTS_DIR" in str(info.value)
+
+
 def test_unknown_model_and_tag(isolated_caches):
     with pytest.raises(UserError, match="unknown open_clip model"):
         load_clip("ViT-Q-99", None)

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from groundlabel.errors import UserError
 
@@ -59,6 +61,21 @@ def is_offline() -> bool:
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return True
     return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT`` or huggingface.co) accepts a TCP connection.
+
+    Checked once before a download so that an offline machine fails at once with the reason instead of
+    spending a minute in the hub client's retries.
+    """
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _hf_hub_cache() -> Path:
@@ -252,6 +269,12 @@ def load_clip(
     if is_offline():
         raise UserError(
             _missing_message(arch, pretrained, cfg, dirs, "no local file and the machine is offline")
+        )
+    if not hub_reachable():
+        raise UserError(
+            _missing_message(
+                arch, pretrained, cfg, dirs, "no local file and the Hugging Face hub is unreachable"
+            )
         )
     download_dir = str(dirs[0]) if (cache_dir or os.environ.get(WEIGHTS_DIR_ENV)) else None
     try:
