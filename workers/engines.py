@@ -4,7 +4,8 @@
 open_clip model-config JSON file for a custom architecture; its file stem becomes the model name),
 ``GROUNDLABEL_GEM_PRETRAINED`` (tag such as ``openai``, a weight file, or ``none`` for random weights),
 ``GROUNDLABEL_WEIGHTS_DIR`` (where weights are looked up and downloaded), ``GROUNDLABEL_GEM_IMAGE_SIZE``,
-``GROUNDLABEL_GEM_METHOD``, ``GROUNDLABEL_GEM_TEMPLATES``, ``GROUNDLABEL_GEM_BATCH``,
+``GROUNDLABEL_GEM_METHOD``, ``GROUNDLABEL_GEM_REFINE`` (``none`` or ``pamr``), ``GROUNDLABEL_GEM_TEMPLATES``,
+``GROUNDLABEL_GEM_BATCH``,
 ``GROUNDLABEL_LAVT_CHECKPOINT`` (a LAVT ``.pth``; ``none`` for random weights; unset disables LAVT),
 ``GROUNDLABEL_LAVT_VARIANT``, ``GROUNDLABEL_LAVT_TOKENIZER``, ``GROUNDLABEL_DEVICE`` (``auto``, ``cpu``,
 ``cuda``, ``cuda:1``).
@@ -57,6 +58,7 @@ def gem_config_from_env(env: Mapping[str, str] | None = None) -> Any:
     for name, key, cast in (
         ("GROUNDLABEL_GEM_IMAGE_SIZE", "image_size", int),
         ("GROUNDLABEL_GEM_METHOD", "method", str),
+        ("GROUNDLABEL_GEM_REFINE", "refine", str),
         ("GROUNDLABEL_GEM_TEMPLATES", "templates", str),
         ("GROUNDLABEL_GEM_BATCH", "batch_size", int),
         ("GROUNDLABEL_DEVICE", "device", str),

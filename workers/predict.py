@@ -78,7 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="open_clip tag, weight file, or 'none' for random weights (default openai)")
     model.add_argument("--weights-dir", help="folder searched for weights (default $GROUNDLABEL_WEIGHTS_DIR)")
     model.add_argument("--image-size", type=int, default=448, help="network input size (default 448)")
-    model.add_argument("--method", default="gem", choices=["gem", "maskclip", "original"])
+    model.add_argument("--method", default="gem",
+                       choices=["gem", "maskclip", "original", "clip_surgery", "sclip", "clearclip",
+                                "naclip", "clipself"],
+                       help="dense-feature method (default gem; see docs/methods.md)")
+    model.add_argument("--refine", default="none", choices=["none", "pamr"],
+                       help="refine the score maps along image edges (pamr; default none)")
     model.add_argument("--templates", default="paper", choices=["paper", "ensemble"])
     model.add_argument("--threshold", type=float, default=None,
                        help="background below this calibrated score (default 0.5; a control's "
@@ -236,6 +241,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         cache_dir=args.weights_dir,
         image_size=args.image_size,
         method=args.method,
+        refine=getattr(args, "refine", "none"),
         templates=args.templates,
         device=args.device,
         batch_size=max(1, args.batch_size),

@@ -7,7 +7,8 @@ from typing import Any
 
 from groundlabel.errors import UserError
 
-METHODS = ("gem", "maskclip", "original")
+METHODS = ("gem", "maskclip", "original", "clip_surgery", "sclip", "clearclip", "naclip", "clipself")
+REFINES = ("none", "pamr")
 TEMPLATE_SETS = ("paper", "ensemble")
 CALIBRATIONS = ("softmax", "minmax")
 
@@ -35,9 +36,11 @@ DEFAULT_BACKGROUND_PROMPTS: tuple[str, ...] = (
 class GemConfig:
     """Everything that selects the CLIP model, the GEM variant and the score calibration.
 
-    ``background_prompts=()`` replaces the background words with a single constant "null" class whose logit
-    is ``logit_scale * null_cosine``. ``calibration="minmax"`` gives GEM's own per-image, per-prompt min-max
-    maps instead (always finds something; not comparable across prompts).
+    ``refine="pamr"`` (or ``pamr=True``) refines the calibrated score maps with PAMR (``workers.models.pamr``)
+    at ``pamr_scale`` of the image size before the final upsampling. ``method`` picks the dense features
+    (``docs/methods.md``). ``background_prompts=()`` replaces the background words with a single constant
+    "null" class whose logit is ``logit_scale * null_cosine``. ``calibration="minmax"`` gives GEM's own
+    per-image, per-prompt min-max maps instead (always finds something; not comparable across prompts).
     """
 
     model_name: str = "ViT-B-16"
@@ -56,6 +59,12 @@ class GemConfig:
     null_cosine: float = 0.2
     batch_size: int = 8
     text_cache_size: int = 4096
+    refine: str = "none"
+    pamr: bool = False
+    pamr_iters: int = 10
+    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    pamr_scale: float = 0.25
+    naclip_std: float = 5.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,6 +111,23 @@ class GemConfig:
             raise UserError(f"GemConfig.method must be one of {METHODS}, got {self.method!r}")
         if self.templates not in TEMPLATE_SETS:
             raise UserError(f"GemConfig.templates must be one of {TEMPLATE_SETS}, got {self.templates!r}")
+        if self.pamr:
+            if self.refine not in ("none", "pamr"):
+                raise UserError(f"GemConfig.pamr=True contradicts refine={self.refine!r}")
+            self.refine = "pamr"
+        self.refine = "none" if self.refine in (None, "", "off") else str(self.refine).lower()
+        if self.refine not in REFINES:
+            raise UserError(f"GemConfig.refine must be one of {REFINES}, got {self.refine!r}")
+        self.pamr = self.refine == "pamr"
+        if self.pamr_iters < 0:
+            raise UserError(f"GemConfig.pamr_iters must be >= 0, got {self.pamr_iters}")
+        self.pamr_dilations = tuple(int(d) for d in self.pamr_dilations)
+        if not self.pamr_dilations or min(self.pamr_dilations) < 1:
+            raise UserError(f"GemConfig.pamr_dilations must be positive integers, got {self.pamr_dilations}")
+        if not 0 < self.pamr_scale <= 1:
+            raise UserError(f"GemConfig.pamr_scale must lie in (0, 1], got {self.pamr_scale}")
+        if not self.naclip_std > 0:
+            raise UserError(f"GemConfig.naclip_std must be positive, got {self.naclip_std}")
         if self.calibration not in CALIBRATIONS:
             raise UserError(f"GemConfig.calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
         if isinstance(self.background_prompts, str):
@@ -120,6 +146,7 @@ class GemConfig:
         """Plain JSON-compatible dict."""
         d = asdict(self)
         d["background_prompts"] = list(self.background_prompts)
+        d["pamr_dilations"] = list(self.pamr_dilations)
         if isinstance(self.image_size, tuple):
             d["image_size"] = list(self.image_size)
         return d

@@ -117,6 +117,8 @@ class GemEngine:
         parts = ["gem", cfg.arch, weights_label]
         if cfg.method != "gem":
             parts.append(cfg.method)
+        if cfg.method == "naclip" and cfg.naclip_std != 5.0:
+            parts.append(f"std{cfg.naclip_std:g}")
         h, w = cfg.input_size
         if (h, w) != (448, 448):
             parts.append(f"{h}x{w}" if h != w else str(h))
@@ -129,6 +131,8 @@ class GemEngine:
             parts.append(cfg.templates)
         if cfg.calibration != "softmax":
             parts.append(cfg.calibration)
+        if cfg.refine == "pamr":
+            parts.append("pamr")
         return "-".join(parts)
 
     # ------------------------------------------------------------------- text
@@ -178,7 +182,9 @@ class GemEngine:
         """Unit-norm dense features ``[B, gh, gw, D]`` (float32) of preprocessed ``pixels [B, 3, H, W]``."""
         gh, gw = self.tower.grid_for(pixels.shape[-2], pixels.shape[-1])
         with autocast_context(self.device):
-            tokens = self.tower.dense_features(pixels.to(self.device), self.config.method)
+            tokens = self.tower.dense_features(
+                pixels.to(self.device), self.config.method, naclip_std=self.config.naclip_std
+            )
         feats = F.normalize(tokens[:, 1:].float(), dim=-1)
         return feats.reshape(feats.shape[0], gh, gw, -1)
 
@@ -257,6 +263,8 @@ class GemEngine:
                         )
                     else:
                         scores = c
+                    if cfg.refine == "pamr":
+                        scores = self._pamr(im, scores)
                     up = F.interpolate(
                         scores[None], size=(im.height, im.width), mode="bilinear", align_corners=False
                     )[0]
@@ -265,6 +273,19 @@ class GemEngine:
                     up = up.clamp_(0.0, 1.0).index_select(0, index_t)
                     out.append(up.cpu().numpy().astype(np.float32, copy=False))
         return out
+
+    def _pamr(self, image: Image.Image, scores: torch.Tensor) -> torch.Tensor:
+        """PAMR on one image's score maps ``[P, gh, gw]`` at ``pamr_scale`` of its original size."""
+        from workers.models.pamr import refine_scores
+
+        cfg = self.config
+        h = max(scores.shape[-2], round(image.height * cfg.pamr_scale))
+        w = max(scores.shape[-1], round(image.width * cfg.pamr_scale))
+        small = image.convert("RGB").resize((w, h), Image.BILINEAR)
+        rgb = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return refine_scores(
+            rgb.to(scores.device), scores, scale=1.0, num_iter=cfg.pamr_iters, dilations=cfg.pamr_dilations
+        )
 
     @staticmethod
     def _check_inputs(

@@ -9,6 +9,15 @@ The wrapper reuses the tower's own parameters (it adds none) and never changes t
   temperature, iterated ``ss_attn_iter`` times and finally assigned to the original v.
 - ``maskclip``: the last block's value path only (``out_proj(v)``), no q·k attention.
 - ``original``: CLIP's ordinary patch tokens.
+- ``clip_surgery``: GEM's dual path with plain v-v attention ``softmax(v vᵀ / √d) v`` (no normalisation, no
+  iterations); the class token comes from the original path. Feature surgery is not applied.
+- ``sclip``: the last block's attention becomes ``(softmax(q qᵀ/√d) + softmax(k kᵀ/√d)) v``; the residual
+  and the MLP are kept.
+- ``clearclip``: the last block is ``out_proj(softmax(q qᵀ/√d) v)`` alone (no residual, no MLP).
+- ``naclip``: the last block is ``out_proj(softmax(k kᵀ/√d + G) v)`` alone, with ``G`` a Gaussian of the
+  patch-grid distance (std ``naclip_std`` patches, 0 for the class token's row and column).
+- ``clipself``: CLIPSelf's dense path: the last block with its attention replaced by the value path,
+  ``x + out_proj(v)``, then the block's MLP.
 
 ``ln_post`` and ``proj`` are applied to every path's tokens.
 """
@@ -22,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "DENSE_METHODS",
     "GemVisionTower",
+    "gaussian_prior",
     "adaptive_inverse_temperature",
     "resample_pos_embed",
     "self_self_attention",
@@ -181,17 +192,65 @@ class GemVisionTower(nn.Module):
         x_new = x_new + block.ls_2(block.mlp(block.ln_2(x_new)))
         return x_new, x_gem + block.ls_1(gem)
 
+    def _surgery_block(
+        self, block: nn.Module, x_ori: torch.Tensor, x_sur: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        attn: nn.MultiheadAttention = block.attn
+        h = block.ln_1(x_ori)
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = (_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
+        ori = attn.out_proj(_merge(F.scaled_dot_product_attention(q, k, v)))
+        sur = attn.out_proj(_merge(F.scaled_dot_product_attention(v, v, v)))
+        x_new = x_ori + block.ls_1(ori)
+        x_new = x_new + block.ls_2(block.mlp(block.ln_2(x_new)))
+        return x_new, x_sur + block.ls_1(sur)
+
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GEM's forward: ``(gem_tokens, original_tokens)``, each ``[B, 1 + gh*gw, D]`` after ln_post/proj."""
+        return self._dual(pixels, self._dual_block)
+
+    def _dual(self, pixels: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
         x, _ = self.embed(pixels)
         blocks = self.visual.transformer.resblocks
         start = len(blocks) - (self.gem_depth - 1)
         for block in blocks[:start]:
             x = block(x)
-        x_gem = x
+        x_new = x
         for block in blocks[start:]:
-            x, x_gem = self._dual_block(block, x, x_gem)
-        return self._head(x_gem), self._head(x)
+            x, x_new = step(block, x, x_new)
+        return self._head(x_new), self._head(x)
+
+    def clip_surgery(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP Surgery's tokens ``[B, 1 + gh*gw, D]``: v-v dual path, class token from the original path."""
+        sur, ori = self._dual(pixels, self._surgery_block)
+        return torch.cat([ori[:, :1], sur[:, 1:]], dim=1)
+
+    def last_block_variant(self, pixels: torch.Tensor, method: str, naclip_std: float = 5.0) -> torch.Tensor:
+        """Tokens ``[B, 1 + gh*gw, D]`` of a method that changes only the last block's attention
+        (``sclip``, ``clearclip``, ``naclip``, ``clipself``)."""
+        x, grid = self.embed(pixels)
+        blocks = self.visual.transformer.resblocks
+        for block in blocks[:-1]:
+            x = block(x)
+        last = blocks[-1]
+        attn: nn.MultiheadAttention = last.attn
+        h = last.ln_1(x)
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = (_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
+        if method == "clipself":
+            y = x + last.ls_1(attn.out_proj(_merge(v)))
+            return self._head(y + last.ls_2(last.mlp(last.ln_2(y))))
+        if method == "sclip":
+            out = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+            y = x + last.ls_1(attn.out_proj(_merge(out)))
+            return self._head(y + last.ls_2(last.mlp(last.ln_2(y))))
+        if method == "clearclip":
+            return self._head(attn.out_proj(_merge(F.scaled_dot_product_attention(q, q, v))))
+        if method == "naclip":
+            prior = gaussian_prior(grid, naclip_std, device=x.device, dtype=q.dtype)
+            out = F.scaled_dot_product_attention(k, k, v, attn_mask=prior)
+            return self._head(attn.out_proj(_merge(out)))
+        raise ValueError(f"unknown last-block method {method!r}")
 
     def original(self, pixels: torch.Tensor) -> torch.Tensor:
         """CLIP's ordinary tokens ``[B, 1 + gh*gw, D]`` (the unchanged blocks), after ln_post/proj."""
@@ -214,7 +273,9 @@ class GemVisionTower(nn.Module):
         v = F.linear(h, attn.in_proj_weight[2 * c :], bias)
         return self._head(attn.out_proj(v))
 
-    def dense_features(self, pixels: torch.Tensor, method: str = "gem") -> torch.Tensor:
+    def dense_features(
+        self, pixels: torch.Tensor, method: str = "gem", *, naclip_std: float = 5.0
+    ) -> torch.Tensor:
         """Tokens ``[B, 1 + gh*gw, D]`` of the chosen method (class token first)."""
         if method == "gem":
             return self.forward(pixels)[0]
@@ -222,7 +283,31 @@ class GemVisionTower(nn.Module):
             return self.maskclip(pixels)
         if method == "original":
             return self.original(pixels)
-        raise ValueError(f"unknown method {method!r}; expected gem, maskclip or original")
+        if method == "clip_surgery":
+            return self.clip_surgery(pixels)
+        if method in LAST_BLOCK_METHODS:
+            return self.last_block_variant(pixels, method, naclip_std)
+        raise ValueError(f"unknown method {method!r}; expected one of {DENSE_METHODS}")
+
+
+LAST_BLOCK_METHODS = ("sclip", "clearclip", "naclip", "clipself")
+DENSE_METHODS = ("gem", "maskclip", "original", "clip_surgery", *LAST_BLOCK_METHODS)
+
+
+def gaussian_prior(
+    grid: tuple[int, int], std: float, *, device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """NACLIP's additive attention prior ``[1 + gh*gw, 1 + gh*gw]``: ``exp(-|p - q|² / (2 std²))`` between
+    patch positions p and q (in patches), 0 in the class token's row and column."""
+    gh, gw = grid
+    ys, xs = torch.meshgrid(
+        torch.arange(gh, dtype=torch.float32, device=device),
+        torch.arange(gw, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=1)
+    prior = torch.exp(-torch.cdist(pos, pos).square() / (2.0 * std * std))
+    return F.pad(prior, (1, 0, 1, 0)).to(dtype)
 
 
 def _check_supported(visual: nn.Module) -> None:
