@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "workers.predict",
     "workers.evaluation.cli",
     "workers.models.lavt.cli",
+    "workers.models.clipself.cli",
     "exporters.cli",
     "labeling_backend.serve",
     "labeling_backend.prelabel",
