@@ -33,8 +33,22 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="only the three methods, no depth/size variants")
     parser.add_argument("--target", choices=("shape", "colour"), default="shape", help="what the classes are")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    parser.add_argument(
+        "--methods",
+        action="store_true",
+        help="every training-free method (docs/methods.md), each with and without PAMR",
+    )
+    parser.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="also distil the tiny CLIP (CLIPSelf) on training scenes for N steps and "
+        "evaluate the distilled model",
+    )
     args = parser.parse_args()
 
+    if args.methods or args.distill_steps:
+        return methods_table(args)
     _, _, cfg = load_tiny_clip(args.checkpoint)
     size, layers = cfg.image_size, cfg.vision_layers
     variants = [
@@ -85,6 +99,72 @@ def main() -> int:
             indent=2,
         )
     )
+    print(f"wrote {out}")
+    return 0
+
+
+METHOD_NAMES = ("gem", "maskclip", "original", "clip_surgery", "sclip", "clearclip", "naclip", "clipself")
+
+
+def methods_table(args: argparse.Namespace) -> int:
+    """Each method with and without PAMR (full-size PAMR: the scenes are only 48 px), optionally also on a
+    CLIPSelf-distilled copy of the tiny CLIP."""
+    import torch
+
+    _, _, cfg = load_tiny_clip(args.checkpoint)
+    depth = min(7, cfg.vision_layers + 1)
+    variants = []
+    for m in METHOD_NAMES:
+        base = {"method": m, "gem_depth": depth}
+        variants.append((m, base))
+        variants.append((f"{m} +pamr", {**base, "refine": "pamr", "pamr_scale": 1.0}))
+    checkpoints = [("base", args.checkpoint)]
+    if args.distill_steps:
+        from workers.evaluation.scenes import make_scenes
+        from workers.evaluation.tiny_clip import save_tiny_clip
+        from workers.models.clipself.distill import DistillConfig, distill
+
+        torch.set_num_threads(args.threads)
+        model, tokenizer, tcfg = load_tiny_clip(args.checkpoint)
+        train = [s.image for s in make_scenes(400, seed=12345, size=tcfg.image_size)]
+        dcfg = DistillConfig(
+            steps=args.distill_steps,
+            lr=1e-4,
+            batch_size=8,
+            image_size=2 * tcfg.image_size,
+            crop_size=tcfg.image_size,
+            max_split=3,
+            warmup=20,
+            ensemble_alpha=0.7,
+        )
+        start = time.perf_counter()
+        _, losses = distill(model, train, len(train), dcfg, progress=False)
+        print(
+            f"distilled {args.distill_steps} steps in {time.perf_counter() - start:.0f} s: "
+            f"loss {sum(losses[:10]) / 10:.4f} -> {sum(losses[-10:]) / 10:.4f}"
+        )
+        path = Path(args.out).with_name("tiny_clip_distilled.pt")
+        save_tiny_clip(path, model, tokenizer, tcfg)
+        checkpoints.append(("distilled", str(path)))
+    rows = []
+    for label, ckpt in checkpoints:
+        results = evaluate_tiny_clip(
+            ckpt,
+            scenes=args.scenes,
+            variants=variants,
+            bg_threshold=args.bg_threshold,
+            threads=args.threads,
+            target=args.target,
+        )
+        print(
+            f"== {label} tiny CLIP ({Path(ckpt).name}), {args.scenes} held-out scenes, "
+            f"classes: {args.target}s"
+        )
+        print(format_results(results, args.bg_threshold))
+        rows += [{"model": label, **r.row()} for r in results]
+    out = Path(args.out).with_name("quality_methods.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"scenes": args.scenes, "target": args.target, "results": rows}, indent=2))
     print(f"wrote {out}")
     return 0
 
