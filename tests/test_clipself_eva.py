@@ -167,3 +167,57 @@ def test_eva02_b16_layout_loads_strictly():
     with torch.no_grad():
         tokens, grid = EvaDenseTower(model.visual).dense_tokens(torch.randn(1, 3, 256, 256))
     assert grid == (16, 16) and tokens.shape == (1, 256, 512)
+
+
+def test_gem_engine_runs_clipself_and_maskclip_on_eva():
+    """``GemEngine`` takes an EVA backbone: its cosine maps are the EvaDenseTower tokens against the text."""
+    import numpy as np
+    from PIL import Image
+
+    from groundlabel.errors import UserError
+    from workers.models.gem import GemConfig, GemEngine
+    from workers.models.gem.engine import preprocess
+
+    model = tiny_eva_clip()
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    for method in ("clipself", "maskclip"):
+        config = GemConfig(
+            model_name="EVA02-B-16", pretrained=None, method=method, image_size=(64, 96), device="cpu"
+        )
+        engine = GemEngine(config, clip_model=model)
+        assert isinstance(engine.tower, EvaDenseTower) and method in engine.model_version
+        cos = engine.cosine_maps([image], ["cat", "dog"])[0]
+        with torch.no_grad():
+            tokens, grid = engine.tower.dense_tokens(preprocess([image], (64, 96)), method)
+        feats = torch.nn.functional.normalize(tokens[0], dim=-1).reshape(*grid, -1)
+        expected = torch.einsum("hwd,kd->khw", feats, engine.text_embeddings(["cat", "dog"]))
+        assert grid == (4, 6) and cos.shape == (2, 4, 6)
+        np.testing.assert_allclose(cos, expected.numpy(), atol=1e-5)
+        maps = engine.heatmaps([image], ["cat", "dog"])[0]
+        assert maps.shape == (2, 50, 70) and maps.min() >= 0 and maps.max() <= 1
+    with pytest.raises(UserError, match="clipself"):
+        GemEngine(
+            GemConfig(model_name="EVA02-B-16", pretrained=None, method="gem", device="cpu"), clip_model=model
+        )
+
+
+@pytest.mark.slow
+def test_load_clip_reads_a_clipself_checkpoint_file(tmp_path):
+    """``pretrained=<CLIPSelf .pt>`` with ``EVA02-B-16`` remaps the keys on load (the workers' path)."""
+    from workers.models.gem.weights import load_clip
+
+    reference = open_clip.create_model("EVA02-B-16", pretrained=None)
+    text_state = {
+        k: v for k, v in reference.state_dict().items() if k.startswith("text.") or k == "logit_scale"
+    }
+    del reference
+    ckpt = clipself_state(12, 768, 512, 14, text_state)
+    path = tmp_path / "eva_vitb16_coco_clipself_patches.pt"
+    torch.save(ckpt, path)
+    loaded = load_clip("EVA02-B-16", str(path))
+    trunk = loaded.model.visual.trunk
+    src = ckpt["state_dict"]
+    assert torch.equal(trunk.blocks[3].attn.q_proj.bias, src["module.visual.blocks.3.attn.q_bias"])
+    assert torch.equal(trunk.blocks[11].mlp.fc2.weight, src["module.visual.blocks.11.mlp.w3.weight"])
+    assert loaded.weights_label == path.stem

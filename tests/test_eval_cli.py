@@ -38,7 +38,10 @@ def _fake_voc(root: Path, n: int = 2) -> None:
 
 
 @pytest.mark.slow
-def test_eval_gem_prints_table_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(("method", "refine"), [("gem", "none"), ("naclip", "pamr")])
+def test_eval_gem_prints_table_and_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture, method: str, refine: str
+) -> None:
     mode = "resize"
     _fake_voc(tmp_path)
     out = tmp_path / "res.json"
@@ -69,6 +72,10 @@ def test_eval_gem_prints_table_and_writes_json(tmp_path: Path, capsys: pytest.Ca
         "--no-progress",
         "--device",
         "cpu",
+        "--method",
+        method,
+        "--refine",
+        refine,
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -81,6 +88,8 @@ def test_eval_gem_prints_table_and_writes_json(tmp_path: Path, capsys: pytest.Ca
     assert metrics["pixels"] == 48 * 80 - 80  # the boundary row is ignored
     assert 0.0 <= metrics["mIoU"] <= 100.0
     assert result["model_version"].startswith("gem-ViT-S-32")
+    assert (f"-{method}" in result["model_version"]) == (method != "gem")
+    assert result["model_version"].endswith("-pamr") == (refine == "pamr")
 
 
 def test_eval_gem_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -126,6 +135,7 @@ def test_run_eval_slide_voc20_with_a_small_clip(tmp_path: Path) -> None:
         bg_threshold=0.5,
         templates="paper",
         method="gem",
+        refine="none",
         gem_depth=3,
         model="small",
         pretrained="",

@@ -25,6 +25,7 @@ from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 from groundlabel.errors import UserError
+from workers.models.gem.config import METHODS, REFINES
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -79,10 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--weights-dir", help="folder searched for weights (default $GROUNDLABEL_WEIGHTS_DIR)")
     model.add_argument("--image-size", type=int, default=448, help="network input size (default 448)")
     model.add_argument("--method", default="gem",
-                       choices=["gem", "maskclip", "original", "clip_surgery", "sclip", "clearclip",
-                                "naclip", "clipself"],
+                       choices=list(METHODS),
                        help="dense-feature method (default gem; see docs/methods.md)")
-    model.add_argument("--refine", default="none", choices=["none", "pamr"],
+    model.add_argument("--refine", default="none", choices=list(REFINES),
                        help="refine the score maps along image edges (pamr; default none)")
     model.add_argument("--templates", default="paper", choices=["paper", "ensemble"])
     model.add_argument("--threshold", type=float, default=None,

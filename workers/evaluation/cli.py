@@ -15,6 +15,7 @@ from groundlabel.errors import UserError
 from workers.evaluation import tiny_clip
 from workers.evaluation.datasets import ALIASES, DATASETS, get_dataset
 from workers.evaluation.inference import MODES
+from workers.models.gem.config import METHODS, REFINES
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -40,6 +41,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         image_size=size,
         gem_depth=args.gem_depth,
         method=args.method,
+        refine=args.refine,
         templates=args.templates,
         device=args.device,
     )
@@ -94,7 +96,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     )
     title = (
         f"{result['title']}: {result['images']} images, {result['model_version']}, "
-        f"{args.method}, {protocol}, templates {args.templates}"
+        f"{args.method}{', pamr' if args.refine == 'pamr' else ''}, {protocol}, templates {args.templates}"
         + (f", background threshold {result['bg_threshold']}" if result["bg_threshold"] is not None else "")
     )
     print(format_table(result["metrics"], title))
@@ -146,7 +148,13 @@ def register(subparsers: Any) -> None:
         default="paper",
         help="paper: 'a photo of a {}.'; ensemble: the 80 ImageNet templates",
     )
-    p.add_argument("--method", choices=("gem", "maskclip", "original"), default="gem")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="gem",
+        help="dense features (docs/methods.md); EVA02 backbones (CLIPSelf) take clipself or maskclip",
+    )
+    p.add_argument("--refine", choices=REFINES, default="none", help="pamr: refine the score maps (TCL)")
     p.add_argument("--gem-depth", type=int, default=7)
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (ViT-B/16 accepted)")
     p.add_argument("--pretrained", default="openai", help="open_clip tag or a local weights file")

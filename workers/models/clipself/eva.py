@@ -40,7 +40,17 @@ from torch import nn
 
 from workers.models.gem.modules import resample_pos_embed
 
-__all__ = ["EvaDenseTower", "is_timm_eva", "load_clipself_eva", "remap_clipself_eva"]
+__all__ = [
+    "EVA_METHODS",
+    "EvaDenseTower",
+    "is_clipself_layout",
+    "is_timm_eva",
+    "load_clipself_eva",
+    "remap_clipself_eva",
+]
+
+#: Dense-feature methods offered on EVA backbones.
+EVA_METHODS = ("clipself", "maskclip")
 
 _RENAMES = (
     ("attn.inner_attn_ln.", "attn.norm."),
@@ -63,6 +73,15 @@ def _unwrap(state: Mapping[str, Any]) -> Mapping[str, Any]:
         if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
             return _unwrap(inner)
     return state
+
+
+def is_clipself_layout(state: Mapping[str, Any]) -> bool:
+    """True for a state dict in CLIPSelf / EVA-CLIP ``CustomCLIP`` naming (``visual.blocks.N...``)."""
+    state = _unwrap(state)
+    return any(
+        isinstance(k, str) and k.removeprefix("module.").startswith(("visual.blocks.", "visual.patch_embed."))
+        for k in state
+    )
 
 
 def remap_clipself_eva(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -149,6 +168,14 @@ class EvaDenseTower(nn.Module):
         self, pixels: torch.Tensor, method: str = "clipself"
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch tokens ``[B, gh*gw, D]`` (class token removed) after the head, and the grid."""
+        tokens = self.dense_features(pixels, method)
+        return tokens[:, 1:], self.grid_for(pixels.shape[-2], pixels.shape[-1])
+
+    def dense_features(self, pixels: torch.Tensor, method: str = "clipself", **_: object) -> torch.Tensor:
+        """Tokens ``[B, 1 + gh*gw, D]`` after the head, class token first (``GemVisionTower``'s interface,
+        so ``GemEngine`` runs EVA backbones unchanged)."""
+        if method not in EVA_METHODS:
+            raise ValueError(f"EVA dense features support {EVA_METHODS}, not {method!r}")
         t = self.trunk
         x = t.patch_embed.proj(pixels)
         grid = (x.shape[-2], x.shape[-1])
@@ -173,9 +200,7 @@ class EvaDenseTower(nn.Module):
             y = x + y
             m = last.mlp(last.norm2(y))
             y = y + (last.gamma_2 * m if last.gamma_2 is not None else m)
-        elif method != "maskclip":
-            raise ValueError(f"EVA dense features support 'clipself' and 'maskclip', not {method!r}")
-        return self._head(y)[:, 1:], grid
+        return self._head(y)
 
     @staticmethod
     def _fused_v(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from groundlabel.errors import UserError
+from workers.models.clipself.eva import EVA_METHODS, EvaDenseTower, is_timm_eva
 from workers.models.device import autocast_context, resolve_device
 
 from .config import GemConfig
@@ -103,13 +104,28 @@ class GemEngine:
                 tokenizer = SimpleTokenizer(context_length=int(getattr(clip_model, "context_length", 77)))
         self.model = clip_model.to(self.device).eval()
         self.tokenizer = tokenizer
-        try:
-            self.tower = GemVisionTower(self.model.visual, cfg.gem_depth, cfg.ss_attn_iter, cfg.ss_attn_temp)
-        except ValueError as exc:
-            raise UserError(f"GEM cannot use model {cfg.model_name!r}: {exc}") from exc
+        self.tower = self._dense_tower()
         self.model_version = self._version(weights_label)
         self._text_cache = EmbeddingCache(cfg.text_cache_size)
         self._lock = threading.RLock()  # one forward at a time; the text cache is shared
+
+    def _dense_tower(self) -> GemVisionTower | EvaDenseTower:
+        """The module computing dense tokens: GEM's tower on CLIP ViTs, ``EvaDenseTower`` on EVA-CLIP
+        (CLIPSelf) backbones, which offer the ``clipself`` and ``maskclip`` methods only."""
+        cfg = self.config
+        visual = self.model.visual
+        if is_timm_eva(visual):
+            if cfg.method not in EVA_METHODS:
+                raise UserError(
+                    f"model {cfg.model_name!r} is an EVA-CLIP backbone: its dense features come from "
+                    f"method {' or '.join(EVA_METHODS)} (e.g. --method clipself), not {cfg.method!r}; "
+                    "GEM's dual path needs a CLIP ViT such as ViT-B-16"
+                )
+            return EvaDenseTower(visual)
+        try:
+            return GemVisionTower(visual, cfg.gem_depth, cfg.ss_attn_iter, cfg.ss_attn_temp)
+        except ValueError as exc:
+            raise UserError(f"GEM cannot use model {cfg.model_name!r}: {exc}") from exc
 
     # ----------------------------------------------------------------- naming
     def _version(self, weights_label: str) -> str:

@@ -113,7 +113,8 @@ def resolve_arch(arch: str, tag: str | None) -> tuple[str, dict]:
         vits = [m for m in models if m.startswith("ViT-")]
         raise UserError(
             f"unknown open_clip model {arch!r}; GEM needs a CLIP ViT such as "
-            f"ViT-B-16, ViT-B-32, ViT-L-14 (or their -quickgelu variants); known ViTs: {', '.join(vits)}"
+            f"ViT-B-16, ViT-B-32, ViT-L-14 (or their -quickgelu variants), CLIPSelf an EVA02-B-16 or "
+            f"EVA02-L-14; known ViTs: {', '.join(vits)}"
         )
     if tag is None:
         return arch, {}
@@ -196,7 +197,7 @@ def load_weights_file(model: Any, path: str | Path) -> None:
             state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
             resize_pos_embed(state, model)
             model.load_state_dict(state, strict=True)
-        else:
+        elif not _load_clipself_file(model, path):
             load_checkpoint(model, path, strict=True, weights_only=True)
     except RuntimeError as exc:
         if "state_dict" in str(exc) or "size mismatch" in str(exc):
@@ -205,6 +206,23 @@ def load_weights_file(model: Any, path: str | Path) -> None:
     except Exception as exc:  # unpickling errors, corrupt files
         raise UserError(f"cannot read weight file {path}: {type(exc).__name__}: {str(exc)[:400]}") from exc
     log.info("loaded CLIP weights from %s", path)
+
+
+def _load_clipself_file(model: Any, path: str) -> bool:
+    """Load a CLIPSelf / EVA-CLIP checkpoint (``visual.blocks.N...`` keys) into an open_clip EVA model,
+    remapping its keys; False (nothing loaded) for any other model or file layout."""
+    import torch
+
+    from workers.models.clipself.eva import is_clipself_layout, is_timm_eva, load_clipself_eva
+
+    if not is_timm_eva(model.visual) or path.lower().endswith(".safetensors"):
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not is_clipself_layout(state):
+        return False
+    load_clipself_eva(model, state)
+    log.info("loaded a CLIPSelf / EVA-CLIP checkpoint (keys remapped) from %s", path)
+    return True
 
 
 def _missing_message(arch: str, tag: str, cfg: dict, dirs: list[Path], why: str) -> str:
