@@ -1,10 +1,14 @@
 """Grounding quality on held-out generated scenes: GEM vs MaskCLIP vs CLIP's own patch tokens.
 
 Uses the tiny CLIP kept at tests/assets/tiny_clip.pt (trained on captions only, never on masks).
-Prints the method × mIoU table and per-class IoU, and writes benchmarks/results/quality.json.
+GEM runs twice: with its adaptive temperature, and with the inverse temperature chosen on validation
+scenes (their own seed; the sweep is printed first). Prints the method × mIoU table and per-class IoU,
+and writes benchmarks/results/quality.json.
 
-    .venv/bin/python benchmarks/quality.py                 # 300 scenes, GEM depths 3/5/7, 48 and 96 px input
+    .venv/bin/python benchmarks/quality.py                 # 300 scenes, object colours as the classes
     .venv/bin/python benchmarks/quality.py --scenes 100 --quick
+    .venv/bin/python benchmarks/quality.py --target shape  # shapes as the classes
+    .venv/bin/python benchmarks/quality.py --methods --distill-steps 300 --scenes 150
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workers.evaluation.quality import evaluate_tiny_clip, format_results  # noqa: E402
+from workers.evaluation.quality import (  # noqa: E402
+    adaptive_inverse_temperatures,
+    evaluate_tiny_clip,
+    format_results,
+    select_gem_temperature,
+)
 from workers.evaluation.tiny_clip import load_tiny_clip  # noqa: E402
 
 
@@ -31,7 +40,8 @@ def main() -> int:
     parser.add_argument("--bg-threshold", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="only the three methods, no depth/size variants")
-    parser.add_argument("--target", choices=("shape", "colour"), default="shape", help="what the classes are")
+    parser.add_argument("--target", choices=("shape", "colour"), default="colour",
+                        help="what the classes are (default colour: the tiny CLIP knows colours, not shapes)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     parser.add_argument(
         "--methods",
@@ -51,10 +61,22 @@ def main() -> int:
         return methods_table(args)
     _, _, cfg = load_tiny_clip(args.checkpoint)
     size, layers = cfg.image_size, cfg.vision_layers
+    depth = min(7, layers + 1)
+    temps = adaptive_inverse_temperatures(args.checkpoint)
+    print("GEM's adaptive inverse temperature per block: " + ", ".join(f"{t:.2f}" for t in temps))
+    temp, sweep = select_gem_temperature(
+        args.checkpoint, scenes=min(args.scenes, 150), target=args.target, threads=args.threads
+    )
+    print(f"validation scenes ({min(args.scenes, 150)}, own seed): GEM inverse temperature sweep")
+    print(format_results(sweep, args.bg_threshold).split("\n\n")[0])
+    print(f"chosen: {'adaptive' if temp is None else temp}\n")
+    tuned = f"gem d{depth} temp{temp:g}" if temp is not None else None
     variants = [
-        (f"gem d{min(7, layers + 1)}", {"method": "gem", "gem_depth": min(7, layers + 1)}),
+        (f"gem d{depth}", {"method": "gem", "gem_depth": depth}),
+        *([(tuned, {"method": "gem", "gem_depth": depth, "ss_attn_temp": temp})] if tuned else []),
         ("maskclip", {"method": "maskclip"}),
         ("original", {"method": "original"}),
+        ("clip_surgery", {"method": "clip_surgery", "gem_depth": depth}),
     ]
     if not args.quick:
         variants += [(f"gem d{d}", {"method": "gem", "gem_depth": d}) for d in (3, 5) if d <= layers + 1]
@@ -94,6 +116,9 @@ def main() -> int:
                 "target": args.target,
                 "scenes": args.scenes,
                 "bg_threshold": args.bg_threshold,
+                "adaptive_inverse_temperatures": temps,
+                "validated_inverse_temperature": temp,
+                "validation_sweep": [r.row() for r in sweep],
                 "results": [r.row() for r in results],
             },
             indent=2,
@@ -148,10 +173,20 @@ def methods_table(args: argparse.Namespace) -> int:
         checkpoints.append(("distilled", str(path)))
     rows = []
     for label, ckpt in checkpoints:
+        temp, _ = select_gem_temperature(
+            ckpt, scenes=min(args.scenes, 150), target=args.target, threads=args.threads
+        )
+        extra = []
+        if temp is not None:
+            tuned = {"method": "gem", "gem_depth": depth, "ss_attn_temp": temp}
+            extra = [
+                (f"gem temp{temp:g}", tuned),
+                (f"gem temp{temp:g} +pamr", {**tuned, "refine": "pamr", "pamr_scale": 1.0}),
+            ]
         results = evaluate_tiny_clip(
             ckpt,
             scenes=args.scenes,
-            variants=variants,
+            variants=variants[:2] + extra + variants[2:],
             bg_threshold=args.bg_threshold,
             threads=args.threads,
             target=args.target,

@@ -7,6 +7,12 @@ scenes drawn from a seed that training never used. Two protocols, like the publi
 - ``fg``: background pixels ignored, argmax over the shape classes (VOC20-style, threshold-free);
 - ``bg``: background is a class, predicted where the best calibrated score is below a threshold
   (VOC21-style); reported at a fixed threshold and at each method's best threshold on a grid.
+
+GEM's adaptive inverse temperature (mean LayerNorm-output norm × head_dim^-0.5) is ≈ √heads for LayerNorm
+gains near 1: ≈ 1.4 for the tiny CLIP's 2 heads, which makes its self-self attention nearly uniform.
+:func:`select_gem_temperature` therefore also picks GEM's inverse temperature (the official
+``ss_attn_temp`` option, or the adaptive rule) on validation scenes from their own seed; the held-out
+scenes are scored once with the choice, and the adaptive result is reported beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from workers.evaluation.metrics import ConfusionMatrix
 from workers.evaluation.scenes import BACKGROUND_WORDS, COLOURS, SHAPES, Scene, make_scenes
 
 EVAL_SEED = 20240601  # held out: training draws from seeds 0.. (default 0)
+VALIDATION_SEED = 7_000_001  # GEM's temperature is chosen here, never on the held-out scenes
+#: Fixed inverse temperatures (GEM's ``ss_attn_temp``) tried on validation scenes beside the adaptive rule.
+GEM_TEMPERATURES: tuple[float, ...] = (2.0, 3.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 BACKGROUND_PROMPTS: tuple[str, ...] = ("background", *(f"{w} background" for w in BACKGROUND_WORDS.values()))
 TARGETS = ("shape", "colour")
 THRESHOLDS: tuple[float, ...] = tuple(round(t, 2) for t in np.arange(0.1, 0.95, 0.05))
@@ -126,6 +135,7 @@ def evaluate_tiny_clip(
             "background_prompts": BACKGROUND_PROMPTS,
             "device": "cpu",
             "batch_size": 32,
+            "gem_depth": depth,
             **overrides,
         }
         engine = GemEngine(GemConfig(**options), clip_model=model, tokenizer=tokenizer)
@@ -133,6 +143,50 @@ def evaluate_tiny_clip(
         result.extra = {"config": {k: v for k, v in options.items() if k != "background_prompts"}}
         results.append(result)
     return results
+
+
+def adaptive_inverse_temperatures(
+    checkpoint: str, *, scenes: int = 32, seed: int = VALIDATION_SEED
+) -> list[float]:
+    """GEM's adaptive inverse temperature of every block of the tiny CLIP, averaged over ``scenes``."""
+    import torch
+
+    from workers.evaluation.tiny_clip import image_tensor, load_tiny_clip
+    from workers.models.gem.modules import GemVisionTower, adaptive_inverse_temperature
+
+    model, _, cfg = load_tiny_clip(checkpoint)
+    pixels = image_tensor([s.image for s in make_scenes(scenes, seed, cfg.image_size)], cfg.image_size)
+    out = []
+    with torch.no_grad():
+        x, _ = GemVisionTower(model.visual).embed(pixels)
+        for block in model.visual.transformer.resblocks:
+            head_dim = block.attn.embed_dim // block.attn.num_heads
+            out.append(float(adaptive_inverse_temperature(block.ln_1(x), head_dim).mean()))
+            x = block(x)
+    return out
+
+
+def select_gem_temperature(
+    checkpoint: str,
+    *,
+    scenes: int = 150,
+    seed: int = VALIDATION_SEED,
+    temperatures: Sequence[float] = GEM_TEMPERATURES,
+    target: str = "colour",
+    threads: int | None = None,
+    gem_depth: int | None = None,
+) -> tuple[float | None, list[MethodResult]]:
+    """GEM's inverse temperature with the best fg mIoU on validation scenes (``None``: the adaptive rule
+    won), and every candidate's result there."""
+    variants: list[tuple[str, dict]] = [("gem adaptive", {"method": "gem"})]
+    variants += [(f"gem temp{t:g}", {"method": "gem", "ss_attn_temp": float(t)}) for t in temperatures]
+    if gem_depth is not None:
+        variants = [(name, {**options, "gem_depth": gem_depth}) for name, options in variants]
+    results = evaluate_tiny_clip(
+        checkpoint, scenes=scenes, seed=seed, variants=variants, target=target, threads=threads
+    )
+    best = max(results, key=lambda r: r.fg["mIoU"])
+    return best.extra["config"].get("ss_attn_temp"), results
 
 
 def format_results(results: Sequence[MethodResult], bg_threshold: float = 0.5) -> str:
