@@ -79,18 +79,16 @@ def main() -> int:
         ("clip_surgery", {"method": "clip_surgery", "gem_depth": depth}),
     ]
     if not args.quick:
-        variants += [(f"gem d{d}", {"method": "gem", "gem_depth": d}) for d in (3, 5) if d <= layers + 1]
+        # GEM's depth, input size and iteration variants, at the validated temperature when one was chosen
+        t_opt = {} if temp is None else {"ss_attn_temp": temp}
+        t_name = "" if temp is None else f" temp{temp:g}"
+        gem = {"method": "gem", "gem_depth": depth, **t_opt}
+        variants += [(f"gem d{d}{t_name}", {**gem, "gem_depth": d}) for d in (3, 5) if d <= layers + 1]
         variants += [
-            (
-                f"gem d{min(7, layers + 1)} {2 * size}px",
-                {"method": "gem", "gem_depth": min(7, layers + 1), "image_size": 2 * size},
-            ),
+            (f"gem d{depth}{t_name} {2 * size}px", {**gem, "image_size": 2 * size}),
             (f"maskclip {2 * size}px", {"method": "maskclip", "image_size": 2 * size}),
             (f"original {2 * size}px", {"method": "original", "image_size": 2 * size}),
-            (
-                f"gem d{min(7, layers + 1)} iter2",
-                {"method": "gem", "gem_depth": min(7, layers + 1), "ss_attn_iter": 2},
-            ),
+            (f"gem d{depth}{t_name} iter2", {**gem, "ss_attn_iter": 2}),
         ]
     start = time.perf_counter()
     results = evaluate_tiny_clip(
