@@ -6,6 +6,7 @@ Every variable is documented in ``docs/backend.md``. :func:`Settings.from_env` r
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -93,9 +94,26 @@ def model_version_from_env(env: Mapping[str, str] | None = None) -> str:
     pretrained = _env_str(env, "GROUNDLABEL_GEM_PRETRAINED", "openai") or "openai"
     weights = "random" if pretrained.lower() in ("none", "random") else Path(pretrained).stem
     version = f"gem-{model}-{weights}"
-    method = _env_str(env, "GROUNDLABEL_GEM_METHOD")
-    if method and method != "gem":
+    method = _env_str(env, "GROUNDLABEL_GEM_METHOD") or "gem"
+    if method != "gem":
         version += f"-{method}"
+    # the suffixes GemEngine.model_version adds for non-default options, in its order
+    size = _env_str(env, "GROUNDLABEL_GEM_IMAGE_SIZE")
+    if size and size != "448":
+        version += f"-{size}"
+    depth = _env_str(env, "GROUNDLABEL_GEM_DEPTH") or "7"
+    temperature = (_env_str(env, "GROUNDLABEL_GEM_TEMPERATURE") or "adaptive").lower()
+    if temperature in ("auto", "none"):
+        temperature = "adaptive"
+    with contextlib.suppress(ValueError):
+        temperature = f"{float(temperature):g}"
+    if method == "gem" and (depth != "7" or temperature != "adaptive"):
+        version += f"-d{depth}i1" + (f"t{temperature}" if temperature != "adaptive" else "")
+    templates = _env_str(env, "GROUNDLABEL_GEM_TEMPLATES")
+    if templates and templates != "paper":
+        version += f"-{templates}"
+    if (_env_str(env, "GROUNDLABEL_GEM_REFINE") or "none").lower() == "pamr":
+        version += "-pamr"
     lavt = _env_str(env, "GROUNDLABEL_LAVT_CHECKPOINT")
     if lavt:
         version += f"+lavt-{Path(lavt).stem}"

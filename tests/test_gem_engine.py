@@ -222,3 +222,39 @@ def test_config_validation():
         GemConfig(background_prompts="sky")
     assert GemConfig(model_name="ViT-B/16").arch == "ViT-B-16"
     assert GemConfig(image_size=(336, 448)).input_size == (336, 448)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"GROUNDLABEL_GEM_DEPTH": "3"},
+        {"GROUNDLABEL_GEM_TEMPERATURE": "20.0", "GROUNDLABEL_GEM_REFINE": "pamr"},
+        {"GROUNDLABEL_GEM_TEMPERATURE": "adaptive", "GROUNDLABEL_GEM_TEMPLATES": "ensemble"},
+        {
+            "GROUNDLABEL_GEM_METHOD": "naclip",
+            "GROUNDLABEL_GEM_DEPTH": "3",
+            "GROUNDLABEL_GEM_IMAGE_SIZE": "96",
+        },
+    ],
+)
+def test_backend_model_version_matches_the_engine(tiny_gem_env: dict, extra: dict) -> None:
+    """The backend names predictions without loading a model; the name must be the worker engine's."""
+    from labeling_backend.settings import model_version_from_env
+    from workers.engines import gem_config_from_env
+    from workers.models.gem import GemEngine
+
+    env = {**tiny_gem_env, **extra}
+    config = gem_config_from_env(env)
+    assert GemEngine(config).model_version == model_version_from_env(env)
+
+
+def test_gem_temperature_option_is_validated() -> None:
+    from workers.engines import gem_config_from_env, parse_temperature
+
+    assert parse_temperature("adaptive") is None and parse_temperature("12.5") == 12.5
+    assert gem_config_from_env({"GROUNDLABEL_GEM_TEMPERATURE": "40"}).ss_attn_temp == 40.0
+    with pytest.raises(UserError, match="GROUNDLABEL_GEM_TEMPERATURE"):
+        gem_config_from_env({"GROUNDLABEL_GEM_TEMPERATURE": "-1"})
+    with pytest.raises(UserError, match="GROUNDLABEL_GEM_DEPTH"):
+        gem_config_from_env({"GROUNDLABEL_GEM_DEPTH": "seven"})

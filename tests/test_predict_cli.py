@@ -201,6 +201,10 @@ def test_save_config_and_high_threshold(tmp_path: Path, images: list[Path], tiny
         "cat,dog",
         "--threshold",
         "1.0",
+        "--gem-depth",
+        "3",
+        "--gem-temperature",
+        "20",
         "--save-config",
         str(saved),
         "--out",
@@ -210,6 +214,7 @@ def test_save_config_and_high_threshold(tmp_path: Path, images: list[Path], tiny
     assert main(argv) == 0
     (task,) = json.loads(out.read_text())
     assert task["predictions"][0]["result"] == [] and task["predictions"][0]["score"] == 0.0
+    assert "-d3i1t20" in task["predictions"][0]["model_version"]
     assert parse_label_config(saved.read_text()).controls[0].labels == ["cat", "dog"]
 
 
@@ -219,6 +224,8 @@ def test_user_errors_exit_2(tmp_path: Path, images: list[Path], tiny_gem_config,
     assert "--threshold must lie in [0, 1]" in capsys.readouterr().err
     assert main([*base, "--label-config", str(tmp_path / "missing.xml")]) == 2
     assert "cannot be read" in capsys.readouterr().err
+    assert main([*base, "--labels", "cat", "--gem-temperature", "hot"]) == 2
+    assert "--gem-temperature 'hot'" in capsys.readouterr().err
     assert (
         main(
             [

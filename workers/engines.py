@@ -5,7 +5,8 @@ open_clip model-config JSON file for a custom architecture; its file stem become
 ``GROUNDLABEL_GEM_PRETRAINED`` (tag such as ``openai``, a weight file, or ``none`` for random weights),
 ``GROUNDLABEL_WEIGHTS_DIR`` (where weights are looked up and downloaded), ``GROUNDLABEL_GEM_IMAGE_SIZE``,
 ``GROUNDLABEL_GEM_METHOD``, ``GROUNDLABEL_GEM_REFINE`` (``none`` or ``pamr``), ``GROUNDLABEL_GEM_TEMPLATES``,
-``GROUNDLABEL_GEM_BATCH``,
+``GROUNDLABEL_GEM_BATCH``, ``GROUNDLABEL_GEM_DEPTH`` (GEM's ``gem_depth``, default 7),
+``GROUNDLABEL_GEM_TEMPERATURE`` (GEM's self-self inverse temperature: ``adaptive``, the default, or a number),
 ``GROUNDLABEL_LAVT_CHECKPOINT`` (a LAVT ``.pth``; ``none`` for random weights; unset disables LAVT),
 ``GROUNDLABEL_LAVT_VARIANT``, ``GROUNDLABEL_LAVT_TOKENIZER``, ``GROUNDLABEL_DEVICE`` (``auto``, ``cpu``,
 ``cuda``, ``cuda:1``).
@@ -31,6 +32,16 @@ _engines: dict[str, Any] = {}
 def _env(env: Mapping[str, str], name: str) -> str | None:
     value = (env.get(name) or "").strip()
     return value or None
+
+
+def parse_temperature(text: str) -> float | None:
+    """GEM's inverse temperature option: ``adaptive`` (the paper's rule) → None, else a positive number."""
+    if text.strip().lower() in ("adaptive", "auto", "none", ""):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise ValueError("the inverse temperature must be positive (or 'adaptive')")
+    return value
 
 
 def gem_config_from_env(env: Mapping[str, str] | None = None) -> Any:
@@ -61,6 +72,8 @@ def gem_config_from_env(env: Mapping[str, str] | None = None) -> Any:
         ("GROUNDLABEL_GEM_REFINE", "refine", str),
         ("GROUNDLABEL_GEM_TEMPLATES", "templates", str),
         ("GROUNDLABEL_GEM_BATCH", "batch_size", int),
+        ("GROUNDLABEL_GEM_DEPTH", "gem_depth", int),
+        ("GROUNDLABEL_GEM_TEMPERATURE", "ss_attn_temp", parse_temperature),
         ("GROUNDLABEL_DEVICE", "device", str),
     ):
         raw = _env(env, name)

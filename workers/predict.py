@@ -82,6 +82,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--method", default="gem",
                        choices=list(METHODS),
                        help="dense-feature method (default gem; see docs/methods.md)")
+    model.add_argument("--gem-depth", type=int, default=7,
+                       help="GEM replaces the last N-1 blocks (default 7, the paper's)")
+    model.add_argument("--gem-temperature", default="adaptive", metavar="adaptive|FLOAT",
+                       help="GEM's self-self inverse temperature (default adaptive, the paper's rule; "
+                            "a fixed value helps small custom models, see docs/quality.md)")
     model.add_argument("--refine", default="none", choices=list(REFINES),
                        help="refine the score maps along image edges (pamr; default none)")
     model.add_argument("--templates", default="paper", choices=["paper", "ensemble"])
@@ -241,12 +246,23 @@ def build_engine(args: argparse.Namespace) -> Any:
         cache_dir=args.weights_dir,
         image_size=args.image_size,
         method=args.method,
+        gem_depth=getattr(args, "gem_depth", 7),
+        ss_attn_temp=_temperature(getattr(args, "gem_temperature", "adaptive")),
         refine=getattr(args, "refine", "none"),
         templates=args.templates,
         device=args.device,
         batch_size=max(1, args.batch_size),
     )
     return GemEngine(config)
+
+
+def _temperature(text: str) -> float | None:
+    from workers.engines import parse_temperature
+
+    try:
+        return parse_temperature(str(text))
+    except ValueError as exc:
+        raise UserError(f"--gem-temperature {text!r}: {exc}") from exc
 
 
 def _heatmaps(engine: Any, images: list[Any], prompts: list[str], groups: list[str]) -> list[Any]:
