@@ -79,8 +79,9 @@ def _env_floats(env: Mapping[str, str], name: str, default: tuple[float, ...]) -
 def model_version_from_env(env: Mapping[str, str] | None = None) -> str:
     """The model version the backend announces, computed without loading any model.
 
-    ``GROUNDLABEL_MODEL_VERSION`` wins. Otherwise ``gem-<model>-<weights>`` (the GEM engine's own naming),
-    followed by ``+lavt-<checkpoint stem>`` when a LAVT checkpoint is configured. Label Studio skips tasks
+    ``GROUNDLABEL_MODEL_VERSION`` wins. Otherwise ``gem-<model>-<weights>`` plus the suffixes the GEM
+    engine adds for non-default options (its own naming, without loading it), followed by
+    ``+lavt-<checkpoint stem>`` when a LAVT checkpoint is configured. Label Studio skips tasks
     that already hold a prediction of this version: change it (or the weights) to re-run a project.
     """
     env = os.environ if env is None else env

@@ -30,7 +30,7 @@ CONFIG = """<View>
 </View>"""
 
 LABELS = {("poly", "polygonlabels"): {"Thing", "Other"}, ("mask", "brushlabels"): {"Thing"}}
-MODEL_VERSION = "gem-tinyclip-random"
+MODEL_VERSION = "gem-tinyclip-random-64"  # the tiny model runs at 64 px
 
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:

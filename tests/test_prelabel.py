@@ -144,7 +144,7 @@ def test_prelabel_run_resume_and_force(label_studio, job_env, runner):
     project, ids = _project(label_studio, "prelabel run", 3, missing=1)
     client = make_client(label_studio.url, label_studio.personal_access_token())
     mv = job_env.model_version
-    assert mv == "gem-tinyclip-random"
+    assert mv == "gem-tinyclip-random-64"  # the engine's own name (64 px input)
 
     report = run_prelabel(client, project, settings=job_env, chunk_size=2, progress=False, runner=runner)
     assert sorted(report.done) == ids[:3]
