@@ -32,6 +32,16 @@ REPO = Path(__file__).resolve().parents[1]
 LS_BINARY = REPO / ".ls-venv" / "bin" / "label-studio"
 START_TIMEOUT = float(os.environ.get("GROUNDLABEL_TEST_LS_START_TIMEOUT", "300"))
 
+#: The label config of the test projects: polygons (one label with a prompt override) and brush masks.
+PROJECT_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="poly" toName="image" model_score_threshold="0.0">
+    <Label value="Thing" predicted_values="red square,thing"/>
+    <Label value="Other"/>
+  </PolygonLabels>
+  <BrushLabels name="mask" toName="image" model_score_threshold="0.0"><Label value="Thing"/></BrushLabels>
+</View>"""
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""

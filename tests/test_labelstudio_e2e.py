@@ -16,18 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import REPO, free_port, png_bytes
-from labelstudio_server import require_label_studio, shared_label_studio
+from labelstudio_server import PROJECT_CONFIG, require_label_studio, shared_label_studio
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <PolygonLabels name="poly" toName="image" model_score_threshold="0.0">
-    <Label value="Thing" predicted_values="red square,thing"/>
-    <Label value="Other"/>
-  </PolygonLabels>
-  <BrushLabels name="mask" toName="image" model_score_threshold="0.0"><Label value="Thing"/></BrushLabels>
-</View>"""
 
 LABELS = {("poly", "polygonlabels"): {"Thing", "Other"}, ("mask", "brushlabels"): {"Thing"}}
 MODEL_VERSION = "gem-tinyclip-random-64"  # the tiny model runs at 64 px
@@ -98,7 +89,7 @@ def backend(label_studio, tiny_gem_env, tmp_path_factory):
 
 
 def _make_project(label_studio, title: str, n: int) -> tuple[int, list[int]]:
-    project = label_studio.create_project(title, CONFIG)
+    project = label_studio.create_project(title, PROJECT_CONFIG)
     folder = f"e2e{project}"
     label_studio.add_local_storage(project, folder)
     tasks = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import png_bytes
-from labelstudio_server import require_label_studio, shared_label_studio
+from labelstudio_server import PROJECT_CONFIG, require_label_studio, shared_label_studio
 
 from groundlabel.cli import main
 from groundlabel.errors import UserError
@@ -21,15 +21,6 @@ from labeling_backend.labelstudio_client import (
 )
 from labeling_backend.prelabel import PrelabelReport, chunked, plan_tasks, run_prelabel
 from labeling_backend.settings import Settings
-
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <PolygonLabels name="poly" toName="image" model_score_threshold="0.0">
-    <Label value="Thing" predicted_values="red square,thing"/>
-    <Label value="Other"/>
-  </PolygonLabels>
-  <BrushLabels name="mask" toName="image" model_score_threshold="0.0"><Label value="Thing"/></BrushLabels>
-</View>"""
 
 # --- planning ----------------------------------------------------------------------------------------
 
@@ -103,7 +94,7 @@ def label_studio():
 
 
 def _project(label_studio, title: str, n_images: int, *, missing: int = 0) -> tuple[int, list[int]]:
-    project = label_studio.create_project(title, CONFIG)
+    project = label_studio.create_project(title, PROJECT_CONFIG)
     folder = f"prelabel{project}"
     label_studio.add_local_storage(project, folder)
     tasks = []
