@@ -6,13 +6,15 @@ Every variable is documented in ``docs/backend.md``. :func:`Settings.from_env` r
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from groundlabel.errors import UserError
+from workers.engines import gem_options_from_env
+from workers.models.gem.config import GemConfig
+from workers.models.gem.weights import weights_label
 
 QUEUE_INTERACTIVE = "interactive"
 QUEUE_BATCH = "batch"
@@ -79,8 +81,8 @@ def _env_floats(env: Mapping[str, str], name: str, default: tuple[float, ...]) -
 def model_version_from_env(env: Mapping[str, str] | None = None) -> str:
     """The model version the backend announces, computed without loading any model.
 
-    ``GROUNDLABEL_MODEL_VERSION`` wins. Otherwise ``gem-<model>-<weights>`` plus the suffixes the GEM
-    engine adds for non-default options (its own naming, without loading it), followed by
+    ``GROUNDLABEL_MODEL_VERSION`` wins. Otherwise the GEM engine's own name for the configured options
+    (``GemConfig.model_version``: ``gem-<model>-<weights>`` plus a suffix per non-default option), followed by
     ``+lavt-<checkpoint stem>`` when a LAVT checkpoint is configured. Label Studio skips tasks
     that already hold a prediction of this version: change it (or the weights) to re-run a project.
     """
@@ -88,33 +90,9 @@ def model_version_from_env(env: Mapping[str, str] | None = None) -> str:
     explicit = _env_str(env, "GROUNDLABEL_MODEL_VERSION")
     if explicit:
         return explicit
-    model = (_env_str(env, "GROUNDLABEL_GEM_MODEL", "ViT-B-16") or "ViT-B-16").replace("/", "-")
-    config_file = _env_str(env, "GROUNDLABEL_GEM_MODEL_CONFIG")
-    if config_file:
-        model = Path(config_file).stem
-    pretrained = _env_str(env, "GROUNDLABEL_GEM_PRETRAINED", "openai") or "openai"
-    weights = "random" if pretrained.lower() in ("none", "random") else Path(pretrained).stem
-    version = f"gem-{model}-{weights}"
-    method = _env_str(env, "GROUNDLABEL_GEM_METHOD") or "gem"
-    if method != "gem":
-        version += f"-{method}"
-    # the suffixes GemEngine.model_version adds for non-default options, in its order
-    size = _env_str(env, "GROUNDLABEL_GEM_IMAGE_SIZE")
-    if size and size != "448":
-        version += f"-{size}"
-    depth = _env_str(env, "GROUNDLABEL_GEM_DEPTH") or "7"
-    temperature = (_env_str(env, "GROUNDLABEL_GEM_TEMPERATURE") or "adaptive").lower()
-    if temperature in ("auto", "none"):
-        temperature = "adaptive"
-    with contextlib.suppress(ValueError):
-        temperature = f"{float(temperature):g}"
-    if method == "gem" and (depth != "7" or temperature != "adaptive"):
-        version += f"-d{depth}i1" + (f"t{temperature}" if temperature != "adaptive" else "")
-    templates = _env_str(env, "GROUNDLABEL_GEM_TEMPLATES")
-    if templates and templates != "paper":
-        version += f"-{templates}"
-    if (_env_str(env, "GROUNDLABEL_GEM_REFINE") or "none").lower() == "pamr":
-        version += "-pamr"
+    options = gem_options_from_env(env)
+    weights = weights_label(options.get("pretrained", GemConfig.pretrained))
+    version = GemConfig(**options).model_version(weights)
     lavt = _env_str(env, "GROUNDLABEL_LAVT_CHECKPOINT")
     if lavt:
         version += f"+lavt-{Path(lavt).stem}"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from groundlabel.errors import UserError
+from workers.models.gem.config import parse_temperature
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +35,14 @@ def _env(env: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
-def parse_temperature(text: str) -> float | None:
-    """GEM's inverse temperature option: ``adaptive`` (the paper's rule) → None, else a positive number."""
-    if text.strip().lower() in ("adaptive", "auto", "none", ""):
-        return None
-    value = float(text)
-    if not value > 0:
-        raise ValueError("the inverse temperature must be positive (or 'adaptive')")
-    return value
-
-
-def gem_config_from_env(env: Mapping[str, str] | None = None) -> Any:
-    """The :class:`workers.models.gem.GemConfig` the environment asks for."""
-    from workers.models.gem import GemConfig
-
+def gem_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The :class:`GemConfig` keyword arguments the environment asks for (no model or torch loaded; a
+    ``GROUNDLABEL_GEM_MODEL_CONFIG`` file only names the model here)."""
     env = os.environ if env is None else env
     kwargs: dict[str, Any] = {}
     config_file = _env(env, "GROUNDLABEL_GEM_MODEL_CONFIG")
     if config_file:
-        path = Path(config_file).expanduser()
-        if not path.is_file():
-            raise UserError(f"GROUNDLABEL_GEM_MODEL_CONFIG={config_file!r} is not a file")
-        import open_clip
-
-        open_clip.add_model_config(path)
-        kwargs["model_name"] = path.stem
+        kwargs["model_name"] = Path(config_file).expanduser().stem
     elif _env(env, "GROUNDLABEL_GEM_MODEL"):
         kwargs["model_name"] = _env(env, "GROUNDLABEL_GEM_MODEL")
     pretrained = _env(env, "GROUNDLABEL_GEM_PRETRAINED")
@@ -82,7 +66,20 @@ def gem_config_from_env(env: Mapping[str, str] | None = None) -> Any:
                 kwargs[key] = cast(raw)
             except ValueError as exc:
                 raise UserError(f"{name}={raw!r} is not valid: {exc}") from exc
-    return GemConfig(**kwargs)
+    return kwargs
+
+
+def gem_config_from_env(env: Mapping[str, str] | None = None) -> Any:
+    """The :class:`workers.models.gem.GemConfig` the environment asks for, with a
+    ``GROUNDLABEL_GEM_MODEL_CONFIG`` architecture registered with open_clip."""
+    from workers.models.gem import GemConfig
+    from workers.models.gem.weights import register_model_config
+
+    env = os.environ if env is None else env
+    config_file = _env(env, "GROUNDLABEL_GEM_MODEL_CONFIG")
+    if config_file:
+        register_model_config(config_file, "GROUNDLABEL_GEM_MODEL_CONFIG")
+    return GemConfig(**gem_options_from_env(env))
 
 
 def lavt_settings_from_env(env: Mapping[str, str] | None = None) -> tuple[bool, str | None, Any]:

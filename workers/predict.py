@@ -25,7 +25,7 @@ from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 from groundlabel.errors import UserError
-from workers.models.gem.config import METHODS, REFINES
+from workers.models.gem.config import METHODS, REFINES, parse_temperature
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -229,16 +229,11 @@ def _prompt_groups(spec: LabelingSpec, prompts: list[str]) -> list[str]:
 def build_engine(args: argparse.Namespace) -> Any:
     """The GEM engine the model options ask for."""
     from workers.models.gem import GemConfig, GemEngine
+    from workers.models.gem.weights import register_model_config
 
     model_name = args.model
     if args.model_config:
-        import open_clip
-
-        path = Path(args.model_config)
-        if not path.is_file():
-            raise UserError(f"--model-config {path}: no such file")
-        open_clip.add_model_config(path)
-        model_name = path.stem
+        model_name = register_model_config(args.model_config, "--model-config")
     pretrained = None if str(args.pretrained).lower() in ("none", "random", "") else args.pretrained
     config = GemConfig(
         model_name=model_name,
@@ -257,8 +252,6 @@ def build_engine(args: argparse.Namespace) -> Any:
 
 
 def _temperature(text: str) -> float | None:
-    from workers.engines import parse_temperature
-
     try:
         return parse_temperature(str(text))
     except ValueError as exc:

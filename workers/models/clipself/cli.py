@@ -74,19 +74,13 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``groundlabel distill``."""
     from workers.images import decode_image
     from workers.models.clipself.distill import DistillConfig, distill
-    from workers.models.gem.engine import resolve_device
-    from workers.models.gem.weights import load_clip
+    from workers.models.device import resolve_device
+    from workers.models.gem.weights import load_clip, register_model_config
 
     files = find_images(args.images_dir)
     model_name = args.model
     if args.model_config:
-        import open_clip
-
-        path = Path(args.model_config)
-        if not path.is_file():
-            raise UserError(f"--model-config {path}: no such file")
-        open_clip.add_model_config(path)
-        model_name = path.stem
+        model_name = register_model_config(args.model_config, "--model-config")
     config = DistillConfig(
         steps=args.steps,
         lr=args.lr,

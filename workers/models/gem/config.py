@@ -32,6 +32,16 @@ DEFAULT_BACKGROUND_PROMPTS: tuple[str, ...] = (
 )
 
 
+def parse_temperature(text: str) -> float | None:
+    """GEM's inverse temperature option: ``adaptive`` (the paper's rule) → None, else a positive number."""
+    if text.strip().lower() in ("adaptive", "auto", "none", ""):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise ValueError("the inverse temperature must be positive (or 'adaptive')")
+    return value
+
+
 @dataclass
 class GemConfig:
     """Everything that selects the CLIP model, the GEM variant and the score calibration.
@@ -141,6 +151,30 @@ class GemConfig:
             raise UserError(f"GemConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.text_cache_size < 0:
             raise UserError(f"GemConfig.text_cache_size must be >= 0, got {self.text_cache_size}")
+
+    def model_version(self, weights_label: str) -> str:
+        """``gem-<model>-<weights>`` plus a suffix for every non-default option: the name predictions carry
+        (the engine's, and the backend's, which computes it without loading a model)."""
+        parts = ["gem", self.arch, weights_label]
+        if self.method != "gem":
+            parts.append(self.method)
+        if self.method == "naclip" and self.naclip_std != 5.0:
+            parts.append(f"std{self.naclip_std:g}")
+        h, w = self.input_size
+        if (h, w) != (448, 448):
+            parts.append(f"{h}x{w}" if h != w else str(h))
+        if self.method == "gem" and (self.gem_depth, self.ss_attn_iter, self.ss_attn_temp) != (7, 1, None):
+            parts.append(
+                f"d{self.gem_depth}i{self.ss_attn_iter}"
+                + (f"t{self.ss_attn_temp:g}" if self.ss_attn_temp else "")
+            )
+        if self.templates != "paper":
+            parts.append(self.templates)
+        if self.calibration != "softmax":
+            parts.append(self.calibration)
+        if self.refine == "pamr":
+            parts.append("pamr")
+        return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict."""

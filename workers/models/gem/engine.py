@@ -105,7 +105,7 @@ class GemEngine:
         self.model = clip_model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.tower = self._dense_tower()
-        self.model_version = self._version(weights_label)
+        self.model_version = cfg.model_version(weights_label)
         self._text_cache = EmbeddingCache(cfg.text_cache_size)
         self._lock = threading.RLock()  # one forward at a time; the text cache is shared
 
@@ -126,30 +126,6 @@ class GemEngine:
             return GemVisionTower(visual, cfg.gem_depth, cfg.ss_attn_iter, cfg.ss_attn_temp)
         except ValueError as exc:
             raise UserError(f"GEM cannot use model {cfg.model_name!r}: {exc}") from exc
-
-    # ----------------------------------------------------------------- naming
-    def _version(self, weights_label: str) -> str:
-        cfg = self.config
-        parts = ["gem", cfg.arch, weights_label]
-        if cfg.method != "gem":
-            parts.append(cfg.method)
-        if cfg.method == "naclip" and cfg.naclip_std != 5.0:
-            parts.append(f"std{cfg.naclip_std:g}")
-        h, w = cfg.input_size
-        if (h, w) != (448, 448):
-            parts.append(f"{h}x{w}" if h != w else str(h))
-        if cfg.method == "gem" and (cfg.gem_depth, cfg.ss_attn_iter, cfg.ss_attn_temp) != (7, 1, None):
-            parts.append(
-                f"d{cfg.gem_depth}i{cfg.ss_attn_iter}"
-                + (f"t{cfg.ss_attn_temp:g}" if cfg.ss_attn_temp else "")
-            )
-        if cfg.templates != "paper":
-            parts.append(cfg.templates)
-        if cfg.calibration != "softmax":
-            parts.append(cfg.calibration)
-        if cfg.refine == "pamr":
-            parts.append("pamr")
-        return "-".join(parts)
 
     # ------------------------------------------------------------------- text
     @property

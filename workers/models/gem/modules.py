@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import METHODS
+
 __all__ = [
     "DENSE_METHODS",
     "GemVisionTower",
@@ -291,7 +293,7 @@ class GemVisionTower(nn.Module):
 
 
 LAST_BLOCK_METHODS = ("sclip", "clearclip", "naclip", "clipself")
-DENSE_METHODS = ("gem", "maskclip", "original", "clip_surgery", *LAST_BLOCK_METHODS)
+DENSE_METHODS = METHODS  # every GemConfig method has dense features here
 
 
 def gaussian_prior(

@@ -55,6 +55,25 @@ def is_path_like(pretrained: str) -> bool:
     )
 
 
+def weights_label(pretrained: str | None) -> str:
+    """The weights part of the model version: ``random``, a weight file's stem, or the open_clip tag."""
+    if pretrained is None or str(pretrained).strip().lower() in ("", "none", "random"):
+        return "random"
+    return Path(pretrained).stem if is_path_like(str(pretrained)) else str(pretrained)
+
+
+def register_model_config(path: str | Path, option: str) -> str:
+    """Register an open_clip model-config JSON file (a custom architecture); returns the model name (its
+    stem). ``option`` names the setting in the error when the file is missing."""
+    import open_clip
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{option} {path}: no such file")
+    open_clip.add_model_config(file)
+    return file.stem
+
+
 def is_offline() -> bool:
     """True when the environment says not to reach the hub."""
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GROUNDLABEL_OFFLINE"):
