@@ -29,6 +29,7 @@ from workers.evaluation.quality import (  # noqa: E402
     select_gem_temperature,
 )
 from workers.evaluation.tiny_clip import load_tiny_clip  # noqa: E402
+from workers.models.gem.config import METHODS  # noqa: E402
 
 
 def main() -> int:
@@ -126,9 +127,6 @@ def main() -> int:
     return 0
 
 
-METHOD_NAMES = ("gem", "maskclip", "original", "clip_surgery", "sclip", "clearclip", "naclip", "clipself")
-
-
 def methods_table(args: argparse.Namespace) -> int:
     """Each method with and without PAMR (full-size PAMR: the scenes are only 48 px), optionally also on a
     CLIPSelf-distilled copy of the tiny CLIP."""
@@ -137,7 +135,7 @@ def methods_table(args: argparse.Namespace) -> int:
     _, _, cfg = load_tiny_clip(args.checkpoint)
     depth = min(7, cfg.vision_layers + 1)
     variants = []
-    for m in METHOD_NAMES:
+    for m in METHODS:
         base = {"method": m, "gem_depth": depth}
         variants.append((m, base))
         variants.append((f"{m} +pamr", {**base, "refine": "pamr", "pamr_scale": 1.0}))

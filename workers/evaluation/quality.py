@@ -1,10 +1,11 @@
 """Offline grounding quality: GEM vs MaskCLIP vs CLIP's own patch tokens on held-out generated scenes.
 
 The tiny CLIP (``tiny_clip``) was trained on image-caption pairs only; no method sees a mask. Each method
-gets the same engine settings, prompts ("a photo of a {shape}.") and background words, and is scored on
-scenes drawn from a seed that training never used. Two protocols, like the public benchmarks:
+gets the same engine settings, prompts ("a photo of a {class}.", the classes being the object colours or
+the shapes) and background words, and is scored on scenes drawn from a seed that training never used.
+Two protocols, like the public benchmarks:
 
-- ``fg``: background pixels ignored, argmax over the shape classes (VOC20-style, threshold-free);
+- ``fg``: background pixels ignored, argmax over the classes (VOC20-style, threshold-free);
 - ``bg``: background is a class, predicted where the best calibrated score is below a threshold
   (VOC21-style); reported at a fixed threshold and at each method's best threshold on a grid.
 
@@ -74,7 +75,7 @@ def evaluate_engine(
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     names = list(SHAPES) if target == "shape" else list(COLOURS)
     prompts = names
-    k = len(prompts)
+    k = len(names)
     fg = ConfusionMatrix(k)
     bg = {t: ConfusionMatrix(k + 1) for t in sorted({*THRESHOLDS, bg_threshold})}
     start = time.perf_counter()
