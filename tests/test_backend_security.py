@@ -138,3 +138,10 @@ def test_model_version_from_env():
         == "gem-ViT-B-16-random+lavt-refcoco"
     )
     assert model_version_from_env({"GROUNDLABEL_MODEL_VERSION": "mine-3"}) == "mine-3"
+    # non-default GEM options are part of the name, as the worker's engine writes it
+    options = {
+        "GROUNDLABEL_GEM_IMAGE_SIZE": "672",
+        "GROUNDLABEL_GEM_TEMPERATURE": "20",
+        "GROUNDLABEL_GEM_REFINE": "pamr",
+    }
+    assert model_version_from_env(options) == "gem-ViT-B-16-openai-672-d7i1t20-pamr"
