@@ -175,56 +175,61 @@ class GemVisionTower(nn.Module):
             x = x @ self.visual.proj
         return x
 
-    def _dual_block(
-        self, block: nn.Module, x_ori: torch.Tensor, x_gem: torch.Tensor
+    @staticmethod
+    def _qkv(attn: nn.MultiheadAttention, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-head q, k, v ``[B, heads, N, head_dim]`` of a block's attention on ``h = ln_1(x)``."""
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        return tuple(_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
+
+    def _dual_step(
+        self, block: nn.Module, x_ori: torch.Tensor, x_side: torch.Tensor, side_attention
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block of the dual path: the original block unchanged, and the side path (no MLP) adding
+        ``out_proj(side_attention(q, k, v, h, head_dim))`` computed from the original path's tokens."""
         attn: nn.MultiheadAttention = block.attn
         h = block.ln_1(x_ori)
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = (_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
-        ori = F.scaled_dot_product_attention(q, k, v)
-        ori = attn.out_proj(_merge(ori))
+        q, k, v = self._qkv(attn, h)
+        ori = attn.out_proj(_merge(F.scaled_dot_product_attention(q, k, v)))
+        side = attn.out_proj(_merge(side_attention(q, k, v, h, attn.head_dim)))
+        x_new = x_ori + block.ls_1(ori)
+        x_new = x_new + block.ls_2(block.mlp(block.ln_2(x_new)))
+        return x_new, x_side + block.ls_1(side)
+
+    def _gem_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, head_dim: int
+    ) -> torch.Tensor:
+        """GEM's self-self attention (q-q, k-k, v-v ensemble) at the adaptive or the fixed temperature."""
         if self.ss_attn_temp is None:
-            inv_temp: torch.Tensor | float = adaptive_inverse_temperature(h, attn.head_dim)
+            inv_temp: torch.Tensor | float = adaptive_inverse_temperature(h, head_dim)
         else:
             inv_temp = float(self.ss_attn_temp)
-        ss = self_self_attention(q, k, v, inv_temp, self.ss_attn_iter)
-        gem = attn.out_proj(_merge(ss))
-        x_new = x_ori + block.ls_1(ori)
-        x_new = x_new + block.ls_2(block.mlp(block.ln_2(x_new)))
-        return x_new, x_gem + block.ls_1(gem)
+        return self_self_attention(q, k, v, inv_temp, self.ss_attn_iter)
 
-    def _surgery_block(
-        self, block: nn.Module, x_ori: torch.Tensor, x_sur: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        attn: nn.MultiheadAttention = block.attn
-        h = block.ln_1(x_ori)
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = (_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
-        ori = attn.out_proj(_merge(F.scaled_dot_product_attention(q, k, v)))
-        sur = attn.out_proj(_merge(F.scaled_dot_product_attention(v, v, v)))
-        x_new = x_ori + block.ls_1(ori)
-        x_new = x_new + block.ls_2(block.mlp(block.ln_2(x_new)))
-        return x_new, x_sur + block.ls_1(sur)
+    @staticmethod
+    def _surgery_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, head_dim: int
+    ) -> torch.Tensor:
+        """CLIP Surgery's v-v attention at CLIP's own scale."""
+        return F.scaled_dot_product_attention(v, v, v)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GEM's forward: ``(gem_tokens, original_tokens)``, each ``[B, 1 + gh*gw, D]`` after ln_post/proj."""
-        return self._dual(pixels, self._dual_block)
+        return self._dual(pixels, self._gem_attention)
 
-    def _dual(self, pixels: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dual(self, pixels: torch.Tensor, side_attention) -> tuple[torch.Tensor, torch.Tensor]:
         x, _ = self.embed(pixels)
         blocks = self.visual.transformer.resblocks
         start = len(blocks) - (self.gem_depth - 1)
         for block in blocks[:start]:
             x = block(x)
-        x_new = x
+        x_side = x
         for block in blocks[start:]:
-            x, x_new = step(block, x, x_new)
-        return self._head(x_new), self._head(x)
+            x, x_side = self._dual_step(block, x, x_side, side_attention)
+        return self._head(x_side), self._head(x)
 
     def clip_surgery(self, pixels: torch.Tensor) -> torch.Tensor:
         """CLIP Surgery's tokens ``[B, 1 + gh*gw, D]``: v-v dual path, class token from the original path."""
-        sur, ori = self._dual(pixels, self._surgery_block)
+        sur, ori = self._dual(pixels, self._surgery_attention)
         return torch.cat([ori[:, :1], sur[:, 1:]], dim=1)
 
     def last_block_variant(self, pixels: torch.Tensor, method: str, naclip_std: float = 5.0) -> torch.Tensor:
@@ -236,9 +241,7 @@ class GemVisionTower(nn.Module):
             x = block(x)
         last = blocks[-1]
         attn: nn.MultiheadAttention = last.attn
-        h = last.ln_1(x)
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = (_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
+        q, k, v = self._qkv(attn, last.ln_1(x))
         if method == "clipself":
             y = x + last.ls_1(attn.out_proj(_merge(v)))
             return self._head(y + last.ls_2(last.mlp(last.ln_2(y))))
