@@ -232,14 +232,18 @@ class GemVisionTower(nn.Module):
         sur, ori = self._dual(pixels, self._surgery_attention)
         return torch.cat([ori[:, :1], sur[:, 1:]], dim=1)
 
-    def last_block_variant(self, pixels: torch.Tensor, method: str, naclip_std: float = 5.0) -> torch.Tensor:
-        """Tokens ``[B, 1 + gh*gw, D]`` of a method that changes only the last block's attention
-        (``sclip``, ``clearclip``, ``naclip``, ``clipself``)."""
+    def _up_to_last_block(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], nn.Module]:
+        """The tokens entering the last block (every block before it run unchanged), the grid, that block."""
         x, grid = self.embed(pixels)
         blocks = self.visual.transformer.resblocks
         for block in blocks[:-1]:
             x = block(x)
-        last = blocks[-1]
+        return x, grid, blocks[-1]
+
+    def last_block_variant(self, pixels: torch.Tensor, method: str, naclip_std: float = 5.0) -> torch.Tensor:
+        """Tokens ``[B, 1 + gh*gw, D]`` of a method that changes only the last block's attention
+        (``sclip``, ``clearclip``, ``naclip``, ``clipself``)."""
+        x, grid, last = self._up_to_last_block(pixels)
         attn: nn.MultiheadAttention = last.attn
         q, k, v = self._qkv(attn, last.ln_1(x))
         if method == "clipself":
@@ -266,11 +270,7 @@ class GemVisionTower(nn.Module):
 
     def maskclip(self, pixels: torch.Tensor) -> torch.Tensor:
         """MaskCLIP tokens ``[B, 1 + gh*gw, D]``: the last block's ``out_proj(v)``, then ln_post/proj."""
-        x, _ = self.embed(pixels)
-        blocks = self.visual.transformer.resblocks
-        for block in blocks[:-1]:
-            x = block(x)
-        last = blocks[-1]
+        x, _, last = self._up_to_last_block(pixels)
         attn: nn.MultiheadAttention = last.attn
         c = attn.embed_dim
         h = last.ln_1(x)
