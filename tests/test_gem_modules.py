@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from workers.models.gem.modules import GemVisionTower, resample_pos_embed, self_self_attention  # noqa: E402
+from workers.models.gem import GemConfig, GemEngine  # noqa: E402
+from workers.models.gem.modules import (  # noqa: E402
+    DENSE_METHODS,
+    GemVisionTower,
+    resample_pos_embed,
+    self_self_attention,
+)
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -346,3 +355,190 @@ def test_other_clip_layouts_with_fewer_blocks(arch):
             ref_g, ref_o = ref_gem(model.visual, pixels[i], gem_depth=4)
             assert rel_diff(gem[i], ref_g) < 1e-4
             assert rel_diff(ori[i], ref_o) < 1e-4
+
+
+# ----------------------------------------------------------------------------- attention layouts
+class MainAttention(open_clip.transformer.Attention):
+    """open_clip main's block attention (it replaces ``nn.MultiheadAttention`` in ``ResidualAttentionBlock``).
+
+    Parameters: a fused ``in_proj_weight [3C, C]`` when q, k and v share the model width, else separate
+    ``q/k/v_proj_weight`` (and ``in_proj_weight = None``); ``in_proj_bias [3C]``; ``out_proj``. Forward:
+    ``forward(x, k_x=None, v_x=None, attn_mask=None)`` with optional q/k LayerNorms, scaled cosine logits,
+    per-head output scaling and an inner norm. It subclasses the installed ``Attention`` (the older form of
+    the same class) so that it is open_clip's ``Attention`` to the tower; what is new is set here.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, use_sdpa: bool = True, **options) -> None:
+        super().__init__(dim, num_heads, **options)
+        self.use_sdpa = use_sdpa
+        self.q_proj_weight = self.k_proj_weight = self.v_proj_weight = None
+
+    def split_projections(self) -> None:
+        """Move the fused weight into ``q/k/v_proj_weight`` (open_clip's layout when kdim/vdim != dim)."""
+        w_q, w_k, w_v = (torch.nn.Parameter(w.detach().clone()) for w in self.in_proj_weight.chunk(3))
+        self.in_proj_weight = None
+        self.q_proj_weight, self.k_proj_weight, self.v_proj_weight = w_q, w_k, w_v
+
+    def forward(self, x, k_x=None, v_x=None, attn_mask=None):
+        n, length, c = x.shape
+        biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        if self.in_proj_weight is not None:
+            weights = self.in_proj_weight.chunk(3, dim=0)
+        else:
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        if k_x is None and v_x is None and self.in_proj_weight is not None:
+            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            sources = (x, x if k_x is None else k_x, x if v_x is None else v_x)
+            q, k, v = (F.linear(s, w, b) for s, w, b in zip(sources, weights, biases, strict=True))
+        q, k, v = (t.reshape(n, -1, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if attn_mask is not None and attn_mask.ndim == 3:
+            attn_mask = attn_mask.reshape(n, self.num_heads, length, length)
+        if self.logit_scale is not None:
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+            attn = attn * torch.clamp(self.logit_scale, max=self.logit_scale_max).exp()
+            if attn_mask is not None:
+                attn = attn + attn_mask.to(attn.dtype)
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        else:
+            q, k = self.ln_q(q), self.ln_k(k)
+            if self.use_sdpa:
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+            else:
+                attn = (q * self.scale) @ k.transpose(-1, -2)
+                if attn_mask is not None:
+                    attn = attn + attn_mask.to(attn.dtype)
+                x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        if self.head_scale is not None:
+            x = x * self.head_scale
+        x = self.ln_inner(x.transpose(1, 2).reshape(n, -1, c))
+        return self.out_drop(self.out_proj(x))
+
+
+class MainResidualAttentionBlock(open_clip.transformer.ResidualAttentionBlock):
+    """open_clip main's block: it calls ``Attention`` with ``k_x``/``v_x`` keywords, no ``need_weights``."""
+
+    def attention(self, q_x, k_x=None, v_x=None, attn_mask=None):
+        k_x = k_x if k_x is not None else q_x
+        v_x = v_x if v_x is not None else q_x
+        attn_mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None
+        return self.attn(q_x, k_x=k_x, v_x=v_x, attn_mask=attn_mask)
+
+
+def to_main_layout(model: torch.nn.Module, *, separate: bool = False, **options) -> torch.nn.Module:
+    """A copy of ``model`` whose vision blocks hold ``MainAttention`` with the ``nn.MultiheadAttention``
+    weights copied over (``separate``: as ``q/k/v_proj_weight``; ``options``: ``Attention`` options)."""
+    model = copy.deepcopy(model)
+    for block in model.visual.transformer.resblocks:
+        mha = block.attn
+        attn = MainAttention(mha.embed_dim, mha.num_heads, **options)
+        with torch.no_grad():
+            attn.in_proj_weight.copy_(mha.in_proj_weight)
+            attn.in_proj_bias.copy_(mha.in_proj_bias)
+            attn.out_proj.weight.copy_(mha.out_proj.weight)
+            attn.out_proj.bias.copy_(mha.out_proj.bias)
+        if separate:
+            attn.split_projections()
+        block.attn = attn
+        block.__class__ = MainResidualAttentionBlock
+    return model.eval()
+
+
+LAYOUTS = ["multihead", "attention", "attention_separate"]
+
+
+def clip_in_layout(layout: str, seed: int, **kw) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the ``nn.MultiheadAttention`` model, the same weights in ``layout``)."""
+    model = tiny_clip(seed, **kw)
+    if layout == "multihead":
+        return model, model
+    return model, to_main_layout(model, separate=layout == "attention_separate")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_original_path_equals_open_clip_on_each_attention_layout(layout):
+    reference, model = clip_in_layout(layout, 4, layers=5, ls_init_value=0.3)
+    for block in model.visual.transformer.resblocks:
+        expected = torch.nn.MultiheadAttention if layout == "multihead" else MainAttention
+        assert type(block.attn) is expected
+        assert (getattr(block.attn, "in_proj_weight", None) is None) == (layout == "attention_separate")
+    torch.manual_seed(8)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model.encode_image(pixels)
+        tower = GemVisionTower(model.visual, gem_depth=4)
+        _, ori = tower(pixels)
+        plain = tower.original(pixels)
+        after = model.encode_image(pixels)
+        pooled, tokens = _clip_tokens(model, pixels)
+        mha_pooled = reference.encode_image(pixels)
+    assert torch.equal(before, after), "building and running GEM must not change CLIP's forward"
+    assert rel_diff(before, mha_pooled) < 1e-5, "the layouts are the same CLIP"
+    assert rel_diff(plain[:, 0], before) < 1e-5
+    assert rel_diff(plain[:, 1:], tokens) < 1e-5
+    assert rel_diff(ori[:, 0], pooled) < 1e-4
+    assert rel_diff(ori[:, 1:], tokens) < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["attention", "attention_separate"])
+@pytest.mark.parametrize("method", list(DENSE_METHODS))
+def test_dense_methods_agree_across_attention_layouts(method, layout):
+    reference, model = clip_in_layout(layout, 6, layers=4, ls_init_value=0.3)
+    torch.manual_seed(9)
+    pixels = torch.randn(2, 3, 40, 48)
+    towers = [GemVisionTower(m.visual, gem_depth=3, ss_attn_iter=2) for m in (reference, model)]
+    with torch.no_grad():
+        ref_tokens, tokens = (t.dense_features(pixels, method, naclip_std=2.0) for t in towers)
+    assert tokens.shape == ref_tokens.shape == (2, 1 + 5 * 6, 24)
+    assert rel_diff(tokens, ref_tokens) < 1e-5
+    cfg = GemConfig(model_name="tiny", pretrained=None, image_size=32, device="cpu", method=method)
+    images = [Image.fromarray(np.random.default_rng(3).integers(0, 256, (30, 45, 3), dtype=np.uint8))]
+    engines = [GemEngine(cfg, clip_model=m) for m in (reference, model)]
+    ref_maps, maps = (e.cosine_maps(images, ["a cat", "a dog"]) for e in engines)
+    np.testing.assert_allclose(maps[0], ref_maps[0], atol=1e-5)
+
+
+class OtherAttention(torch.nn.Module):
+    """An attention module that is neither ``nn.MultiheadAttention`` nor open_clip's ``Attention``."""
+
+    def __init__(self, mha: torch.nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.in_proj_weight, self.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
+        self.out_proj = mha.out_proj
+        self.num_heads, self.head_dim = mha.num_heads, mha.head_dim
+
+
+def test_unknown_attention_class_is_refused():
+    model = tiny_clip(0, layers=3)
+    blocks = model.visual.transformer.resblocks
+    blocks[1].attn = OtherAttention(blocks[1].attn)
+    expected = r"block 1: .*MultiheadAttention or open_clip's Attention, got \S*\.OtherAttention$"
+    with pytest.raises(ValueError, match=expected):
+        GemVisionTower(model.visual)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"qk_norm": True}, "qk_norm"),
+        ({"scaled_cosine": True}, "scaled_cosine"),
+        ({"scale_heads": True}, "scale_heads"),
+        ({"inner_norm": True}, "inner_norm"),
+    ],
+)
+def test_attention_options_that_change_the_math_are_refused(options, named):
+    model = to_main_layout(tiny_clip(0, layers=2), **options)
+    with pytest.raises(ValueError, match=f"open_clip Attention with {named}"):
+        GemVisionTower(model.visual)
+
+
+def test_scale_and_multihead_extras_are_refused():
+    model = to_main_layout(tiny_clip(0, layers=2))
+    model.visual.transformer.resblocks[0].attn.scale = 0.5
+    with pytest.raises(ValueError, match="block 0: .*scale=0.5"):
+        GemVisionTower(model.visual)
+    model = tiny_clip(0, layers=2)
+    block = model.visual.transformer.resblocks[1]
+    block.attn = torch.nn.MultiheadAttention(48, 4, add_bias_kv=True, batch_first=True)
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        GemVisionTower(model.visual)

@@ -20,11 +20,21 @@ The wrapper reuses the tower's own parameters (it adds none) and never changes t
   ``x + out_proj(v)``, then the block's MLP.
 
 ``ln_post`` and ``proj`` are applied to every path's tokens.
+
+Every read of a block's attention goes through :class:`BlockAttention`, which understands both attention
+layouts of open_clip's ``ResidualAttentionBlock``: ``nn.MultiheadAttention`` (open_clip 2.x/3.x releases) and
+open_clip's own ``Attention`` module (its main branch). Both keep the q/k/v projection as a fused
+``in_proj_weight`` (or separate ``q/k/v_proj_weight``) with ``in_proj_bias``, and an ``out_proj`` linear, so
+every method gives the same numbers on either layout. ``Attention`` options that change the attention math
+are refused, not emulated, with an error naming the option: ``qk_norm``, ``scaled_cosine`` (learned logit
+scale), ``scale_heads``, ``inner_norm`` and a ``scale`` other than ``head_dim ** -0.5``; so are
+``nn.MultiheadAttention``'s ``add_bias_kv`` and ``add_zero_attn``. Dropout is not applied (inference only).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +44,7 @@ from .config import METHODS
 
 __all__ = [
     "DENSE_METHODS",
+    "BlockAttention",
     "GemVisionTower",
     "gaussian_prior",
     "adaptive_inverse_temperature",
@@ -121,6 +132,50 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+class BlockAttention:
+    """A block's attention parameters, read alike for ``nn.MultiheadAttention`` and open_clip's ``Attention``.
+
+    Holds the module (not copies of its tensors), so it follows ``.to()``/``.half()`` of the model. Raises
+    ``ValueError`` for any other class, or for an option whose math the tower does not reproduce.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        _check_attention(attn)
+        self.module = attn
+        self.num_heads = int(attn.num_heads)
+        self.head_dim = int(attn.head_dim)
+
+    def _projections(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of the q, k and v projections, whichever layout holds them."""
+        attn = self.module
+        bias = attn.in_proj_bias
+        biases = bias.chunk(3) if bias is not None else (None, None, None)
+        fused = getattr(attn, "in_proj_weight", None)
+        if fused is not None:
+            weights = fused.chunk(3, dim=0)
+        else:
+            weights = (attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight)
+        return list(zip(weights, biases, strict=True))
+
+    def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q, k, v ``[B, heads, N, head_dim]`` of ``h = ln_1(x)`` (one matmul when fused)."""
+        fused = getattr(self.module, "in_proj_weight", None)
+        if fused is not None:
+            q, k, v = F.linear(h, fused, self.module.in_proj_bias).chunk(3, dim=-1)
+        else:
+            q, k, v = (F.linear(h, w, b) for w, b in self._projections())
+        return _heads(q, self.num_heads), _heads(k, self.num_heads), _heads(v, self.num_heads)
+
+    def value(self, h: torch.Tensor) -> torch.Tensor:
+        """Per-head v ``[B, heads, N, head_dim]`` alone (q and k are not computed)."""
+        w, b = self._projections()[2]
+        return _heads(F.linear(h, w, b), self.num_heads)
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """The output projection of per-head features ``[B, heads, N, head_dim]``; returns ``[B, N, C]``."""
+        return self.module.out_proj(_merge(o))
+
+
 class GemVisionTower(nn.Module):
     """Dense patch features from an open_clip ``VisionTransformer`` with GEM, MaskCLIP or CLIP's own path."""
 
@@ -132,7 +187,7 @@ class GemVisionTower(nn.Module):
         ss_attn_temp: float | None = None,
     ) -> None:
         super().__init__()
-        _check_supported(visual)
+        attentions = _check_supported(visual)
         blocks = visual.transformer.resblocks
         if gem_depth < 2:
             raise ValueError(f"gem_depth must be >= 2 (it replaces the last gem_depth-1 blocks): {gem_depth}")
@@ -140,6 +195,7 @@ class GemVisionTower(nn.Module):
             log.warning("gem_depth %d exceeds a %d-block ViT; using all blocks", gem_depth, len(blocks))
             gem_depth = len(blocks) + 1
         self.visual = visual
+        self._attentions = attentions  # one adapter per block, in block order
         self.gem_depth = int(gem_depth)
         self.ss_attn_iter = int(ss_attn_iter)
         self.ss_attn_temp = ss_attn_temp
@@ -175,22 +231,20 @@ class GemVisionTower(nn.Module):
             x = x @ self.visual.proj
         return x
 
-    @staticmethod
-    def _qkv(attn: nn.MultiheadAttention, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per-head q, k, v ``[B, heads, N, head_dim]`` of a block's attention on ``h = ln_1(x)``."""
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-        return tuple(_heads(t, attn.num_heads) for t in qkv.chunk(3, dim=-1))
-
     def _dual_step(
-        self, block: nn.Module, x_ori: torch.Tensor, x_side: torch.Tensor, side_attention
+        self,
+        block: nn.Module,
+        attn: BlockAttention,
+        x_ori: torch.Tensor,
+        x_side: torch.Tensor,
+        side_attention,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One block of the dual path: the original block unchanged, and the side path (no MLP) adding
         ``out_proj(side_attention(q, k, v, h, head_dim))`` computed from the original path's tokens."""
-        attn: nn.MultiheadAttention = block.attn
         h = block.ln_1(x_ori)
-        q, k, v = self._qkv(attn, h)
-        ori = attn.out_proj(_merge(F.scaled_dot_product_attention(q, k, v)))
-        side = attn.out_proj(_merge(side_attention(q, k, v, h, attn.head_dim)))
+        q, k, v = attn.qkv(h)
+        ori = attn.out(F.scaled_dot_product_attention(q, k, v))
+        side = attn.out(side_attention(q, k, v, h, attn.head_dim))
         x_new = x_ori + block.ls_1(ori)
         x_new = x_new + block.ls_2(block.mlp(block.ln_2(x_new)))
         return x_new, x_side + block.ls_1(side)
@@ -223,8 +277,8 @@ class GemVisionTower(nn.Module):
         for block in blocks[:start]:
             x = block(x)
         x_side = x
-        for block in blocks[start:]:
-            x, x_side = self._dual_step(block, x, x_side, side_attention)
+        for block, attn in zip(blocks[start:], self._attentions[start:], strict=True):
+            x, x_side = self._dual_step(block, attn, x, x_side, side_attention)
         return self._head(x_side), self._head(x)
 
     def clip_surgery(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -244,21 +298,21 @@ class GemVisionTower(nn.Module):
         """Tokens ``[B, 1 + gh*gw, D]`` of a method that changes only the last block's attention
         (``sclip``, ``clearclip``, ``naclip``, ``clipself``)."""
         x, grid, last = self._up_to_last_block(pixels)
-        attn: nn.MultiheadAttention = last.attn
-        q, k, v = self._qkv(attn, last.ln_1(x))
+        attn = self._attentions[-1]
         if method == "clipself":
-            y = x + last.ls_1(attn.out_proj(_merge(v)))
+            y = x + last.ls_1(attn.out(attn.value(last.ln_1(x))))
             return self._head(y + last.ls_2(last.mlp(last.ln_2(y))))
+        q, k, v = attn.qkv(last.ln_1(x))
         if method == "sclip":
             out = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
-            y = x + last.ls_1(attn.out_proj(_merge(out)))
+            y = x + last.ls_1(attn.out(out))
             return self._head(y + last.ls_2(last.mlp(last.ln_2(y))))
         if method == "clearclip":
-            return self._head(attn.out_proj(_merge(F.scaled_dot_product_attention(q, q, v))))
+            return self._head(attn.out(F.scaled_dot_product_attention(q, q, v)))
         if method == "naclip":
             prior = gaussian_prior(grid, naclip_std, device=x.device, dtype=q.dtype)
             out = F.scaled_dot_product_attention(k, k, v, attn_mask=prior)
-            return self._head(attn.out_proj(_merge(out)))
+            return self._head(attn.out(out))
         raise ValueError(f"unknown last-block method {method!r}")
 
     def original(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -271,12 +325,8 @@ class GemVisionTower(nn.Module):
     def maskclip(self, pixels: torch.Tensor) -> torch.Tensor:
         """MaskCLIP tokens ``[B, 1 + gh*gw, D]``: the last block's ``out_proj(v)``, then ln_post/proj."""
         x, _, last = self._up_to_last_block(pixels)
-        attn: nn.MultiheadAttention = last.attn
-        c = attn.embed_dim
-        h = last.ln_1(x)
-        bias = attn.in_proj_bias[2 * c :] if attn.in_proj_bias is not None else None
-        v = F.linear(h, attn.in_proj_weight[2 * c :], bias)
-        return self._head(attn.out_proj(v))
+        attn = self._attentions[-1]
+        return self._head(attn.out(attn.value(last.ln_1(x))))
 
     def dense_features(
         self, pixels: torch.Tensor, method: str = "gem", *, naclip_std: float = 5.0
@@ -315,8 +365,9 @@ def gaussian_prior(
     return F.pad(prior, (1, 0, 1, 0)).to(dtype)
 
 
-def _check_supported(visual: nn.Module) -> None:
-    """Refuse vision towers that GEM's block surgery does not describe (with the reason)."""
+def _check_supported(visual: nn.Module) -> tuple[BlockAttention, ...]:
+    """Refuse vision towers that GEM's block surgery does not describe (with the reason); return one
+    :class:`BlockAttention` per block."""
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
     if not isinstance(visual, VisionTransformer):
@@ -328,10 +379,64 @@ def _check_supported(visual: nn.Module) -> None:
         raise ValueError("GEM does not support vision towers with attentional pooling")
     if not getattr(visual.transformer, "batch_first", True):
         raise ValueError("GEM expects a batch-first open_clip transformer (open_clip >= 2.26)")
-    for block in visual.transformer.resblocks:
-        if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.attn, nn.MultiheadAttention):
+    attentions = []
+    for i, block in enumerate(visual.transformer.resblocks):
+        if not isinstance(block, ResidualAttentionBlock):
             raise ValueError(
                 f"GEM supports open_clip's standard ResidualAttentionBlock, got {type(block).__name__}"
             )
         if hasattr(block, "ln_1_kv"):
             raise ValueError("GEM does not support cross-attention blocks")
+        try:
+            attentions.append(BlockAttention(block.attn))
+        except ValueError as err:
+            raise ValueError(f"block {i}: {err}") from None
+    return tuple(attentions)
+
+
+def _open_clip_attention() -> type | None:
+    """open_clip's own ``Attention`` class, where the installed version has one."""
+    from open_clip import transformer
+
+    return getattr(transformer, "Attention", None)
+
+
+def _active(module: nn.Module | None) -> bool:
+    """Whether an optional norm layer is present (neither absent nor ``nn.Identity``)."""
+    return module is not None and not isinstance(module, nn.Identity)
+
+
+def _check_attention(attn: nn.Module) -> None:
+    """Refuse an attention module that :class:`BlockAttention` cannot read exactly (naming what it found)."""
+    oc_attention = _open_clip_attention()
+    if isinstance(attn, nn.MultiheadAttention):
+        if attn.bias_k is not None or attn.bias_v is not None:
+            raise ValueError("GEM does not support nn.MultiheadAttention with add_bias_kv=True")
+        if attn.add_zero_attn:
+            raise ValueError("GEM does not support nn.MultiheadAttention with add_zero_attn=True")
+    elif oc_attention is not None and isinstance(attn, oc_attention):
+        scale = getattr(attn, "scale", None)
+        refused = (
+            ("qk_norm", _active(getattr(attn, "ln_q", None)) or _active(getattr(attn, "ln_k", None))),
+            ("scaled_cosine (a learned logit_scale)", getattr(attn, "logit_scale", None) is not None),
+            ("scale_heads", getattr(attn, "head_scale", None) is not None),
+            ("inner_norm", _active(getattr(attn, "ln_inner", None))),
+            (
+                f"scale={scale} (GEM needs head_dim ** -0.5)",
+                scale is not None and not math.isclose(float(scale), attn.head_dim**-0.5, rel_tol=1e-6),
+            ),
+        )
+        for option, present in refused:
+            if present:
+                raise ValueError(f"GEM does not support open_clip Attention with {option}")
+    else:
+        raise ValueError(
+            "GEM supports a block attention of nn.MultiheadAttention or open_clip's Attention, "
+            f"got {type(attn).__module__}.{type(attn).__qualname__}"
+        )
+    if getattr(attn, "in_proj_weight", None) is None and any(
+        getattr(attn, name, None) is None for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    ):
+        raise ValueError(f"{type(attn).__name__} has neither in_proj_weight nor q/k/v_proj_weight")
+    if not isinstance(getattr(attn, "out_proj", None), nn.Linear):
+        raise ValueError(f"{type(attn).__name__} has no out_proj linear layer")
