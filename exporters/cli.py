@@ -32,6 +32,8 @@ images:
   /data/local-files/?d=REL is read from --images-root/REL (Label Studio's
   LOCAL_FILES_DOCUMENT_ROOT); /data/upload/... from --images-root (the upload, media or data
   folder); anything not found locally is downloaded from Label Studio when --url is known.
+  http(s) URLs in the export are downloaded; their redirects must stay on Label Studio or lead to
+  --allowed-hosts (Label Studio's own redirects to presigned storage are followed).
 
 examples:
   groundlabel export project.json --format coco --out data/coco --images-root ~/photos
@@ -93,6 +95,12 @@ def register(subparsers: Any) -> None:
         help="copy images into the dataset (default), symlink them, or write annotations only",
     )
     img.add_argument("--images-root", help="local folder that Label Studio image URLs resolve against")
+    img.add_argument(
+        "--allowed-hosts",
+        default=os.environ.get("GROUNDLABEL_ALLOWED_HOSTS", ""),
+        help="comma-separated hosts (host, host:port, *.domain, *) that image downloads may be redirected "
+        "to, besides Label Studio; a private address only when listed by name [GROUNDLABEL_ALLOWED_HOSTS]",
+    )
     coco = p.add_argument_group("coco")
     coco.add_argument(
         "--brush-format",
@@ -175,7 +183,6 @@ def run_export(args: argparse.Namespace) -> int:
 
     if (args.input is None) == (args.project is None):
         raise UserError("give either INPUT (a Label Studio JSON export) or --project N")
-    client = None
     config = None
     if args.label_config:
         try:
@@ -183,12 +190,15 @@ def run_export(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UserError(f"cannot read --label-config {args.label_config}: {exc}") from exc
     if args.project is not None:
-        tasks, project_config, client = fetch_project(args.project, url=args.url, api_key=args.api_key)
+        tasks, project_config, _ = fetch_project(args.project, url=args.url, api_key=args.api_key)
         config = config or project_config
     else:
         tasks = load_labelstudio_export(args.input)
     resolver = ImageResolver(
-        images_root=args.images_root, label_studio_url=args.url, api_key=args.api_key, client=client
+        images_root=args.images_root,
+        label_studio_url=args.url,
+        api_key=args.api_key,
+        allowed_hosts=args.allowed_hosts or "",
     )
     progress = not args.quiet and sys.stderr.isatty()
     common = dict(

@@ -1,6 +1,6 @@
 """Finding a task's image and putting it into the dataset folder (copy, link, or not at all).
 
-Where an image reference leads:
+Where an image reference leads (the rules are :mod:`groundlabel.ls_access`'s, shared with the workers):
 
 - ``/data/local-files/?d=REL``: ``IMAGES_ROOT/REL`` (``IMAGES_ROOT`` = Label Studio's
   ``LOCAL_FILES_DOCUMENT_ROOT``); a path leaving the root is refused.
@@ -8,8 +8,11 @@ Where an image reference leads:
   then ``IMAGES_ROOT/media/upload/REST`` (``IMAGES_ROOT`` may be the upload folder, the media folder or
   Label Studio's data folder).
 - When the file is not found locally and a Label Studio URL is known, both are downloaded from Label
-  Studio with the token (the SDK's client sends a legacy token or exchanges a personal access token).
-- ``http(s)://`` URLs: downloaded (the token is sent only to the Label Studio origin).
+  Studio with the token (a legacy token, or a personal access token exchanged for an access token).
+- ``http(s)://`` URLs: downloaded. The URL itself is the export's, so any host is fetched; every
+  redirect is checked as the workers check it (Label Studio, ``allowed_hosts``, or one hop that Label
+  Studio itself chose; non-public addresses only when listed explicitly). The token goes only to the
+  Label Studio origin.
 - anything else is a local path, absolute or relative to ``IMAGES_ROOT`` (or the working folder).
 """
 
@@ -18,15 +21,28 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from groundlabel.errors import UserError
+from groundlabel.ls_access import (
+    FetchError,
+    FetchSettings,
+    download_file,
+    is_local_files_url,
+    is_upload_url,
+    local_files_path,
+    normalise_base_url,
+    upload_paths,
+)
 
 IMAGE_MODES = ("copy", "link", "none")
-_DOWNLOAD_LIMIT = 200 * 1024 * 1024
+#: The largest image the exporters download, in bytes.
+DOWNLOAD_LIMIT = 200 * 1024 * 1024
+#: How long one image download may take in all, in seconds.
+DOWNLOAD_DEADLINE = 900.0
 
 
 class ImageNotFound(UserError):
@@ -53,13 +69,18 @@ def image_file_name(ref: str) -> str:
 
 @dataclass
 class ImageResolver:
-    """Locates, downloads and measures task images."""
+    """Locates, downloads and measures task images.
+
+    ``allowed_hosts`` (a sequence or a comma-separated string of ``host``, ``host:port``, ``*.domain``
+    or ``*``): hosts that redirects may lead to, besides Label Studio.
+    """
 
     images_root: str | Path | None = None
     label_studio_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
-    client: Any = field(default=None, repr=False)  # a label_studio_sdk.LabelStudio, made lazily
+    allowed_hosts: Sequence[str] | str = ()
     timeout: float = 60.0
+    _settings: FetchSettings | None = field(default=None, repr=False)
     _tmp: Path | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -76,20 +97,14 @@ class ImageResolver:
         """Local files the reference may be, in the order they are tried."""
         parts = urlsplit(ref)
         root = self.images_root
-        if parts.path.rstrip("/").endswith("/data/local-files"):
-            d = parse_qs(parts.query).get("d", [""])[0]
-            if not d:
-                raise ImageNotFound(f"{ref!r} has no d= parameter")
-            return [_safe_join(root, d)] if root else []
-        if "/data/upload/" in parts.path:
-            rest = parts.path.split("/data/upload/", 1)[1]
-            if not root:
-                return []
-            return [
-                _safe_join(root, rest),
-                _safe_join(root, "upload/" + rest),
-                _safe_join(root, "media/upload/" + rest),
-            ]
+        try:
+            if is_local_files_url(ref):
+                path = local_files_path(ref, root)
+                return [path] if path is not None else []
+            if is_upload_url(ref):
+                return upload_paths(ref, root)
+        except FetchError as exc:
+            raise ImageNotFound(str(exc)) from exc
         if parts.scheme in ("http", "https"):
             return []
         if parts.scheme and len(parts.scheme) > 1:  # s3://, gs:// ... (a Windows drive letter is 1 char)
@@ -107,18 +122,17 @@ class ImageResolver:
         return None
 
     def _download_url(self, ref: str) -> tuple[str, bool]:
-        """``(absolute URL, send the token)`` for a reference that is not a local file."""
+        """``(absolute URL, written in the export)`` for a reference that is not a local file."""
         parts = urlsplit(ref)
         if parts.scheme in ("http", "https"):
-            same = bool(self.label_studio_url) and ref.startswith(self.label_studio_url + "/")
-            return ref, same
+            return ref, True
         if parts.scheme and len(parts.scheme) > 1:
             raise ImageNotFound(
                 f"{parts.scheme}:// images are not read directly: export with --images none, or copy the "
                 "files locally and pass --images-root"
             )
         if ref.startswith("/data/") and self.label_studio_url:
-            return self.label_studio_url + ref, True
+            return self.label_studio_url + ref, False
         raise ImageNotFound(
             f"not found locally ({self._where(ref)}) and no Label Studio URL to download from"
         )
@@ -129,48 +143,31 @@ class ImageResolver:
             return "no --images-root given" if self.images_root is None else "no local candidate"
         return "looked at " + ", ".join(str(c) for c in cands[:3])
 
-    def _headers(self, with_token: bool) -> dict[str, str]:
-        if not with_token or not self.api_key:
-            return {}
-        if self.client is None:
-            from label_studio_sdk.client import LabelStudio
-
-            self.client = LabelStudio(base_url=self.label_studio_url, api_key=self.api_key)
-        headers = self.client._client_wrapper.get_headers()  # the SDK's token handling (legacy or PAT)
-        return {"Authorization": headers["Authorization"]} if "Authorization" in headers else {}
+    def fetch_settings(self) -> FetchSettings:
+        """The download settings: Label Studio and its key, ``allowed_hosts``, :data:`DOWNLOAD_LIMIT`."""
+        if self._settings is None:
+            hosts = (
+                self.allowed_hosts.split(",") if isinstance(self.allowed_hosts, str) else self.allowed_hosts
+            )
+            self._settings = FetchSettings(
+                label_studio_url=normalise_base_url(self.label_studio_url, "--url"),
+                api_key=self.api_key,
+                allowed_hosts=tuple(hosts),
+                max_bytes=DOWNLOAD_LIMIT,
+                connect_timeout=self.timeout,
+                read_timeout=self.timeout,
+                total_timeout=DOWNLOAD_DEADLINE,
+                hosts_setting="--allowed-hosts",
+            )
+        return self._settings
 
     def download(self, ref: str, dest: Path) -> None:
-        """Download ``ref`` to ``dest``."""
-        import httpx
-
-        url, with_token = self._download_url(ref)
+        """Download ``ref`` to ``dest`` (every redirect checked; the token only to Label Studio)."""
+        url, user_chosen = self._download_url(ref)
         try:
-            with httpx.stream(
-                "GET",
-                url,
-                headers=self._headers(with_token),
-                timeout=self.timeout,
-                follow_redirects=not with_token,
-            ) as resp:
-                if resp.status_code in (301, 302, 303, 307, 308) and with_token:
-                    # a presigned storage URL: follow it without the token
-                    location = resp.headers.get("location", "")
-                    if not location.startswith(("http://", "https://")):
-                        raise ImageNotFound(f"{url} redirected to {location!r}, which is not an http(s) URL")
-                    return self.download(location, dest)
-                if resp.status_code != 200:
-                    hint = " (check the API key)" if resp.status_code in (401, 403) else ""
-                    raise ImageNotFound(f"download of {url} answered HTTP {resp.status_code}{hint}")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                size = 0
-                with open(dest, "wb") as fh:
-                    for chunk in resp.iter_bytes():
-                        size += len(chunk)
-                        if size > _DOWNLOAD_LIMIT:
-                            raise ImageNotFound(f"{url} is larger than {_DOWNLOAD_LIMIT} bytes")
-                        fh.write(chunk)
-        except httpx.HTTPError as exc:
-            raise ImageNotFound(f"download of {url} failed: {exc}") from exc
+            download_file(url, dest, self.fetch_settings(), user_chosen=user_chosen)
+        except FetchError as exc:
+            raise ImageNotFound(str(exc)) from exc
 
     def _scratch(self) -> Path:
         if self._tmp is None:

@@ -114,24 +114,21 @@ def fetch_project(
 ) -> tuple[list[dict[str, Any]], str, Any]:
     """``(tasks, label_config, client)`` of a Label Studio project read through its API.
 
-    Uses label-studio-sdk, which sends a legacy token or exchanges a personal access token itself.
+    The client is :func:`groundlabel.ls_client.make_client`'s (a legacy token or a personal access token);
+    a failed call raises :class:`~groundlabel.ls_client.LabelStudioError` with the reason, never the key.
     """
     if not url or not api_key:
         raise UserError("--project needs --url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
-    from label_studio_sdk.client import LabelStudio
+    from groundlabel.ls_client import api_call, get_project, make_client
 
-    client = client or LabelStudio(base_url=url.rstrip("/"), api_key=api_key)
-    try:
-        info = client.projects.get(id=project)
-        raw = b"".join(
-            client.projects.exports.download_sync(project, export_type="JSON", download_all_tasks=True)
-        )
-    except Exception as exc:  # the SDK raises ApiError, httpx errors, token errors
-        status = getattr(exc, "status_code", None)
-        hint = {401: " (the API key was refused)", 404: " (no such project)"}.get(status or 0, "")
-        raise UserError(
-            f"cannot read project {project} from {url}: {type(exc).__name__}: {exc}{hint}"
-        ) from exc
+    client = client or make_client(url, api_key)
+    info = get_project(client, project)
+
+    def download() -> bytes:
+        chunks = client.projects.exports.download_sync(project, export_type="JSON", download_all_tasks=True)
+        return b"".join(chunks)
+
+    raw = api_call(f"exporting project {project}", download)
     try:
         tasks = json.loads(raw)
     except json.JSONDecodeError as exc:

@@ -78,7 +78,7 @@ def plan_tasks(
     tasks: Sequence[dict[str, Any]], project_id: int, model_version: str, *, force: bool = False
 ) -> PrelabelPlan:
     """Split a project's tasks into those to predict and those that already hold a current prediction."""
-    from labeling_backend.labelstudio_client import has_prediction_version
+    from groundlabel.ls_client import has_prediction_version
 
     todo: list[dict[str, Any]] = []
     skipped: list[int] = []
@@ -138,8 +138,8 @@ def run_prelabel(
     """
     from tqdm import tqdm
 
+    from groundlabel.ls_client import get_project, iter_tasks
     from labeling_backend.label_config import parse_label_config
-    from labeling_backend.labelstudio_client import get_project, iter_tasks
     from labeling_backend.metrics import Metrics
     from labeling_backend.service import Predictor
 
@@ -204,7 +204,7 @@ def _collect(
     ``replace``: the tasks' older predictions of the same model version are deleted once the new ones
     are stored (``--force``), so a task keeps one prediction per model version.
     """
-    from labeling_backend.labelstudio_client import (
+    from groundlabel.ls_client import (
         LabelStudioError,
         delete_predictions,
         prediction_ids,
@@ -253,7 +253,7 @@ def _collect(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from labeling_backend.labelstudio_client import (
+    from groundlabel.ls_client import (
         get_project,
         iter_tasks,
         make_client,

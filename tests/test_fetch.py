@@ -6,7 +6,9 @@ real Label Studio (``tests/labelstudio_server.py``).
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,15 +19,14 @@ from labelstudio_server import require_label_studio, shared_label_studio
 from PIL import Image
 
 from groundlabel.errors import UserError
-from workers.fetch import (
+from groundlabel.ls_access import (
     REFUSED_TOKEN_REASON,
     FetchError,
     FetchSettings,
     clear_token_cache,
-    fetch_bytes,
-    fetch_image,
     redact_url,
 )
+from workers.fetch import fetch_bytes, fetch_image
 
 
 def png_bytes(width: int = 24, height: int = 16, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -100,8 +101,8 @@ class _Handler(BaseHTTPRequestHandler):
 class ImageServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, handler: type[BaseHTTPRequestHandler] | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), handler or _Handler)
         self.requests: list[tuple[str, dict]] = []
         self.redirect_to = "/img.png"
         self.sent = 0
@@ -342,6 +343,267 @@ def test_redact_url():
     assert "secret" not in str(err) and "boom" in str(err)
 
 
+# --- the exporters download through the same layer -----------------------------------------------
+
+LEGACY_TOKEN = "legacy-secret-token"
+
+
+def _jwt(claims: dict) -> str:
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+PERSONAL_TOKEN = _jwt({"token_type": "refresh", "exp": 4102444800, "jti": "pat"})
+
+
+class _LabelStudioHandler(_Handler):
+    """Label Studio's token refresh and uploads; everything else as :class:`_Handler`."""
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        server: FakeLabelStudio = self.server  # type: ignore[assignment]
+        server.requests.append((self.path, dict(self.headers)))
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if self.path != "/api/token/refresh/" or body.get("refresh") != PERSONAL_TOKEN:
+            self._send(401, b'{"detail": "Token is invalid or expired"}')
+            return
+        server.refreshes += 1
+        server.access = _jwt({"token_type": "access", "exp": int(time.time()) + 300, "n": server.refreshes})
+        self._send(200, json.dumps({"access": server.access}).encode(), {"Content-Type": "application/json"})
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        server: FakeLabelStudio = self.server  # type: ignore[assignment]
+        path = self.path.split("?", 1)[0]
+        if not path.startswith("/data/upload/"):
+            super().do_GET()
+            return
+        server.requests.append((self.path, dict(self.headers)))
+        accepted = {f"Token {LEGACY_TOKEN}"} | ({f"Bearer {server.access}"} if server.access else set())
+        if self.headers.get("Authorization") not in accepted:
+            self._send(401)
+        elif path == "/data/upload/elsewhere.png":  # a presigned storage URL, as for cloud storage
+            self._send(302, headers={"Location": server.redirect_to})
+        elif path == "/data/upload/login.png":
+            self._send(302, headers={"Location": f"/user/login/?next={path}"})
+        else:
+            self._send(200, png_bytes(31, 17), {"Content-Type": "image/png"})
+
+
+class FakeLabelStudio(ImageServer):
+    def __init__(self) -> None:
+        super().__init__(_LabelStudioHandler)
+        self.refreshes = 0
+        self.access: str | None = None
+
+
+@pytest.fixture
+def fake_ls():
+    srv = FakeLabelStudio()
+    clear_token_cache()
+    yield srv
+    clear_token_cache()
+    srv.close()
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        return img.size
+
+
+def test_export_download_checks_every_redirect(server, other_server, tmp_path):
+    from exporters.images import DOWNLOAD_LIMIT, ImageNotFound, ImageResolver
+
+    assert DOWNLOAD_LIMIT == 200 * 1024 * 1024
+    assert ImageResolver().fetch_settings().max_bytes == DOWNLOAD_LIMIT
+    resolver = ImageResolver()
+    # A URL written in the export is the user's choice: fetched even on loopback ...
+    resolver.place(server.base + "/img.png", tmp_path / "a.png", "copy")
+    assert _size(tmp_path / "a.png") == (24, 16)
+    # ... but where it redirects is checked as the workers check it.
+    server.redirect_to = f"{other_server.base}/img.png"
+    with pytest.raises(ImageNotFound, match=r"not allowed \(not Label Studio, not in --allowed-hosts\)"):
+        resolver.place(server.base + "/redirect", tmp_path / "b.png", "copy")
+    assert not (tmp_path / "b.png").exists()
+    with pytest.raises(ImageNotFound, match="non-public address 127.0.0.1"):
+        ImageResolver(allowed_hosts="*").place(server.base + "/redirect", tmp_path / "b.png", "copy")
+    server.redirect_to = "http://169.254.169.254/latest/meta-data/"
+    with pytest.raises(ImageNotFound, match="non-public address 169.254.169.254"):
+        ImageResolver(allowed_hosts=("*",)).place(server.base + "/redirect", tmp_path / "b.png", "copy")
+    server.redirect_to = "file:///etc/passwd"
+    with pytest.raises(ImageNotFound, match="unsupported URL scheme 'file'"):
+        resolver.place(server.base + "/redirect", tmp_path / "b.png", "copy")
+    assert other_server.requests == []
+    # A host listed explicitly (a private address included) is followed.
+    server.redirect_to = f"{other_server.base}/img.png"
+    listed = ImageResolver(allowed_hosts=f"127.0.0.1:{other_server.port}")
+    listed.place(server.base + "/redirect", tmp_path / "b.png", "copy")
+    assert _size(tmp_path / "b.png") == (24, 16) and len(other_server.requests) == 1
+    # Non-http schemes are refused at the first hop too.
+    with pytest.raises(ImageNotFound, match="not read directly"):
+        resolver.place("ftp://example.com/a.png", tmp_path / "c.png", "copy")
+
+
+def test_export_download_sends_the_token_to_label_studio_only(fake_ls, other_server, tmp_path):
+    from exporters.images import ImageNotFound, ImageResolver
+
+    fake_ls.redirect_to = f"{other_server.base}/img.png"
+    resolver = ImageResolver(
+        label_studio_url=fake_ls.base, api_key=LEGACY_TOKEN, allowed_hosts=f"127.0.0.1:{other_server.port}"
+    )
+    # Label Studio redirects to "storage": the token goes to Label Studio, not to the redirect target.
+    resolver.place("/data/upload/elsewhere.png", tmp_path / "a.png", "copy")
+    assert _size(tmp_path / "a.png") == (24, 16)
+    assert fake_ls.requests[-1][1]["Authorization"] == f"Token {LEGACY_TOKEN}"
+    assert "Authorization" not in other_server.requests[-1][1]
+    # An absolute URL on Label Studio's origin gets the token; one on another origin never does.
+    resolver.place(fake_ls.base + "/data/upload/1/a.png", tmp_path / "b.png", "copy")
+    assert fake_ls.requests[-1][1]["Authorization"] == f"Token {LEGACY_TOKEN}"
+    resolver.place(other_server.base + "/img.png", tmp_path / "c.png", "copy")
+    assert "Authorization" not in other_server.requests[-1][1]
+    # Another host redirecting to Label Studio does not bring the token along.
+    other_server.redirect_to = fake_ls.base + "/data/upload/1/a.png"
+    with pytest.raises(ImageNotFound, match=r"refused access \(HTTP 401\)"):
+        resolver.place(other_server.base + "/redirect", tmp_path / "d.png", "copy")
+    assert "Authorization" not in fake_ls.requests[-1][1]
+    # Label Studio's own redirect is trusted for one hop, yet a loopback target must be listed.
+    with pytest.raises(ImageNotFound, match="non-public address 127.0.0.1"):
+        ImageResolver(label_studio_url=fake_ls.base, api_key=LEGACY_TOKEN).place(
+            "/data/upload/elsewhere.png", tmp_path / "e.png", "copy"
+        )
+    # A redirect to the login page means the token was refused.
+    with pytest.raises(ImageNotFound, match="redirected to the login page"):
+        resolver.place("/data/upload/login.png", tmp_path / "f.png", "copy")
+    assert not any(LEGACY_TOKEN in str(h) for p, h in other_server.requests)
+
+
+def test_export_exchanges_a_personal_access_token_like_the_workers(fake_ls, tmp_path):
+    from exporters.images import ImageNotFound, ImageResolver
+    from groundlabel.ls_access import LabelStudioAuth
+
+    resolver = ImageResolver(label_studio_url=fake_ls.base, api_key=PERSONAL_TOKEN)
+    resolver.place("/data/upload/1/a.png", tmp_path / "a.png", "copy")
+    assert _size(tmp_path / "a.png") == (31, 17)
+    assert fake_ls.refreshes == 1
+    assert fake_ls.requests[-1][1]["Authorization"] == f"Bearer {fake_ls.access}"
+    # The workers use the same token class and its cache: no second exchange.
+    settings = FetchSettings(label_studio_url=fake_ls.base, api_key=PERSONAL_TOKEN)
+    assert fetch_image("/data/upload/1/a.png", settings=settings).size == (31, 17)
+    assert fake_ls.refreshes == 1
+    auth = LabelStudioAuth(fake_ls.base + "/", PERSONAL_TOKEN)
+    assert auth.kind == "personal" and auth.header() == {"Authorization": f"Bearer {fake_ls.access}"}
+    assert PERSONAL_TOKEN not in repr(auth)
+    # A refused access token is invalidated, exchanged once more and the download retried.
+    fake_ls.access = None
+    resolver.place("/data/upload/1/a.png", tmp_path / "b.png", "copy")
+    assert fake_ls.refreshes == 2 and _size(tmp_path / "b.png") == (31, 17)
+    # A personal access token that Label Studio did not issue fails at the refresh endpoint.
+    forged = _jwt({"token_type": "refresh", "exp": 4102444800, "jti": "forged"})
+    with pytest.raises(ImageNotFound, match="refused the token") as info:
+        ImageResolver(label_studio_url=fake_ls.base, api_key=forged).place(
+            "/data/upload/1/a.png", tmp_path / "c.png", "copy"
+        )
+    assert forged not in str(info.value) and fake_ls.refreshes == 2
+    # The other kinds of key.
+    assert LabelStudioAuth(fake_ls.base, "abc").header() == {"Authorization": "Token abc"}
+    access = _jwt({"token_type": "access", "exp": 4102444800})
+    assert LabelStudioAuth(fake_ls.base, access).header() == {"Authorization": f"Bearer {access}"}
+    assert LabelStudioAuth(fake_ls.base, None).header() == {} == LabelStudioAuth(None, "abc").header()
+
+
+def test_local_files_and_uploads_resolve_alike_for_workers_and_exporters(tmp_path):
+    from exporters.images import ImageNotFound, ImageResolver
+    from groundlabel.ls_access import local_files_path, upload_paths
+
+    root = tmp_path / "root"
+    files = {
+        "pics/a.png": (10, 7),
+        "pics/a b.png": (11, 7),
+        "pics/a%20b.png": (12, 7),  # a literal percent sign in the name
+        "3/up.png": (13, 7),  # ROOT/REST
+        "upload/4/up.png": (14, 7),  # ROOT/upload/REST
+        "media/upload/5/up.png": (15, 7),  # ROOT/media/upload/REST
+    }
+    for rel, (w, h) in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(png_bytes(w, h))
+    (tmp_path / "secret.png").write_bytes(png_bytes())
+    (root / "escape").symlink_to(tmp_path)
+    refs = {
+        "/data/local-files/?d=pics/a.png": (10, 7),
+        "/data/local-files/?d=/pics/./a.png": (10, 7),
+        "/data/local-files/?d=pics/a%20b.png": (11, 7),
+        "/data/local-files/?d=pics/a%2520b.png": (12, 7),  # decoded once, as Label Studio does
+        "/data/upload/3/up.png": (13, 7),
+        "/data/upload/4/up.png": (14, 7),
+        "/data/upload/5/up.png": (15, 7),
+    }
+    workers = FetchSettings(local_files_root=str(root), upload_root=str(root))
+    resolver = ImageResolver(images_root=root)
+    for ref, size in refs.items():
+        assert fetch_image(ref, settings=workers).size == size, ref
+        assert _size(resolver.locate(ref)) == size, ref
+        shared = upload_paths(ref, root) if ref.startswith("/data/upload/") else [local_files_path(ref, root)]
+        assert resolver.local_candidates(ref) == shared
+    # Outside the roots, with the same reason on both sides (and no HTTP: port 9 is never contacted).
+    workers = FetchSettings(
+        local_files_root=str(root), upload_root=str(root), label_studio_url="http://127.0.0.1:9"
+    )
+    resolver = ImageResolver(images_root=root, label_studio_url="http://127.0.0.1:9")
+    for ref in (
+        "/data/local-files/?d=../secret.png",
+        "/data/local-files/?d=pics/../../secret.png",
+        "/data/local-files/?d=..%2Fsecret.png",
+        "/data/local-files/?d=escape/secret.png",
+        "/data/upload/..%2F..%2Fsecret.png",
+        "/data/upload/escape/secret.png",
+    ):
+        with pytest.raises(FetchError, match="path traversal refused"):
+            fetch_bytes(ref, settings=workers)
+        with pytest.raises(ImageNotFound, match="path traversal refused"):
+            resolver.place(ref, tmp_path / "out.png", "copy")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_export_cli_allowed_hosts(server, other_server, tmp_path, monkeypatch):
+    from exporters.synthetic import polygon_result
+    from groundlabel import cli
+
+    for name in ("GROUNDLABEL_ALLOWED_HOSTS", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    server.redirect_to = f"{other_server.base}/img.png"
+    result = polygon_result([[10, 10], [60, 10], [30, 60]], "cat", 24, 16)
+    tasks = [
+        {
+            "id": 1,
+            "data": {"image": server.base + "/redirect"},
+            "annotations": [{"id": 1, "result": [result]}],
+        }
+    ]
+    src = tmp_path / "export.json"
+    src.write_text(json.dumps(tasks))
+
+    def export(out: Path, *extra: str) -> dict:
+        assert cli.main(["export", str(src), "--format", "coco", "--out", str(out), "-q", *extra]) == 0
+        return json.loads((out / "export_summary.json").read_text())
+
+    refused = export(tmp_path / "refused")
+    assert refused["skipped"]["image not found"]["count"] == 1
+    assert "--allowed-hosts" in refused["skipped"]["image not found"]["examples"][0]
+    assert other_server.requests == []
+    allowed = export(tmp_path / "allowed", "--allowed-hosts", f"127.0.0.1:{other_server.port}")
+    assert allowed["exported"]["images copied"] == 1
+    assert _size(tmp_path / "allowed" / "images" / "redirect") == (24, 16)
+
+
 # --- a real Label Studio -----------------------------------------------------------------------------
 
 LABEL_CONFIG = """<View>
@@ -428,3 +690,27 @@ def test_local_root_is_read_without_label_studio(label_studio, ls_images):
     )
     assert fetch_image(local_url, settings=settings).size == (13, 9)  # port 9 is never contacted
     assert Path(label_studio.files_root, "fetchtest", "local.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_label_studio_export_reads_the_project_and_its_images(label_studio, ls_images, tmp_path):
+    from exporters.images import ImageResolver
+    from exporters.labelstudio import fetch_project
+    from groundlabel.ls_client import LabelStudioError
+
+    project, upload_url, local_url = ls_images
+    for key in (label_studio.legacy_token, label_studio.personal_access_token()):
+        clear_token_cache()
+        tasks, config, _ = fetch_project(project, url=label_studio.url, api_key=key)
+        assert [t["data"]["image"] for t in tasks] == [upload_url] and "PolygonLabels" in config
+        resolver = ImageResolver(label_studio_url=label_studio.url, api_key=key)
+        assert resolver.size(upload_url) == (31, 17)
+        assert resolver.size(local_url) == (13, 9)  # through Label Studio over HTTP
+        resolver.close()
+    wrong = "0123456789abcdef0123456789abcdef01234567"
+    with pytest.raises(LabelStudioError, match="refused the API key") as info:
+        fetch_project(project, url=label_studio.url, api_key=wrong)
+    assert wrong not in str(info.value)
+    with pytest.raises(LabelStudioError, match="no such project"):
+        fetch_project(987654, url=label_studio.url, api_key=label_studio.legacy_token)

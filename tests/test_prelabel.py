@@ -12,7 +12,7 @@ from labelstudio_server import PROJECT_CONFIG, require_label_studio, shared_labe
 
 from groundlabel.cli import main
 from groundlabel.errors import UserError
-from labeling_backend.labelstudio_client import (
+from groundlabel.ls_client import (
     LabelStudioError,
     get_project,
     has_prediction_version,
