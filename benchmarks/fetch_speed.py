@@ -31,7 +31,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workers.fetch import FetchSettings, clear_token_cache, fetch_image  # noqa: E402
+from groundlabel.ls_access import FetchSettings, clear_token_cache  # noqa: E402
+from workers.fetch import fetch_image  # noqa: E402
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

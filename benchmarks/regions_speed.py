@@ -2,7 +2,7 @@
 
 Score maps look like GEM's: a coarse grid (28×28 tokens) of smooth random scores for each prompt,
 upsampled bilinearly to the image size, so that the masks have a realistic number of blobs, holes and
-fragments. Each row times ``predict_regions`` for one control type (3 labels, one prompt each), median
+fragments. Each row times ``regions_from_scores`` for one control type (3 labels, one prompt each), median
 of ``--repeat`` runs, and reports regions and polygon vertices produced.
 
     .venv/bin/python benchmarks/regions_speed.py
@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from labeling_backend.label_config import ControlSpec, LabelingSpec  # noqa: E402
-from workers.regions import predict_regions  # noqa: E402
+from groundlabel.spec import ControlSpec, LabelingSpec  # noqa: E402
+from workers.regions import regions_from_scores  # noqa: E402
 
 LABELS = ["cat", "dog", "car"]
 CONTROLS = ["PolygonLabels", "BrushLabels", "RectangleLabels", "KeyPointLabels"]
@@ -63,7 +63,9 @@ def main() -> int:
             times = []
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
-                results, _ = predict_regions(spec, maps, width=width, height=height, threshold=args.threshold)
+                results, _ = regions_from_scores(
+                    spec, maps, width=width, height=height, threshold=args.threshold
+                )
                 times.append(time.perf_counter() - t0)
             med = statistics.median(times)
             vertices = sum(len(r["value"].get("points", [])) for r in results)

@@ -4,7 +4,6 @@ Label Studio import JSON). Heavy modules are imported inside the handler."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,11 +60,11 @@ def register(subparsers: Any) -> None:
     src = p.add_argument_group("reading a project through the API")
     src.add_argument("--project", type=int, help="Label Studio project id (instead of INPUT)")
     src.add_argument(
-        "--url", default=os.environ.get("LABEL_STUDIO_URL"), help="Label Studio URL [LABEL_STUDIO_URL]"
+        "--url", default=None, help="Label Studio URL [LABEL_STUDIO_URL]"
     )
     src.add_argument(
         "--api-key",
-        default=os.environ.get("LABEL_STUDIO_API_KEY"),
+        default=None,
         help="legacy token or personal access token [LABEL_STUDIO_API_KEY]",
     )
     sel = p.add_argument_group("what to export")
@@ -97,7 +96,7 @@ def register(subparsers: Any) -> None:
     img.add_argument("--images-root", help="local folder that Label Studio image URLs resolve against")
     img.add_argument(
         "--allowed-hosts",
-        default=os.environ.get("GROUNDLABEL_ALLOWED_HOSTS", ""),
+        default=None,
         help="comma-separated hosts (host, host:port, *.domain, *) that image downloads may be redirected "
         "to, besides Label Studio; a private address only when listed by name [GROUNDLABEL_ALLOWED_HOSTS]",
     )
@@ -180,9 +179,15 @@ def run_export(args: argparse.Namespace) -> int:
     from exporters import refcoco as ref_mod
     from exporters.images import ImageResolver
     from exporters.labelstudio import fetch_project, load_labelstudio_export
+    from groundlabel.settings import Settings
 
     if (args.input is None) == (args.project is None):
         raise UserError("give either INPUT (a Label Studio JSON export) or --project N")
+    fetch = Settings.from_env().fetch  # the defaults of --url, --api-key and --allowed-hosts
+    args.url = args.url or fetch.label_studio_url
+    args.api_key = args.api_key or fetch.api_key
+    if args.allowed_hosts is None:
+        args.allowed_hosts = ",".join(fetch.allowed_hosts)
     config = None
     if args.label_config:
         try:

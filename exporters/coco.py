@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 
 from groundlabel.errors import UserError
 from groundlabel.ls_format import brush_rle_encode, make_result, pixels_to_percent
-from labeling_backend.label_config import LabelingSpec
+from groundlabel.spec import LabelingSpec
 
 from . import geometry
 from .images import IMAGE_MODES, ImageNotFound, ImageResolver, image_file_name

@@ -17,7 +17,7 @@ from typing import Any
 
 from groundlabel.errors import UserError
 from groundlabel.ls_format import brush_rle_decode
-from labeling_backend.label_config import LabelingSpec, parse_label_config
+from groundlabel.spec import LabelingSpec, parse_label_config
 
 from . import geometry
 from .images import ImageNotFound, ImageResolver

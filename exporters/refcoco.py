@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from groundlabel.errors import UserError
-from labeling_backend.label_config import LabelingSpec
+from groundlabel.spec import LabelingSpec
 
 from .coco import build_coco, place_images, prepare, write_json
 from .images import ImageResolver

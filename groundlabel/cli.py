@@ -16,13 +16,13 @@ from groundlabel import __version__
 from groundlabel.errors import UserError
 
 COMMAND_MODULES: list[str] = [
-    "workers.predict",
+    "workers.predict_files",
     "workers.evaluation.cli",
     "workers.models.lavt.cli",
     "workers.models.clipself.cli",
     "exporters.cli",
-    "labeling_backend.serve",
-    "labeling_backend.prelabel",
+    "groundlabel.commands.serve",
+    "groundlabel.commands.prelabel",
     "workers.worker",
 ]
 

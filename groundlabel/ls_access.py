@@ -33,7 +33,7 @@ import posixpath
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import SplitResult, parse_qs, unquote, urljoin, urlsplit, urlunsplit
@@ -41,8 +41,8 @@ from urllib.parse import SplitResult, parse_qs, unquote, urljoin, urlsplit, urlu
 import httpx
 
 from groundlabel.errors import UserError
+from groundlabel.limits import DEFAULT_MAX_BYTES
 
-DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_TOTAL_TIMEOUT = 120.0
@@ -93,32 +93,6 @@ def redact_url(url: str) -> str:
 # Settings
 
 
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise UserError(f"{name}={raw!r} is not a number") from exc
-    if value <= 0:
-        raise UserError(f"{name} must be positive, got {raw!r}")
-    return value
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise UserError(f"{name}={raw!r} is not an integer") from exc
-    if value <= 0:
-        raise UserError(f"{name} must be positive, got {raw!r}")
-    return value
-
-
 def normalise_base_url(url: str | None, what: str) -> str | None:
     """``url`` without its trailing slash, or None when empty; a UserError naming ``what`` when invalid."""
     if url is None or not url.strip():
@@ -159,35 +133,6 @@ class FetchSettings:
         object.__setattr__(self, "allowed_hosts", hosts)
         if self.max_bytes <= 0:
             raise UserError(f"the image byte limit must be positive, got {self.max_bytes}")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> FetchSettings:
-        """Read the settings from environment variables.
-
-        ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY`` (legacy token or personal access token),
-        ``LOCAL_FILES_DOCUMENT_ROOT`` (or ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``),
-        ``GROUNDLABEL_ALLOWED_HOSTS`` (comma-separated ``host``, ``host:port``, ``*.domain`` or ``*``),
-        ``GROUNDLABEL_MAX_IMAGE_BYTES`` (shared with :func:`workers.images.decode_image`, which also reads
-        ``GROUNDLABEL_MAX_IMAGE_PIXELS``),
-        ``GROUNDLABEL_FETCH_CONNECT_TIMEOUT``, ``GROUNDLABEL_FETCH_READ_TIMEOUT``,
-        ``GROUNDLABEL_FETCH_TOTAL_TIMEOUT`` (seconds), ``GROUNDLABEL_FETCH_MAX_REDIRECTS``.
-        """
-        env = os.environ if env is None else env
-        root = env.get("LOCAL_FILES_DOCUMENT_ROOT") or env.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
-        return cls(
-            label_studio_url=env.get("LABEL_STUDIO_URL") or None,
-            api_key=(env.get("LABEL_STUDIO_API_KEY") or "").strip() or None,
-            local_files_root=root or None,
-            allowed_hosts=tuple((env.get("GROUNDLABEL_ALLOWED_HOSTS") or "").split(",")),
-            max_bytes=_env_int(env, "GROUNDLABEL_MAX_IMAGE_BYTES", DEFAULT_MAX_BYTES) or DEFAULT_MAX_BYTES,
-            connect_timeout=_env_float(env, "GROUNDLABEL_FETCH_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
-            read_timeout=_env_float(env, "GROUNDLABEL_FETCH_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
-            total_timeout=_env_float(env, "GROUNDLABEL_FETCH_TOTAL_TIMEOUT", DEFAULT_TOTAL_TIMEOUT),
-            max_redirects=_env_int(env, "GROUNDLABEL_FETCH_MAX_REDIRECTS", DEFAULT_MAX_REDIRECTS)
-            or DEFAULT_MAX_REDIRECTS,
-        )
-
-    # -- host policy ---------------------------------------------------------------------------------
 
     def host_rule(self, host: str, port: int) -> str | None:
         """How ``host:port`` is allowed: ``"explicit"``, ``"pattern"``, or None when it is not."""

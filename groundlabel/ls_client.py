@@ -1,8 +1,8 @@
 """A small wrapper over label-studio-sdk: one client, clear errors, the few calls groundlabel makes.
 
-:func:`make_client` builds a :class:`label_studio_sdk.LabelStudio` from a URL and a key, each falling back
-to ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``. The key may be a legacy token (sent as
-``Authorization: Token``) or a personal access token, a JWT refresh token that the SDK exchanges at
+:func:`make_client` builds a :class:`label_studio_sdk.LabelStudio` from a URL and a key (an option's
+value, or the settings' ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``). The key may be a legacy token
+(sent as ``Authorization: Token``) or a personal access token, a JWT refresh token that the SDK exchanges at
 ``/api/token/refresh/`` for short-lived access tokens and refreshes when they expire.
 
 Every call goes through :func:`api_call`, which turns SDK and network exceptions into
@@ -12,7 +12,6 @@ server) and never puts the key in a message.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -76,8 +75,8 @@ def api_call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def resolve_url(url: str | None = None) -> str:
-    """The Label Studio URL: ``url`` or ``LABEL_STUDIO_URL``, with its scheme, no trailing slash."""
-    url = (url or os.environ.get("LABEL_STUDIO_URL") or "").strip()
+    """The Label Studio URL checked: with its scheme, no trailing slash; a clear error when missing."""
+    url = (url or "").strip()
     if not url:
         raise UserError(
             "no Label Studio URL: pass --url or set LABEL_STUDIO_URL (e.g. http://localhost:8080)"
@@ -88,8 +87,8 @@ def resolve_url(url: str | None = None) -> str:
 
 
 def resolve_api_key(api_key: str | None = None) -> str:
-    """The API key: ``api_key`` or ``LABEL_STUDIO_API_KEY`` (a legacy token or a personal access token)."""
-    key = (api_key or os.environ.get("LABEL_STUDIO_API_KEY") or "").strip()
+    """The API key checked (a legacy token or a personal access token); a clear error when missing."""
+    key = (api_key or "").strip()
     if not key:
         raise UserError(
             "no Label Studio API key: pass --api-key or set LABEL_STUDIO_API_KEY (a personal access token "
@@ -99,7 +98,8 @@ def resolve_api_key(api_key: str | None = None) -> str:
 
 
 def make_client(url: str | None = None, api_key: str | None = None, *, timeout: float = 120.0) -> LabelStudio:
-    """A Label Studio SDK client for ``url`` with ``api_key`` (each defaulting to the environment)."""
+    """A Label Studio SDK client for ``url`` with ``api_key`` (the settings' ``LABEL_STUDIO_URL`` and
+    ``LABEL_STUDIO_API_KEY`` when the caller takes them from there)."""
     from label_studio_sdk import LabelStudio
     from label_studio_sdk.core.api_error import ApiError
 

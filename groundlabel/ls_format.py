@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -166,3 +167,111 @@ def make_result(
     if score is not None:
         result["score"] = round(float(score), 4)
     return result
+
+
+# -- what annotators type and click ------------------------------------------------------------------
+
+#: Context region types that make a request interactive (a typed text prompt, a click or a box).
+INTERACTIVE_TYPES = ("textarea", "keypointlabels", "rectanglelabels")
+
+
+def text_entries(value: Any) -> list[str]:
+    """A TextArea value's text as a list of entries: each item of ``value["text"]`` (a list, or one
+    string), split into lines, stripped, empty lines dropped. The one reader of TextArea text."""
+    raw = value.get("text") if isinstance(value, dict) else None
+    items = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
+    out: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            out.extend(line.strip() for line in item.splitlines() if line.strip())
+    return out
+
+
+def textarea_text(value: Any) -> str | None:
+    """A TextArea value's text as one expression (its entries joined by spaces), or None when empty."""
+    return " ".join(text_entries(value)) or None
+
+
+def results_text(results: Any) -> str | None:
+    """The text of the first TextArea result with any text in a list of results, or None."""
+    for region in results or []:
+        if isinstance(region, dict) and region.get("type") == "textarea":
+            text = textarea_text(region.get("value") or {})
+            if text:
+                return text
+    return None
+
+
+def context_regions(context: Any) -> list[dict[str, Any]]:
+    """The regions of an interactive request's ``context`` (``{"result": [...]}``); [] without one."""
+    if not isinstance(context, dict):
+        return []
+    return [r for r in (context.get("result") or []) if isinstance(r, dict)]
+
+
+def is_interactive(context: Any) -> bool:
+    """Whether a request's context holds a typed text, a click or a box."""
+    return any(r.get("type") in INTERACTIVE_TYPES for r in context_regions(context))
+
+
+def context_text(context: Any) -> str | None:
+    """The text typed in an interactive request's TextArea, or None."""
+    return results_text(context_regions(context))
+
+
+def context_text_controls(context: Any) -> set[str]:
+    """The ``from_name`` of every TextArea region in the context (they get no regions of their own)."""
+    return {str(r.get("from_name")) for r in context_regions(context) if r.get("type") == "textarea"}
+
+
+@dataclass(frozen=True)
+class Click:
+    """One interactive key point or box with a label, in Label Studio's percent coordinates."""
+
+    kind: str  # "keypointlabels" or "rectanglelabels"
+    label: str
+    from_name: str | None
+    x: float
+    y: float
+    width: float = 0.0
+    height: float = 0.0
+    positive: bool = True
+
+    def pixel_point(self, width: int, height: int) -> tuple[int, int]:
+        """The clicked pixel ``(column, row)``, clamped to the image."""
+        ((px, py),) = percent_to_pixels([[self.x, self.y]], width, height)
+        return min(max(int(px), 0), width - 1), min(max(int(py), 0), height - 1)
+
+    def pixel_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The box's pixels ``(x0, y0, x1, y1)``, end-exclusive, at least one pixel, clamped to the image."""
+        x0, y0 = self.pixel_point(width, height)
+        ((ex, ey),) = percent_to_pixels([[self.x + self.width, self.y + self.height]], width, height)
+        x1 = min(max(int(np.ceil(ex)), x0 + 1), width)
+        y1 = min(max(int(np.ceil(ey)), y0 + 1), height)
+        return x0, y0, x1, y1
+
+
+def context_clicks(context: Any) -> list[Click]:
+    """The labelled key points and boxes of an interactive request's context, in order."""
+    out: list[Click] = []
+    for region in context_regions(context):
+        kind = region.get("type")
+        if kind not in ("keypointlabels", "rectanglelabels"):
+            continue
+        value = region.get("value") or {}
+        labels = value.get(kind) or []
+        if not labels:
+            continue
+        out.append(
+            Click(
+                kind=str(kind),
+                label=str(labels[0]),
+                from_name=region.get("from_name"),
+                x=float(value.get("x", 0.0)),
+                y=float(value.get("y", 0.0)),
+                width=float(value.get("width", 0.0)),
+                height=float(value.get("height", 0.0)),
+                positive=region.get("is_positive", True) is not False,
+            )
+        )
+    return out

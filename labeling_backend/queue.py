@@ -1,16 +1,10 @@
-"""The job queue: RQ on Redis, JSON payloads only, two queues (``interactive`` before ``batch``).
+"""The backend's job queue client: RQ on Redis, JSON payloads only, ``interactive`` before ``batch``.
 
-A job is ``workers.jobs.run_job(payload)`` referenced by its dotted path; its payload and its result are
-plain JSON (:class:`rq.serializers.JSONSerializer`), so nothing a Redis client writes is ever unpickled.
-One job holds a chunk of tasks that the worker runs as one model batch.
-
-Beside RQ's own keys, groundlabel keeps two kinds of keys in Redis:
-
-- ``groundlabel:result:<key>``: one task's finished prediction, for ``result_ttl`` seconds, where the
-  key hashes (task id, image, expression, label spec, context, model version). The worker writes it, so
-  a result computed after ``/predict`` gave up waiting is found by the next request.
-- ``groundlabel:pending:<key>``: ``<job id>:<index>`` while a job for that task is queued or running, so
-  that a second request for the same task waits for the same job instead of enqueueing another.
+A job is ``workers.jobs.run_job(payload)`` referenced by its dotted path
+(:data:`~groundlabel.protocol.JOB_FUNCTION`); its payload and result are plain JSON
+(:class:`rq.serializers.JSONSerializer`), so nothing a Redis client writes is ever unpickled. One job
+holds a chunk of tasks that the worker runs as one model batch. The keys groundlabel keeps beside RQ's
+(result cache, pending markers) are described in :mod:`groundlabel.redis_queue`.
 
 A job whose worker died (SIGKILL, lost machine) stays "started" until its lease runs out (the worker
 renews it every ``GROUNDLABEL_WORKER_HEARTBEAT`` seconds); the next clean-up (run by any worker, and by a
@@ -19,70 +13,41 @@ backend that waits for such a job) re-queues it while it has retries left, and m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis
-from rq import Queue, Retry
+from rq import Callback, Retry
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from labeling_backend.auth import redact
-from labeling_backend.settings import QUEUE_BATCH, QUEUE_INTERACTIVE, Settings
+from groundlabel.protocol import (
+    JOB_FUNCTION,
+    QUEUE_BATCH,
+    QUEUE_INTERACTIVE,
+    JobPayload,
+    JobState,
+    QueueUnavailable,
+)
+from groundlabel.redaction import redact
+from groundlabel.redis_queue import (
+    CLEANUP_LOCK,
+    PENDING_PREFIX,
+    RESULT_PREFIX,
+    STORE_RESULTS,
+    connect,
+    make_queues,
+)
+from groundlabel.settings import QueueSettings
 
 log = logging.getLogger(__name__)
 
-JOB_FUNCTION = "workers.jobs.run_job"
-RESULT_PREFIX = "groundlabel:result:"
-PENDING_PREFIX = "groundlabel:pending:"
-CLEANUP_LOCK = "groundlabel:cleanup-lock"
-QUEUE_NAMES = (QUEUE_INTERACTIVE, QUEUE_BATCH)
-
-
-class QueueUnavailable(Exception):
-    """Redis cannot be reached; the message says where and why (without credentials)."""
-
-
-@dataclass
-class JobState:
-    """What a job has come to: ``finished`` (with its per-task results), ``failed`` or ``pending``."""
-
-    status: str
-    results: list[dict[str, Any]] | None = None
-    error: str | None = None
-    detail: str = ""
-    latency: float | None = None  # enqueue → end, seconds, for finished or failed jobs
-
-
-def connect(url: str, *, timeout: float = 3.0) -> redis.Redis:
-    """A Redis client with short timeouts, so that an unreachable Redis fails fast."""
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=timeout, socket_timeout=max(timeout, 5.0), health_check_interval=30
-    )
-
-
-def make_queues(connection: redis.Redis, settings: Settings) -> dict[str, Queue]:
-    """The two RQ queues with the JSON serializer, in the order workers listen to them."""
-    return {
-        QUEUE_INTERACTIVE: Queue(
-            QUEUE_INTERACTIVE,
-            connection=connection,
-            serializer=JSONSerializer,
-            default_timeout=settings.interactive_job_timeout,
-        ),
-        QUEUE_BATCH: Queue(
-            QUEUE_BATCH,
-            connection=connection,
-            serializer=JSONSerializer,
-            default_timeout=settings.job_timeout,
-        ),
-    }
+__all__ = ["QueueUnavailable", "RedisJobQueue"]
 
 
 def _last_line(text: str | None) -> str:
@@ -93,7 +58,7 @@ def _last_line(text: str | None) -> str:
 class RedisJobQueue:
     """Enqueues prediction jobs, reads their results and the per-task result cache."""
 
-    def __init__(self, settings: Settings, connection: redis.Redis | None = None) -> None:
+    def __init__(self, settings: QueueSettings, connection: redis.Redis | None = None) -> None:
         if not settings.redis_url and connection is None:
             raise ValueError("RedisJobQueue needs REDIS_URL")
         self.settings = settings
@@ -161,15 +126,15 @@ class RedisJobQueue:
     # -- jobs ----------------------------------------------------------------------------------------
 
     def submit(
-        self, payload: dict[str, Any], keys: Sequence[str], *, interactive: bool
+        self, payload: JobPayload, keys: Sequence[str], *, interactive: bool
     ) -> tuple[str, list[int]]:
         """Enqueue one job for the tasks of ``payload`` that no other job is computing.
 
-        Returns the job id and the indices (into ``payload["tasks"]``) it took; the other tasks already
+        Returns the job id and the indices (into ``payload.tasks``) it took; the other tasks already
         have a pending job (see :meth:`pending_get`). The job id is "" when it took none.
         """
         queue = self.queues[QUEUE_INTERACTIVE if interactive else QUEUE_BATCH]
-        timeout = self.settings.interactive_job_timeout if interactive else self.settings.job_timeout
+        timeout = self.settings.timeout_for(interactive)
         job_id = uuid.uuid4().hex
         marker_ttl = timeout * (self.settings.job_retries + 1) + int(sum(self.settings.retry_intervals)) + 60
         try:
@@ -182,26 +147,26 @@ class RedisJobQueue:
                 return "", []
             if len(taken) < len(keys):
                 # Re-number the markers of the tasks this job keeps.
-                tasks = [payload["tasks"][i] for i in taken]
+                payload = dataclasses.replace(payload, tasks=[payload.tasks[i] for i in taken])
                 keys = [keys[i] for i in taken]
-                payload = {**payload, "tasks": tasks}
                 with self.connection.pipeline() as pipe:
                     for j, key in enumerate(keys):
                         pipe.set(PENDING_PREFIX + key, f"{job_id}:{j}", ex=marker_ttl)
                     pipe.execute()
-            payload = {**payload, "cache": {"keys": list(keys), "ttl": self.settings.result_ttl}}
             retry = None
             if self.settings.job_retries > 0:
                 retry = Retry(max=self.settings.job_retries, interval=list(self.settings.retry_intervals))
             queue.enqueue_call(
                 JOB_FUNCTION,
-                args=(payload,),
+                args=(payload.to_dict(),),
                 timeout=timeout,
                 result_ttl=self.settings.job_result_ttl,
                 failure_ttl=self.settings.failure_ttl,
                 job_id=job_id,
                 retry=retry,
-                description=f"predict {len(payload['tasks'])} task(s)",
+                description=f"predict {len(payload.tasks)} task(s)",
+                meta={"cache_keys": list(keys), "cache_ttl": self.settings.result_ttl},
+                on_success=Callback(STORE_RESULTS),
             )
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
@@ -302,16 +267,3 @@ class RedisJobQueue:
     def close(self) -> None:
         """Close the connection pool."""
         self.connection.close()
-
-
-def wait_for_redis(connection: redis.Redis, timeout: float) -> bool:
-    """Poll until Redis answers or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            connection.ping()
-            return True
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)

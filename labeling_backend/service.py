@@ -12,43 +12,13 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from labeling_backend.label_config import LabelingSpec
+from groundlabel.ls_format import is_interactive
+from groundlabel.protocol import QUEUE_BATCH, QUEUE_INTERACTIVE, JobPayload, JobRunner, JobState
+from groundlabel.settings import Settings
+from groundlabel.spec import LabelingSpec
 from labeling_backend.metrics import Metrics
-from labeling_backend.queue import JobState
-from labeling_backend.settings import QUEUE_BATCH, QUEUE_INTERACTIVE, Settings
-
-#: Context region types that make a request interactive (a typed text prompt or a click / box).
-INTERACTIVE_TYPES = ("textarea", "keypointlabels", "rectanglelabels")
-
-
-class JobRunner(Protocol):
-    """What :class:`labeling_backend.queue.RedisJobQueue` and the in-process runner both offer."""
-
-    where: str
-
-    def ping(self) -> None: ...
-    def cache_get(self, keys: list[str]) -> list[dict[str, Any] | None]: ...
-    def pending_get(self, keys: list[str]) -> list[tuple[str, int] | None]: ...
-    def release_pending(self, keys: list[str], job_id: str) -> None: ...
-    def submit(
-        self, payload: dict[str, Any], keys: list[str], *, interactive: bool
-    ) -> tuple[str, list[int]]: ...
-    def poll(self, job_ids: list[str]) -> dict[str, JobState]: ...
-    def reap_abandoned(self) -> None: ...
-    def stats(self) -> dict[str, dict[str, int]]: ...
-    def worker_count(self) -> int: ...
-    def close(self) -> None: ...
-
-
-def is_interactive(context: dict[str, Any] | None) -> bool:
-    """Whether a request's context holds a text prompt, a click or a box."""
-    if not context:
-        return False
-    return any(
-        isinstance(r, dict) and r.get("type") in INTERACTIVE_TYPES for r in context.get("result") or []
-    )
 
 
 def cache_key(
@@ -102,15 +72,26 @@ class PredictOutcome:
     jobs: list[str] = field(default_factory=list)
 
 
-class Predictor:
-    """Turns validated tasks and a label spec into per-task answers through a job runner."""
+class Dispatcher:
+    """Answers validated tasks for a label spec: from the result cache, or through jobs on a runner.
 
-    def __init__(self, settings: Settings, runner: JobRunner, metrics: Metrics) -> None:
+    ``model_version`` is the version the backend announces; it keys the result cache. Each answer keeps
+    the model version its job gave it (the engine that produced it), unless the operator named every
+    prediction (``GROUNDLABEL_MODEL_VERSION``).
+    """
+
+    def __init__(self, settings: Settings, runner: JobRunner, metrics: Metrics, model_version: str) -> None:
         self.settings = settings
         self.runner = runner
         self.metrics = metrics
+        self.model_version = model_version
 
-    def predict(
+    def _named(self, prediction: dict[str, Any]) -> dict[str, Any]:
+        """The prediction under the operator's one name for every prediction, when there is one."""
+        named = self.settings.backend.model_version
+        return {**prediction, "model_version": named} if named else prediction
+
+    def answer(
         self,
         tasks: list[dict[str, Any]],
         spec: LabelingSpec,
@@ -122,9 +103,10 @@ class Predictor:
         """Answer every task, waiting at most ``timeout`` seconds (the configured one by default)."""
         interactive = is_interactive(context)
         if timeout is None:
-            timeout = self.settings.interactive_timeout if interactive else self.settings.predict_timeout
+            backend = self.settings.backend
+            timeout = backend.interactive_timeout if interactive else backend.predict_timeout
         deadline = time.monotonic() + timeout
-        mv = self.settings.model_version
+        mv = self.model_version
         spec_dict = spec.to_dict()
         spec_json = json.dumps(spec_dict, sort_keys=True)
         answers = [TaskAnswer(int(t["id"])) for t in tasks]
@@ -146,14 +128,14 @@ class Predictor:
         missing = []
         for i, hit in zip(todo, cached, strict=True):
             if hit is not None:
-                answers[i].prediction = {**hit, "model_version": mv}
+                answers[i].prediction = self._named(hit)
                 answers[i].source = "cache"
             else:
                 missing.append(i)
 
         waiting: list[_Waiting] = []
         if missing:
-            waiting = self._enqueue(tasks, missing, keys, spec_dict, context, label_studio_url, interactive)
+            waiting = self._enqueue(tasks, missing, keys, spec, context, label_studio_url, interactive)
         jobs = sorted({w.job_id for w in waiting})
         if waiting:
             self._wait(waiting, answers, keys, deadline, timeout, interactive)
@@ -165,7 +147,7 @@ class Predictor:
         return PredictOutcome(answers, interactive, jobs)
 
     def _enqueue(
-        self, tasks, missing, keys, spec_dict, context, label_studio_url, interactive
+        self, tasks, missing, keys, spec, context, label_studio_url, interactive
     ) -> list[_Waiting]:
         waiting: list[_Waiting] = []
         pending = self.runner.pending_get([keys[i] for i in missing])
@@ -175,16 +157,16 @@ class Predictor:
                 fresh.append(i)
             else:
                 waiting.append(_Waiting(i, keys[i], marker[0], marker[1]))
-        size = len(fresh) if interactive else self.settings.chunk_size
+        size = len(fresh) if interactive else self.settings.queue.chunk_size
         for start in range(0, len(fresh), max(size, 1)):
             chunk = fresh[start : start + size]
-            payload = {
-                "tasks": [{"id": int(tasks[i]["id"]), "data": tasks[i].get("data") or {}} for i in chunk],
-                "spec": spec_dict,
-                "context": context,
-                "label_studio_url": label_studio_url,
-                "model_version": self.settings.model_version,
-            }
+            payload = JobPayload(
+                tasks=[{"id": int(tasks[i]["id"]), "data": tasks[i].get("data") or {}} for i in chunk],
+                spec=spec,
+                context=context,
+                label_studio_url=label_studio_url,
+                model_version=self.settings.backend.model_version,
+            )
             chunk_keys = [keys[i] for i in chunk]
             job_id, taken = self.runner.submit(payload, chunk_keys, interactive=interactive)
             for j, pos in enumerate(taken):
@@ -203,7 +185,7 @@ class Predictor:
         open_jobs = {w.job_id for w in waiting if w.job_id}
         states: dict[str, JobState] = {}
         seen_end: set[str] = set()
-        interval = self.settings.poll_interval
+        interval = self.settings.backend.poll_interval
         last_reap = time.monotonic()
         while open_jobs:
             for job_id, state in self.runner.poll(sorted(open_jobs)).items():
@@ -228,7 +210,7 @@ class Predictor:
         if late:
             for w, hit in zip(late, self.runner.cache_get([w.key for w in late]), strict=True):
                 if hit is not None:
-                    answers[w.index].prediction = {**hit, "model_version": self.settings.model_version}
+                    answers[w.index].prediction = self._named(hit)
                     answers[w.index].source = "cache"
                 else:
                     answers[w.index].error = "the task's job finished without a result; retry the request"
@@ -261,5 +243,5 @@ class Predictor:
                     answer.error = str(prediction["error"])
                     answer.source = "task_error"
                 else:
-                    answer.prediction = {**prediction, "model_version": self.settings.model_version}
+                    answer.prediction = self._named(prediction)
                     answer.source = "job"

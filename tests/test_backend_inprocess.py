@@ -32,8 +32,9 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 24
 def test_backend_modules_import_no_torch():
     out = run_python("""
         import sys
-        import labeling_backend.app, labeling_backend.serve, labeling_backend.queue
-        import labeling_backend.inprocess, labeling_backend.service, workers.jobs, workers.worker
+        import labeling_backend.app, labeling_backend.routes, labeling_backend.queue
+        import groundlabel.commands.serve, workers.inprocess, labeling_backend.service, workers.jobs
+        import workers.worker
         from groundlabel.cli import build_parser
         build_parser()
         heavy = [m for m in ("torch", "open_clip", "transformers", "cv2") if m in sys.modules]
@@ -57,11 +58,11 @@ def test_inprocess_jobs_run_in_a_child_process(tiny_gem_env):
         f"""
         import json, sys
         from fastapi.testclient import TestClient
-        from labeling_backend.app import create_app
-        from labeling_backend.settings import Settings
+        from groundlabel.commands.serve import build_app
+        from groundlabel.settings import Settings
         settings = Settings.from_env(predict_timeout=180, model_version="inproc")
-        assert settings.redis_url is None
-        with TestClient(create_app(settings)) as client:
+        assert settings.queue.redis_url is None
+        with TestClient(build_app(settings)) as client:
             health = client.get("/health").json()
             first = client.post("/predict", json={body!r}).json()
             second = client.post("/predict", json={body!r}).json()

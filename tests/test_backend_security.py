@@ -8,8 +8,10 @@ import logging
 import pytest
 
 from groundlabel.errors import UserError
-from labeling_backend.auth import RedactingFilter, check_authorization, install_log_redaction, redact
-from labeling_backend.settings import Settings, model_version_from_env
+from groundlabel.redaction import RedactingFilter, install_log_redaction, redact
+from groundlabel.settings import Settings
+from labeling_backend.auth import check_authorization
+from workers.engines import announced_version
 
 
 def test_redact_known_secrets_and_credential_patterns():
@@ -91,13 +93,14 @@ def test_redaction_keeps_access_log_records_formattable():
 def test_check_authorization():
     s = Settings.from_env({"BASIC_AUTH_USER": "a", "BASIC_AUTH_PASS": "b"})
     good = "Basic " + base64.b64encode(b"a:b").decode()
+    s = s.backend
     assert check_authorization(good, s) is None
     assert check_authorization(None, s) is not None
     assert (
         check_authorization("Basic " + base64.b64encode(b"a:c").decode(), s) == "wrong user name or password"
     )
     assert check_authorization("Bearer x", s).startswith("unsupported authorization scheme")
-    assert check_authorization(None, Settings.from_env({})) is None
+    assert check_authorization(None, Settings.from_env({}).backend) is None
 
 
 def test_settings_from_env_and_errors():
@@ -110,8 +113,9 @@ def test_settings_from_env_and_errors():
             "GROUNDLABEL_RETRY_INTERVALS": "1,5",
         }
     )
-    assert s.redis_url == "redis://r:6379/1" and s.predict_timeout == 50 and s.chunk_size == 4
-    assert s.allowed_hosts == ("a.com", "b.com:8080") and s.retry_intervals == (1.0, 5.0)
+    assert s.queue.redis_url == "redis://r:6379/1" and s.backend.predict_timeout == 50
+    assert s.queue.chunk_size == 4
+    assert s.fetch.allowed_hosts == ("a.com", "b.com:8080") and s.queue.retry_intervals == (1.0, 5.0)
     assert "abc123" not in repr(Settings.from_env({"GROUNDLABEL_API_TOKEN": "abc123"}))
     with pytest.raises(UserError, match="GROUNDLABEL_PREDICT_TIMEOUT"):
         Settings.from_env({"GROUNDLABEL_PREDICT_TIMEOUT": "soon"})
@@ -121,6 +125,10 @@ def test_settings_from_env_and_errors():
         Settings.from_env({"REDIS_URL": "localhost:6379"})
     with pytest.raises(UserError, match="GROUNDLABEL_CHUNK_SIZE"):
         Settings.from_env({"GROUNDLABEL_CHUNK_SIZE": "0"})
+
+
+def model_version_from_env(env: dict) -> str:
+    return announced_version(Settings.from_env(env))
 
 
 def test_model_version_from_env():

@@ -26,6 +26,7 @@ from groundlabel.ls_access import (
     clear_token_cache,
     redact_url,
 )
+from groundlabel.settings import Settings
 from workers.fetch import fetch_bytes, fetch_image
 
 
@@ -319,7 +320,7 @@ def test_settings_from_env(tmp_path):
         "GROUNDLABEL_MAX_IMAGE_BYTES": "1000",
         "GROUNDLABEL_FETCH_READ_TIMEOUT": "2.5",
     }
-    settings = FetchSettings.from_env(env)
+    settings = Settings.from_env(env).fetch
     assert settings.label_studio_url == "http://ls.example.com:8080"
     assert settings.api_key == "abc" and "abc" not in repr(settings)
     assert settings.allowed_hosts == ("images.example.com", "cdn.example.org:8443")
@@ -329,9 +330,9 @@ def test_settings_from_env(tmp_path):
     assert FetchSettings(allowed_hosts=("*.example.com",)).host_rule("a.b.example.com", 443) == "pattern"
     assert FetchSettings(allowed_hosts=("*.example.com",)).host_rule("example.com.evil.org", 443) is None
     with pytest.raises(UserError, match="GROUNDLABEL_FETCH_READ_TIMEOUT"):
-        FetchSettings.from_env({"GROUNDLABEL_FETCH_READ_TIMEOUT": "soon"})
+        Settings.from_env({"GROUNDLABEL_FETCH_READ_TIMEOUT": "soon"})
     with pytest.raises(UserError, match="LABEL_STUDIO_URL"):
-        FetchSettings.from_env({"LABEL_STUDIO_URL": "localhost:8080"})
+        Settings.from_env({"LABEL_STUDIO_URL": "localhost:8080"})
 
 
 def test_redact_url():

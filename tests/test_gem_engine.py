@@ -240,21 +240,22 @@ def test_config_validation():
 )
 def test_backend_model_version_matches_the_engine(tiny_gem_env: dict, extra: dict) -> None:
     """The backend names predictions without loading a model; the name must be the worker engine's."""
-    from labeling_backend.settings import model_version_from_env
-    from workers.engines import gem_config_from_env
+    from groundlabel.settings import Settings
+    from workers.engines import announced_version, gem_config
     from workers.models.gem import GemEngine
 
     env = {**tiny_gem_env, **extra}
-    config = gem_config_from_env(env)
-    assert GemEngine(config).model_version == model_version_from_env(env)
+    config = gem_config(Settings.from_env(env).engines, register=True)
+    assert GemEngine(config).model_version == announced_version(Settings.from_env(env))
 
 
 def test_gem_temperature_option_is_validated() -> None:
-    from workers.engines import gem_config_from_env, parse_temperature
+    from groundlabel.settings import Settings, parse_temperature
+    from workers.engines import gem_config
 
     assert parse_temperature("adaptive") is None and parse_temperature("12.5") == 12.5
-    assert gem_config_from_env({"GROUNDLABEL_GEM_TEMPERATURE": "40"}).ss_attn_temp == 40.0
+    assert gem_config(Settings.from_env({"GROUNDLABEL_GEM_TEMPERATURE": "40"}).engines).ss_attn_temp == 40.0
     with pytest.raises(UserError, match="GROUNDLABEL_GEM_TEMPERATURE"):
-        gem_config_from_env({"GROUNDLABEL_GEM_TEMPERATURE": "-1"})
+        gem_config(Settings.from_env({"GROUNDLABEL_GEM_TEMPERATURE": "-1"}).engines)
     with pytest.raises(UserError, match="GROUNDLABEL_GEM_DEPTH"):
-        gem_config_from_env({"GROUNDLABEL_GEM_DEPTH": "seven"})
+        gem_config(Settings.from_env({"GROUNDLABEL_GEM_DEPTH": "seven"}).engines)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from groundlabel.errors import UserError
+from groundlabel.settings import Settings
 from workers.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image
 
 
@@ -135,23 +136,22 @@ def test_huge_dimensions_refused_from_the_header() -> None:
         decode_image(png_header_only(12000, 10000))
 
 
-def test_limits_from_arguments_and_environment(monkeypatch) -> None:
+def test_limits_from_arguments_and_environment() -> None:
     data = encode(Image.new("RGB", (50, 40)))
     with pytest.raises(ImageError, match="2,000 pixels, more than the limit of 1,999"):
         decode_image(data, max_pixels=1999)
     with pytest.raises(ImageError, match="more than the limit"):
         decode_image(data, max_bytes=len(data) - 1)
-    monkeypatch.setenv("GROUNDLABEL_MAX_IMAGE_PIXELS", "1000")
+    # The environment's limits reach decode_image through the settings' fetch section.
+    fetch = Settings.from_env({"GROUNDLABEL_MAX_IMAGE_PIXELS": "1000"}).fetch
     with pytest.raises(ImageError, match="limit of 1,000 pixels"):
-        decode_image(data)
+        decode_image(data, max_pixels=fetch.max_pixels)
     assert decode_image(data, max_pixels=5000).size == (50, 40)
-    monkeypatch.setenv("GROUNDLABEL_MAX_IMAGE_PIXELS", "lots")
-    with pytest.raises(ImageError, match="GROUNDLABEL_MAX_IMAGE_PIXELS"):
-        decode_image(data)
-    monkeypatch.delenv("GROUNDLABEL_MAX_IMAGE_PIXELS")
-    monkeypatch.setenv("GROUNDLABEL_MAX_IMAGE_BYTES", "10")
+    with pytest.raises(UserError, match="GROUNDLABEL_MAX_IMAGE_PIXELS"):
+        Settings.from_env({"GROUNDLABEL_MAX_IMAGE_PIXELS": "lots"})
+    fetch = Settings.from_env({"GROUNDLABEL_MAX_IMAGE_BYTES": "10"}).fetch
     with pytest.raises(ImageError, match="more than the limit"):
-        decode_image(data)
+        decode_image(data, max_bytes=fetch.max_bytes)
 
 
 def test_file_size_checked_before_reading(tmp_path) -> None:

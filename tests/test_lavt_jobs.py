@@ -11,9 +11,10 @@ torch = pytest.importorskip("torch")
 
 from conftest import make_tiny_gem_engine, png_data_uri  # noqa: E402
 
-from labeling_backend.label_config import parse_label_config  # noqa: E402
+from groundlabel.settings import Settings  # noqa: E402
+from groundlabel.spec import parse_label_config  # noqa: E402
 from workers import engines  # noqa: E402
-from workers.jobs import predict_tasks  # noqa: E402
+from workers.jobs import run_job  # noqa: E402
 from workers.models.lavt import LavtConfig, LavtNetwork, save_checkpoint  # noqa: E402
 from workers.models.lavt.synthetic import vocabulary  # noqa: E402
 
@@ -46,6 +47,14 @@ def fresh_engines(monkeypatch):
     engines.set_engine("gem", make_tiny_gem_engine())
     yield monkeypatch
     engines.clear_engines()
+
+
+def predict_tasks(payload: dict) -> list[dict]:
+    """The job on ``payload`` in a worker configured from the environment, with the fixture's tiny GEM."""
+    gem = engines.get_gem_engine()
+    engines.configure(Settings.from_env())
+    engines.set_engine("gem", gem)
+    return run_job(payload)
 
 
 def payload(tasks, context=None):

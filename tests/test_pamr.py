@@ -161,9 +161,10 @@ def test_engine_refine_pamr():
 
 def test_worker_setting_and_cli_flag():
     from groundlabel.cli import build_parser
-    from workers.engines import gem_config_from_env
+    from groundlabel.settings import Settings
+    from workers.engines import gem_config
 
-    assert gem_config_from_env({"GROUNDLABEL_GEM_REFINE": "pamr"}).refine == "pamr"
-    assert gem_config_from_env({}).refine == "none"
+    assert gem_config(Settings.from_env({"GROUNDLABEL_GEM_REFINE": "pamr"}).engines).refine == "pamr"
+    assert gem_config(Settings.from_env({}).engines).refine == "none"
     args = build_parser().parse_args(["predict", "a.png", "--labels", "cat", "--refine", "pamr"])
     assert args.refine == "pamr"

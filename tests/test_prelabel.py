@@ -19,8 +19,9 @@ from groundlabel.ls_client import (
     iter_tasks,
     make_client,
 )
+from groundlabel.settings import Settings
 from labeling_backend.prelabel import PrelabelReport, chunked, plan_tasks, run_prelabel
-from labeling_backend.settings import Settings
+from workers.engines import announced_version, model_versions
 
 # --- planning ----------------------------------------------------------------------------------------
 
@@ -122,7 +123,7 @@ def job_env(label_studio, tiny_gem_env):
 @pytest.fixture(scope="module")
 def runner(job_env):
     """One in-process job runner (a spawned child with the engines loaded) for the module's runs."""
-    from labeling_backend.inprocess import InProcessRunner
+    from workers.inprocess import InProcessRunner
 
     runner = InProcessRunner(job_env, warm_up=True)
     yield runner
@@ -134,10 +135,16 @@ def runner(job_env):
 def test_prelabel_run_resume_and_force(label_studio, job_env, runner):
     project, ids = _project(label_studio, "prelabel run", 3, missing=1)
     client = make_client(label_studio.url, label_studio.personal_access_token())
-    mv = job_env.model_version
+    mv = announced_version(job_env)
     assert mv == "gem-tinyclip-random-64"  # the engine's own name (64 px input)
+    versions = tuple(model_versions(job_env.engines).values())
 
-    report = run_prelabel(client, project, settings=job_env, chunk_size=2, progress=False, runner=runner)
+    def prelabel(**kwargs):
+        return run_prelabel(
+            client, project, settings=job_env, runner=runner, model_version=mv, versions=versions, **kwargs
+        )
+
+    report = prelabel(chunk_size=2, progress=False)
     assert sorted(report.done) == ids[:3]
     assert list(report.failed) == [ids[3]] and "not found (HTTP 404)" in report.failed[ids[3]]
     for task_id in ids[:3]:
@@ -150,15 +157,13 @@ def test_prelabel_run_resume_and_force(label_studio, job_env, runner):
     assert label_studio.predictions(ids[3]) == []
 
     # A re-run predicts only the task that failed (and fails it again).
-    again = run_prelabel(client, project, settings=job_env, chunk_size=2, progress=False, runner=runner)
+    again = prelabel(chunk_size=2, progress=False)
     assert again.done == [] and sorted(again.plan.skipped) == ids[:3] and list(again.failed) == [ids[3]]
     assert all(len(label_studio.predictions(t)) == 1 for t in ids[:3])
 
     # --force replaces the current predictions: still one per task.
     before = {t: label_studio.predictions(t)[0]["id"] for t in ids[:3]}
-    forced = run_prelabel(
-        client, project, settings=job_env, chunk_size=3, force=True, progress=False, runner=runner
-    )
+    forced = prelabel(chunk_size=3, force=True, progress=False)
     assert sorted(forced.done) == ids[:3]
     for task_id in ids[:3]:
         (prediction,) = label_studio.predictions(task_id)

@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from groundlabel.redis_queue import PENDING_PREFIX
+from groundlabel.settings import Settings
 from labeling_backend.app import create_app
-from labeling_backend.queue import PENDING_PREFIX
-from labeling_backend.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -17,8 +17,8 @@ from conftest import (
 from fastapi.testclient import TestClient
 from rq.registry import FinishedJobRegistry
 
+from groundlabel.settings import Settings
 from labeling_backend.app import create_app
-from labeling_backend.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,13 +10,13 @@ import pytest
 
 from groundlabel.errors import UserError
 from groundlabel.ls_format import brush_rle_decode
-from labeling_backend.label_config import ControlSpec, LabelingSpec, parse_label_config
+from groundlabel.spec import ControlSpec, LabelingSpec, parse_label_config
 from workers.regions import (
     DEFAULT_THRESHOLD,
     control_model,
-    predict_regions,
     prediction_score,
     regions_from_mask,
+    regions_from_scores,
 )
 
 H, W = 60, 90
@@ -51,7 +51,7 @@ def test_every_result_has_the_label_studio_fields() -> None:
       <RectangleLabels name="box" toName="img"><Label value="cat"/><Label value="dog"/></RectangleLabels>
       <KeyPointLabels name="kp" toName="img"><Label value="cat"/><Label value="dog"/></KeyPointLabels>
     </View>"""
-    results, score = predict_regions(parse_label_config(xml), two_blobs(), width=W, height=H)
+    results, score = regions_from_scores(parse_label_config(xml), two_blobs(), width=W, height=H)
     assert {r["type"] for r in results} == {
         "polygonlabels",
         "brushlabels",
@@ -74,20 +74,22 @@ def test_every_result_has_the_label_studio_fields() -> None:
 def test_nothing_above_threshold_gives_no_regions_and_zero_score() -> None:
     maps = {"cat": np.full((H, W), 0.3, np.float32), "dog": np.full((H, W), 0.49, np.float32)}
     controls = [control(k) for k in ("PolygonLabels", "BrushLabels", "RectangleLabels", "KeyPointLabels")]
-    results, score = predict_regions(spec(*controls), maps, width=W, height=H)
+    results, score = regions_from_scores(spec(*controls), maps, width=W, height=H)
     assert results == [] and score == 0.0
     assert prediction_score([]) == 0.0
 
 
 def test_threshold_argument_and_control_attribute_override() -> None:
     maps = {"cat": np.full((H, W), 0.3, np.float32), "dog": np.zeros((H, W), np.float32)}
-    results, _ = predict_regions(spec(control("RectangleLabels")), maps, width=W, height=H, threshold=0.25)
+    results, _ = regions_from_scores(
+        spec(control("RectangleLabels")), maps, width=W, height=H, threshold=0.25
+    )
     assert len(results) == 1 and results[0]["value"]["width"] == 100.0
     # the control attribute wins over the argument, in both directions
     strict = control("RectangleLabels", model_score_threshold="0.35")
-    assert predict_regions(spec(strict), maps, width=W, height=H, threshold=0.25)[0] == []
+    assert regions_from_scores(spec(strict), maps, width=W, height=H, threshold=0.25)[0] == []
     lenient = control("RectangleLabels", model_score_threshold="0.2")
-    assert len(predict_regions(spec(lenient), maps, width=W, height=H)[0]) == 1
+    assert len(regions_from_scores(spec(lenient), maps, width=W, height=H)[0]) == 1
 
 
 def test_label_score_is_max_over_synonyms_then_argmax_over_labels() -> None:
@@ -100,14 +102,14 @@ def test_label_score_is_max_over_synonyms_then_argmax_over_labels() -> None:
         "puppy": 0.58 * left,  # ...unless a dog synonym beats it there
     }
     c = control("RectangleLabels", prompts={"cat": ["cat", "kitten"], "dog": ["dog", "puppy"]})
-    results, _ = predict_regions(spec(c), maps, width=W, height=H)
+    results, _ = regions_from_scores(spec(c), maps, width=W, height=H)
     by_label = {r["value"]["rectanglelabels"][0]: r for r in results}
     assert by_label["cat"]["value"]["x"] == 0 and by_label["cat"]["value"]["width"] == 50.0
     assert by_label["dog"]["value"]["x"] == 50.0
     assert by_label["cat"]["score"] == pytest.approx(0.6)
     assert by_label["dog"]["score"] == pytest.approx(0.7)
     maps["puppy"] = 0.65 * left
-    results, _ = predict_regions(spec(c), maps, width=W, height=H)
+    results, _ = regions_from_scores(spec(c), maps, width=W, height=H)
     assert [r["value"]["rectanglelabels"][0] for r in results] == ["dog"]
     assert results[0]["value"]["width"] == 100.0
 
@@ -130,7 +132,7 @@ def test_brush_per_region_and_scores() -> None:
     maps = two_blobs()
     maps["cat"] = np.maximum(maps["cat"], blob(75, 10, 4))  # a second cat component
     c = control("BrushLabels", brush_per_region="true")
-    results, _ = predict_regions(spec(c), maps, width=W, height=H)
+    results, _ = regions_from_scores(spec(c), maps, width=W, height=H)
     cats = [r for r in results if r["value"]["brushlabels"] == ["cat"]]
     assert len(cats) == 2
     union = np.zeros((H, W), bool)
@@ -170,7 +172,9 @@ def test_boxes_match_component_bounding_boxes() -> None:
 
 def test_keypoint_at_the_peak() -> None:
     maps = {"cat": blob(30.5, 12.5, 5), "dog": blob(70.5, 44.5, 6, peak=0.75)}
-    results, _ = predict_regions(spec(control("KeyPointLabels", point_width="2")), maps, width=W, height=H)
+    results, _ = regions_from_scores(
+        spec(control("KeyPointLabels", point_width="2")), maps, width=W, height=H
+    )
     points = {r["value"]["keypointlabels"][0]: r for r in results}
     assert points["cat"]["value"]["x"] == pytest.approx(100 * 30.5 / W, abs=1e-3)
     assert points["cat"]["value"]["y"] == pytest.approx(100 * 12.5 / H, abs=1e-3)
@@ -183,7 +187,7 @@ def test_keypoint_at_the_peak() -> None:
 def test_keypoint_per_region_and_from_mask() -> None:
     maps = {"cat": np.maximum(blob(20.5, 20.5, 5), blob(70.5, 30.5, 5, peak=0.7)), "dog": np.zeros((H, W))}
     c = control("KeyPointLabels", keypoint_per_region="true")
-    results, _ = predict_regions(spec(c), maps, width=W, height=H)
+    results, _ = regions_from_scores(spec(c), maps, width=W, height=H)
     assert len(results) == 2
     mask = np.zeros((H, W), bool)
     mask[10:31, 40:81] = True  # 21 x 41: the deepest pixel is the centre (row 20, col 60)
@@ -224,7 +228,9 @@ def test_min_region_area_in_pixels_and_fraction() -> None:
 def test_model_skip_and_option_errors() -> None:
     maps = two_blobs()
     assert (
-        predict_regions(spec(control("PolygonLabels", model_skip="true")), maps, width=W, height=H)[0] == []
+        regions_from_scores(
+            spec(control("PolygonLabels", model_skip="true")), maps, width=W, height=H
+        )[0] == []
     )
     for bad in (
         {"model_score_threshold": "high"},
@@ -238,17 +244,17 @@ def test_model_skip_and_option_errors() -> None:
 
 def test_missing_prompt_and_bad_label_are_reported() -> None:
     with pytest.raises(ValueError, match="no score map for prompt 'dog'"):
-        predict_regions(spec(control("PolygonLabels")), {"cat": blob(10, 10, 3)}, width=W, height=H)
+        regions_from_scores(spec(control("PolygonLabels")), {"cat": blob(10, 10, 3)}, width=W, height=H)
     with pytest.raises(UserError, match="no label 'bird'"):
         regions_from_mask(control("PolygonLabels"), "bird", np.ones((H, W)), None, width=W, height=H)
     with pytest.raises(ValueError, match="size must be positive"):
-        predict_regions(spec(control("PolygonLabels")), two_blobs(), width=0, height=H)
+        regions_from_scores(spec(control("PolygonLabels")), two_blobs(), width=0, height=H)
 
 
 def test_score_maps_of_another_size_are_resized() -> None:
     small = {k: cv2.resize(v, (W // 3, H // 3), interpolation=cv2.INTER_AREA) for k, v in two_blobs().items()}
-    results, _ = predict_regions(spec(control("RectangleLabels")), small, width=W, height=H)
-    full, _ = predict_regions(spec(control("RectangleLabels")), two_blobs(), width=W, height=H)
+    results, _ = regions_from_scores(spec(control("RectangleLabels")), small, width=W, height=H)
+    full, _ = regions_from_scores(spec(control("RectangleLabels")), two_blobs(), width=W, height=H)
     assert len(results) == len(full) == 2
     for a, b in zip(results, full, strict=True):
         assert (

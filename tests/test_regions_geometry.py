@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from groundlabel.ls_format import percent_to_pixels
-from labeling_backend.label_config import ControlSpec
+from groundlabel.spec import ControlSpec
 from workers.regions import polygon_to_mask, regions_from_mask
 from workers.regions.geometry import bridge_holes, mask_rings, ring_area, simplify_ring
 

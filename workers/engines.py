@@ -1,110 +1,108 @@
-"""The engines of one worker process, built once from environment variables and then reused.
+"""The engines of one worker process, built once from its settings and then reused.
 
-``GROUNDLABEL_GEM_MODEL`` (open_clip name, default ``ViT-B-16``), ``GROUNDLABEL_GEM_MODEL_CONFIG`` (an
-open_clip model-config JSON file for a custom architecture; its file stem becomes the model name),
-``GROUNDLABEL_GEM_PRETRAINED`` (tag such as ``openai``, a weight file, or ``none`` for random weights),
-``GROUNDLABEL_WEIGHTS_DIR`` (where weights are looked up and downloaded), ``GROUNDLABEL_GEM_IMAGE_SIZE``,
-``GROUNDLABEL_GEM_METHOD``, ``GROUNDLABEL_GEM_REFINE`` (``none`` or ``pamr``), ``GROUNDLABEL_GEM_TEMPLATES``,
-``GROUNDLABEL_GEM_BATCH``, ``GROUNDLABEL_GEM_DEPTH`` (GEM's ``gem_depth``, default 7),
-``GROUNDLABEL_GEM_TEMPERATURE`` (GEM's self-self inverse temperature: ``adaptive``, the default, or a number),
-``GROUNDLABEL_LAVT_CHECKPOINT`` (a LAVT ``.pth``; ``none`` for random weights; unset disables LAVT),
-``GROUNDLABEL_LAVT_VARIANT``, ``GROUNDLABEL_LAVT_TOKENIZER``, ``GROUNDLABEL_DEVICE`` (``auto``, ``cpu``,
-``cuda``, ``cuda:1``).
+The command that starts the process (``groundlabel worker``, or the in-process runner's child
+initialiser) calls :func:`configure` with the process's :class:`~groundlabel.settings.Settings`; the
+engines are built from its ``engines`` section on first use, and jobs fetch images with its ``fetch``
+section. Without :func:`configure`, the defaults apply (the environment is never read here).
+
+:func:`model_versions` names every engine the settings ask for without loading one (no torch): the
+backend announces these names, and each engine's own ``model_version`` is computed by the same code.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from groundlabel.errors import UserError
-from workers.models.gem.config import parse_temperature
+from groundlabel.ls_access import FetchSettings
+from groundlabel.settings import EngineSettings, Settings
 
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _engines: dict[str, Any] = {}
+_settings = Settings()
+
+#: How a prediction is named when GEM grounds an expression because no LAVT model is configured.
+STAND_IN_SUFFIX = "-expressions"
 
 
-def _env(env: Mapping[str, str], name: str) -> str | None:
-    value = (env.get(name) or "").strip()
-    return value or None
+def configure(settings: Settings) -> None:
+    """Use ``settings`` for this process's engines and image fetching (forgets loaded engines)."""
+    global _settings
+    with _lock:
+        _settings = settings
+        _engines.clear()
 
 
-def gem_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The :class:`GemConfig` keyword arguments the environment asks for (no model or torch loaded; a
-    ``GROUNDLABEL_GEM_MODEL_CONFIG`` file only names the model here)."""
-    env = os.environ if env is None else env
-    kwargs: dict[str, Any] = {}
-    config_file = _env(env, "GROUNDLABEL_GEM_MODEL_CONFIG")
-    if config_file:
-        kwargs["model_name"] = Path(config_file).expanduser().stem
-    elif _env(env, "GROUNDLABEL_GEM_MODEL"):
-        kwargs["model_name"] = _env(env, "GROUNDLABEL_GEM_MODEL")
-    pretrained = _env(env, "GROUNDLABEL_GEM_PRETRAINED")
-    if pretrained is not None:
-        kwargs["pretrained"] = None if pretrained.lower() in ("none", "random") else pretrained
-    if _env(env, "GROUNDLABEL_WEIGHTS_DIR"):
-        kwargs["cache_dir"] = _env(env, "GROUNDLABEL_WEIGHTS_DIR")
-    for name, key, cast in (
-        ("GROUNDLABEL_GEM_IMAGE_SIZE", "image_size", int),
-        ("GROUNDLABEL_GEM_METHOD", "method", str),
-        ("GROUNDLABEL_GEM_REFINE", "refine", str),
-        ("GROUNDLABEL_GEM_TEMPLATES", "templates", str),
-        ("GROUNDLABEL_GEM_BATCH", "batch_size", int),
-        ("GROUNDLABEL_GEM_DEPTH", "gem_depth", int),
-        ("GROUNDLABEL_GEM_TEMPERATURE", "ss_attn_temp", parse_temperature),
-        ("GROUNDLABEL_DEVICE", "device", str),
-    ):
-        raw = _env(env, name)
-        if raw is not None:
-            try:
-                kwargs[key] = cast(raw)
-            except ValueError as exc:
-                raise UserError(f"{name}={raw!r} is not valid: {exc}") from exc
-    return kwargs
+def settings() -> Settings:
+    """This process's settings."""
+    return _settings
 
 
-def gem_config_from_env(env: Mapping[str, str] | None = None) -> Any:
-    """The :class:`workers.models.gem.GemConfig` the environment asks for, with a
-    ``GROUNDLABEL_GEM_MODEL_CONFIG`` architecture registered with open_clip."""
-    from workers.models.gem import GemConfig
-    from workers.models.gem.weights import register_model_config
-
-    env = os.environ if env is None else env
-    config_file = _env(env, "GROUNDLABEL_GEM_MODEL_CONFIG")
-    if config_file:
-        register_model_config(config_file, "GROUNDLABEL_GEM_MODEL_CONFIG")
-    return GemConfig(**gem_options_from_env(env))
+def fetch_settings() -> FetchSettings:
+    """Where this process may fetch images from, with which token."""
+    return _settings.fetch
 
 
-def lavt_settings_from_env(env: Mapping[str, str] | None = None) -> tuple[bool, str | None, Any]:
-    """(enabled, checkpoint path or None for random weights, LavtConfig) from the environment."""
-    env = os.environ if env is None else env
-    checkpoint = _env(env, "GROUNDLABEL_LAVT_CHECKPOINT")
-    if checkpoint is None:
-        return False, None, None
-    from workers.models.lavt import LavtConfig
+def gem_config(engines: EngineSettings, *, register: bool = False) -> Any:
+    """The :class:`workers.models.gem.GemConfig` that ``engines`` asks for (validated; no torch).
 
-    kwargs: dict[str, Any] = {}
-    if _env(env, "GROUNDLABEL_LAVT_VARIANT"):
-        kwargs["variant"] = _env(env, "GROUNDLABEL_LAVT_VARIANT")
-    if _env(env, "GROUNDLABEL_LAVT_TOKENIZER"):
-        kwargs["tokenizer"] = _env(env, "GROUNDLABEL_LAVT_TOKENIZER")
-    if _env(env, "GROUNDLABEL_DEVICE"):
-        kwargs["device"] = _env(env, "GROUNDLABEL_DEVICE")
-    if _env(env, "GROUNDLABEL_WEIGHTS_DIR"):
-        kwargs["cache_dir"] = _env(env, "GROUNDLABEL_WEIGHTS_DIR")
-    if checkpoint.lower() in ("none", "random"):
-        return True, None, LavtConfig(**kwargs)
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise UserError(f"GROUNDLABEL_LAVT_CHECKPOINT={checkpoint!r} is not a file")
-    return True, str(path), LavtConfig(**kwargs)
+    ``register``: also register a ``GROUNDLABEL_GEM_MODEL_CONFIG`` architecture with open_clip, as
+    building the engine needs. Raises :class:`UserError` naming the variable when an option is invalid.
+    """
+    from workers.models.gem.config import GemConfig
+
+    if register and engines.gem_model_config:
+        from workers.models.gem.weights import register_model_config
+
+        register_model_config(engines.gem_model_config, "GROUNDLABEL_GEM_MODEL_CONFIG")
+
+    try:
+        return GemConfig(**engines.gem_options())
+    except UserError as exc:
+        raise UserError(f"GROUNDLABEL_GEM_* settings: {exc}") from exc
+
+
+def lavt_config(engines: EngineSettings) -> Any:
+    """The :class:`workers.models.lavt.LavtConfig` that ``engines`` asks for, or None without LAVT."""
+    if not engines.lavt_enabled:
+        return None
+    from workers.models.lavt.config import LavtConfig
+
+    return LavtConfig(**engines.lavt_options())
+
+
+def model_versions(engines: EngineSettings) -> dict[str, str]:
+    """The name each configured engine gives its predictions: ``gem``, and ``lavt`` when configured,
+    else ``gem_for_lavt`` (GEM grounding expressions). Computed without loading any model or reading a
+    weight file (the backend's machine need not hold the weights)."""
+    from workers.models.gem.weights import weights_label
+    from workers.models.lavt.config import lavt_model_version
+
+    config = gem_config(engines)
+    gem = config.model_version(weights_label(config.pretrained))
+    lavt = lavt_config(engines)
+    if lavt is None:
+        return {"gem": gem, "gem_for_lavt": gem + STAND_IN_SUFFIX}
+    return {"gem": gem, "lavt": lavt_model_version(lavt.variant, engines.lavt_checkpoint)}
+
+
+def announced_version(settings: Settings) -> str:
+    """The model version the backend announces: the operator's ``GROUNDLABEL_MODEL_VERSION``, else GEM's
+    name, followed by ``+lavt-<checkpoint stem>`` when LAVT is configured (``gem-ViT-B-16-openai``,
+    ``gem-ViT-B-16-openai+lavt-refcoco``). Each prediction carries its own engine's name
+    (:func:`model_versions`)."""
+    if settings.backend.model_version:
+        return settings.backend.model_version
+    engines = settings.engines
+    version = model_versions(engines)["gem"]
+    if engines.lavt_enabled:
+        version += "+lavt-" + (Path(engines.lavt_checkpoint).stem if engines.lavt_checkpoint else "random")
+    return version
 
 
 def get_gem_engine() -> Any:
@@ -114,7 +112,7 @@ def get_gem_engine() -> Any:
         if engine is None:
             from workers.models.gem import GemEngine
 
-            config = gem_config_from_env()
+            config = gem_config(_settings.engines, register=True)
             log.info("loading GEM %s (weights %s)", config.model_name, config.pretrained)
             engine = GemEngine(config)
             _engines["gem"] = engine
@@ -122,8 +120,8 @@ def get_gem_engine() -> Any:
 
 
 def lavt_enabled() -> bool:
-    """Whether a LAVT model is configured (``GROUNDLABEL_LAVT_CHECKPOINT``)."""
-    return bool(_env(os.environ, "GROUNDLABEL_LAVT_CHECKPOINT")) or "lavt" in _engines
+    """Whether a LAVT model is configured (``GROUNDLABEL_LAVT_CHECKPOINT``) or installed."""
+    return _settings.engines.lavt_enabled or "lavt" in _engines
 
 
 def get_lavt_engine() -> Any:
@@ -131,15 +129,18 @@ def get_lavt_engine() -> Any:
     with _lock:
         engine = _engines.get("lavt")
         if engine is None:
-            enabled, checkpoint, config = lavt_settings_from_env()
-            if not enabled:
+            config = lavt_config(_settings.engines)
+            if config is None:
                 raise UserError(
                     "a referring expression needs LAVT: set GROUNDLABEL_LAVT_CHECKPOINT on the workers"
                 )
             from workers.models.lavt import LavtEngine
 
+            checkpoint = _settings.engines.lavt_checkpoint
+            if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+                raise UserError(f"GROUNDLABEL_LAVT_CHECKPOINT={checkpoint!r} is not a file")
             log.info("loading LAVT %s", checkpoint or "(random weights)")
-            engine = LavtEngine(checkpoint, config)
+            engine = LavtEngine(str(Path(checkpoint).expanduser()) if checkpoint else None, config)
             _engines["lavt"] = engine
         return engine
 

@@ -36,7 +36,6 @@ from groundlabel.ls_access import (
     CLOUD_SCHEMES,
     FetchError,
     FetchSettings,
-    clear_token_cache,
     download_bytes,
     is_local_files_url,
     is_upload_url,
@@ -47,7 +46,7 @@ from groundlabel.ls_access import (
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["FetchError", "FetchSettings", "clear_token_cache", "fetch_bytes", "fetch_image"]
+__all__ = ["FetchError", "FetchSettings", "fetch_bytes", "fetch_image"]
 
 
 def _read_file(url: str, path: Path, settings: FetchSettings) -> bytes:
@@ -87,7 +86,7 @@ def fetch_bytes(
     label_studio_url: str | None = None,
 ) -> bytes:
     """The raw bytes behind a task's image URL, following the rules of this module."""
-    settings = settings or FetchSettings.from_env()
+    settings = settings or FetchSettings()
     settings = settings.with_request_url(label_studio_url)
     if not isinstance(url, str) or not url.strip():
         raise FetchError(str(url), "the task has no image URL")
@@ -140,7 +139,7 @@ def fetch_image(
     """
     from workers.images import decode_image
 
-    settings = settings or FetchSettings.from_env()
+    settings = settings or FetchSettings()
     data = fetch_bytes(url, task_id=task_id, settings=settings, label_studio_url=label_studio_url)
     kwargs: dict[str, int] = {"max_bytes": settings.max_bytes}
     if settings.max_pixels is not None:

@@ -6,10 +6,9 @@ count is checked on the header, before any pixel is decoded, so a small file cla
 pixels costs nothing. Pillow's own decompression-bomb check (``PIL.Image.MAX_IMAGE_PIXELS``) still
 applies on top of ours; its warning is silenced because our limit is the one that decides.
 
-Limits (defaults, overridable per process by environment variables, and per call by arguments):
-
-- ``GROUNDLABEL_MAX_IMAGE_BYTES``: 50 MiB (``DEFAULT_MAX_BYTES``);
-- ``GROUNDLABEL_MAX_IMAGE_PIXELS``: 100 million pixels (``DEFAULT_MAX_PIXELS``).
+Limits (per call; the workers pass their fetch settings' ``GROUNDLABEL_MAX_IMAGE_BYTES`` and
+``GROUNDLABEL_MAX_IMAGE_PIXELS``): by default 50 MiB and 100 million pixels
+(:mod:`groundlabel.limits`).
 
 Every image comes back as 8-bit RGB: CMYK, YCbCr, palette and grey images are converted; alpha is
 composited over white; 16-bit and 32-bit grey images are scaled to 8 bits (not clipped); float images
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import warnings
 from pathlib import Path
 
@@ -29,41 +27,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from groundlabel.errors import UserError
-
-DEFAULT_MAX_BYTES = 50 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 100_000_000
-
-ENV_MAX_BYTES = "GROUNDLABEL_MAX_IMAGE_BYTES"
-ENV_MAX_PIXELS = "GROUNDLABEL_MAX_IMAGE_PIXELS"
+from groundlabel.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 _WHITE = (255, 255, 255)
 
 
 class ImageError(UserError):
     """An image cannot be used; the message gives the reason (and the file, when there is one)."""
-
-
-def _env_limit(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(float(raw))
-    except ValueError as exc:
-        raise ImageError(f"{name}={raw!r} is not a number") from exc
-    if value <= 0:
-        raise ImageError(f"{name} must be positive, got {raw!r}")
-    return value
-
-
-def max_bytes_limit() -> int:
-    """The byte limit in force: ``GROUNDLABEL_MAX_IMAGE_BYTES`` or :data:`DEFAULT_MAX_BYTES`."""
-    return _env_limit(ENV_MAX_BYTES, DEFAULT_MAX_BYTES)
-
-
-def max_pixels_limit() -> int:
-    """The pixel limit in force: ``GROUNDLABEL_MAX_IMAGE_PIXELS`` or :data:`DEFAULT_MAX_PIXELS`."""
-    return _env_limit(ENV_MAX_PIXELS, DEFAULT_MAX_PIXELS)
 
 
 def _mb(n: int) -> str:
@@ -136,11 +106,11 @@ def decode_image(
 ) -> Image.Image:
     """Decode image bytes or an image file into an RGB ``PIL.Image`` with EXIF orientation applied.
 
-    ``max_bytes`` / ``max_pixels`` default to the environment's limits or :data:`DEFAULT_MAX_BYTES` /
-    :data:`DEFAULT_MAX_PIXELS`. Raises :class:`ImageError` (a ``UserError``) giving the reason.
+    ``max_bytes`` / ``max_pixels`` default to :data:`DEFAULT_MAX_BYTES` / :data:`DEFAULT_MAX_PIXELS`.
+    Raises :class:`ImageError` (a ``UserError``) giving the reason.
     """
-    max_bytes = max_bytes_limit() if max_bytes is None else int(max_bytes)
-    max_pixels = max_pixels_limit() if max_pixels is None else int(max_pixels)
+    max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     raw, name = _read_source(data, max_bytes)
     if not raw:
         raise ImageError(f"{name}: is empty (0 bytes)")

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from groundlabel.settings import QueueSettings
 
 log = logging.getLogger("groundlabel.worker")
 
@@ -57,21 +59,21 @@ def _worker_class() -> type:
 
 
 def build_worker(
-    redis_url: str,
+    settings: QueueSettings,
     *,
     queues: list[str] | None = None,
     name: str | None = None,
     heartbeat: float = 5.0,
     maintenance_interval: int = 30,
 ) -> Any:
-    """A worker on ``queues`` (default: interactive, then batch) with the JSON serializer."""
+    """A worker on ``queues`` (default: interactive, then batch) of the Redis at ``settings.redis_url``,
+    with the JSON serializer."""
     from rq.serializers import JSONSerializer
 
-    from labeling_backend.queue import QUEUE_NAMES, connect, make_queues
-    from labeling_backend.settings import Settings
+    from groundlabel.protocol import QUEUE_NAMES
+    from groundlabel.redis_queue import connect, make_queues
 
-    settings = Settings.from_env(redis_url=redis_url)
-    connection = connect(redis_url, timeout=settings.redis_timeout)
+    connection = connect(settings.redis_url or "", timeout=settings.redis_timeout)
     all_queues = make_queues(connection, settings)
     names = queues or list(QUEUE_NAMES)
     unknown = [q for q in names if q not in all_queues]
@@ -94,27 +96,30 @@ def build_worker(
 
 def _run(args: argparse.Namespace) -> int:
     from groundlabel.errors import UserError
-    from labeling_backend.auth import install_log_redaction, redact
-    from labeling_backend.settings import Settings
+    from groundlabel.redaction import install_log_redaction, redact
+    from groundlabel.redis_queue import wait_for_redis
+    from groundlabel.settings import Settings
+    from workers import engines
 
     settings = Settings.from_env()
-    redis_url = args.redis_url or settings.redis_url
+    if args.redis_url:
+        settings = settings.with_(redis_url=args.redis_url)
+    redis_url = settings.queue.redis_url
     if not redis_url:
         raise UserError("the worker needs a Redis: set REDIS_URL or pass --redis-url")
     if args.log_level:
         logging.getLogger().setLevel(args.log_level.upper())
-    install_log_redaction(settings.secrets() + [os.environ.get("LABEL_STUDIO_API_KEY", "")])
-    heartbeat = args.heartbeat or settings.worker_heartbeat
+    install_log_redaction(settings.secrets())
+    engines.configure(settings)
+    heartbeat = args.heartbeat or settings.queue.worker_heartbeat
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     worker = build_worker(
-        redis_url,
+        settings.queue,
         queues=queues,
         name=args.name,
         heartbeat=heartbeat,
         maintenance_interval=args.maintenance_interval,
     )
-    from labeling_backend.queue import wait_for_redis
-
     if not wait_for_redis(worker.connection, 30):
         raise UserError(f"Redis at {redact(redis_url)} does not answer (waited 30 s)")
     if not args.no_preload:

@@ -1,10 +1,10 @@
 """Heatmaps and masks to Label Studio regions (polygons, brush RLE, boxes, key points).
 
 One small class per Label Studio control (``polygon_labels``, ``brush_labels``, ``rectangle_labels``,
-``keypoint_labels``), each built from a :class:`~labeling_backend.label_config.ControlSpec` and reading
+``keypoint_labels``), each built from a :class:`~groundlabel.spec.ControlSpec` and reading
 its options from the control tag's attributes. Per control: a label's score is the max over its prompt
 synonyms, each pixel goes to the best label, and is background when that score is below the threshold
-(``model_score_threshold`` on the tag, else the ``threshold`` argument, else
+(:func:`control_threshold`: ``model_score_threshold`` on the tag, else the ``threshold`` argument, else
 :data:`~workers.regions.base.DEFAULT_THRESHOLD`). The geometry convention is described in
 :mod:`workers.regions.geometry`.
 """
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from labeling_backend.label_config import ControlSpec, LabelingSpec
-from workers.regions.base import DEFAULT_MIN_REGION_AREA, DEFAULT_THRESHOLD, ControlModel
+from groundlabel.spec import ControlSpec, LabelingSpec
+from workers.regions.base import DEFAULT_MIN_REGION_AREA, DEFAULT_THRESHOLD, ControlModel, control_threshold
 from workers.regions.brush_labels import BrushLabelsModel
 from workers.regions.geometry import polygon_to_mask
 from workers.regions.keypoint_labels import KeyPointLabelsModel
@@ -36,8 +36,9 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "ControlModel",
     "control_model",
+    "control_threshold",
     "polygon_to_mask",
-    "predict_regions",
+    "regions_from_scores",
     "prediction_score",
     "regions_from_mask",
 ]
@@ -58,7 +59,7 @@ def prediction_score(results: list[dict[str, Any]]) -> float:
     return round(float(np.mean(scores)), 4) if scores else 0.0
 
 
-def predict_regions(
+def regions_from_scores(
     spec: LabelingSpec,
     prompt_scores: Mapping[str, np.ndarray],
     *,

@@ -11,7 +11,7 @@ import numpy as np
 
 from groundlabel.errors import UserError
 from groundlabel.ls_format import make_result
-from labeling_backend.label_config import ControlSpec
+from groundlabel.spec import ControlSpec
 from workers.regions.geometry import Components, find_components
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,16 @@ DEFAULT_MIN_REGION_AREA = 0.0001
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+
+def control_threshold(control: ControlSpec, default: float | None = None) -> float:
+    """The score below which a pixel is background for this control: its ``model_score_threshold``
+    attribute, else ``default``, else :data:`DEFAULT_THRESHOLD`; checked to lie in [0, 1]."""
+    fallback = DEFAULT_THRESHOLD if default is None else float(default)
+    value = control.option_float("model_score_threshold", fallback)
+    if not (np.isfinite(value) and 0.0 <= value <= 1.0):
+        raise UserError(f"control {control.name!r}: model_score_threshold={value!r} must lie in [0.0, 1.0]")
+    return value
 
 
 class ControlModel:
@@ -43,8 +53,7 @@ class ControlModel:
         if control.type != self.control_type:
             raise ValueError(f"{type(self).__name__} converts {self.control_type}, not {control.type}")
         self.control = control
-        default = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-        self.threshold = self.option_float("model_score_threshold", default, low=0.0, high=1.0)
+        self.threshold = control_threshold(control, threshold)
         self.min_region_area = self.option_float("min_region_area", DEFAULT_MIN_REGION_AREA, low=0.0)
         self.skip = self.option_bool("model_skip", False)
 

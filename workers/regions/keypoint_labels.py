@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from labeling_backend.label_config import ControlSpec
+from groundlabel.spec import ControlSpec
 from workers.regions.base import ControlModel
 from workers.regions.geometry import Components
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from groundlabel.ls_format import pixels_to_percent
-from labeling_backend.label_config import ControlSpec
+from groundlabel.spec import ControlSpec
 from workers.regions.base import ControlModel
 from workers.regions.geometry import (
     Components,

@@ -32,16 +32,6 @@ DEFAULT_BACKGROUND_PROMPTS: tuple[str, ...] = (
 )
 
 
-def parse_temperature(text: str) -> float | None:
-    """GEM's inverse temperature option: ``adaptive`` (the paper's rule) → None, else a positive number."""
-    if text.strip().lower() in ("adaptive", "auto", "none", ""):
-        return None
-    value = float(text)
-    if not value > 0:
-        raise ValueError("the inverse temperature must be positive (or 'adaptive')")
-    return value
-
-
 @dataclass
 class GemConfig:
     """Everything that selects the CLIP model, the GEM variant and the score calibration.

@@ -128,3 +128,12 @@ class LavtConfig:
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+def lavt_model_version(variant: str, checkpoint: str | None, *, custom: bool = False) -> str:
+    """``lavt-<variant>-<checkpoint stem>`` (``random`` without a checkpoint, ``custom`` for a network built
+    in code): the name LAVT's predictions carry, computed without loading a model."""
+    from pathlib import Path
+
+    stem = Path(checkpoint).stem if checkpoint is not None else ("custom" if custom else "random")
+    return f"lavt-{variant}-{stem}"

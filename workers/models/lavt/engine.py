@@ -14,7 +14,7 @@ from PIL import Image
 
 from groundlabel.errors import UserError
 from workers.models.device import autocast_context, resolve_device
-from workers.models.lavt.config import LavtConfig
+from workers.models.lavt.config import LavtConfig, lavt_model_version
 from workers.models.lavt.factory import load_network
 from workers.models.lavt.model import IMAGE_MEAN, IMAGE_STD, LavtNetwork
 from workers.models.lavt.text import load_tokenizer, tokenize
@@ -65,12 +65,9 @@ class LavtEngine:
                 f"the tokenizer has {len(self.tokenizer.get_vocab())} tokens but the model's BERT "
                 f"only {vocab_size}: use the tokenizer the model was trained with"
             )
-        stem = (
-            Path(checkpoint).stem
-            if checkpoint is not None
-            else ("custom" if network is not None else "random")
+        self.model_version = lavt_model_version(
+            self.config.variant, None if checkpoint is None else str(checkpoint), custom=network is not None
         )
-        self.model_version = f"lavt-{self.config.variant}-{stem}"
 
     @torch.inference_mode()
     def probabilities(

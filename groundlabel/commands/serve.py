@@ -1,7 +1,9 @@
-"""``groundlabel serve``: the ML backend on uvicorn.
+"""``groundlabel serve``: the ML backend on uvicorn, wired to its job runner.
 
 With ``REDIS_URL`` the backend enqueues jobs for ``groundlabel worker`` processes; without it, it runs
-them in ``--workers-inprocess`` spawned child processes (the backend process itself never imports torch).
+them in ``--workers-inprocess`` spawned child processes of the workers' in-process runner (the backend
+process itself never imports torch). The announced model version is named here, from the engine settings,
+by the workers' own naming code.
 """
 
 from __future__ import annotations
@@ -9,6 +11,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from groundlabel.protocol import JobRunner
+    from groundlabel.settings import Settings
 
 log = logging.getLogger("groundlabel.backend")
 
@@ -22,12 +31,31 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def make_runner(settings: Settings, *, warm_up: bool = True) -> JobRunner:
+    """The job runner the settings ask for: RQ on Redis with ``REDIS_URL``, else spawned children."""
+    if settings.queue.redis_url:
+        from labeling_backend.queue import RedisJobQueue
+
+        return RedisJobQueue(settings.queue)
+    from workers.inprocess import InProcessRunner
+
+    return InProcessRunner(settings, warm_up=warm_up)
+
+
+def build_app(settings: Settings, *, warm_up: bool = True) -> FastAPI:
+    """The backend app with its runner and the announced model version (the engines' names)."""
+    from labeling_backend.app import create_app
+    from workers.engines import announced_version
+
+    version = announced_version(settings)  # an invalid engine setting is refused here, at start-up
+    return create_app(settings, runner=make_runner(settings, warm_up=warm_up), model_version=version)
+
+
 def _run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from labeling_backend.app import create_app
-    from labeling_backend.auth import install_log_redaction
-    from labeling_backend.settings import Settings
+    from groundlabel.redaction import install_log_redaction
+    from groundlabel.settings import Settings
 
     overrides: dict[str, object] = {}
     if args.workers_inprocess is not None:
@@ -40,21 +68,22 @@ def _run(args: argparse.Namespace) -> int:
     level = (args.log_level or "info").lower()
     logging.getLogger().setLevel(level.upper())
     install_log_redaction(settings.secrets())
-    if not settings.auth_enabled and not _is_loopback(args.host):
+    if not settings.backend.auth_enabled and not _is_loopback(args.host):
         log.warning(
             "listening on %s without authentication: set BASIC_AUTH_USER/BASIC_AUTH_PASS or "
             "GROUNDLABEL_API_TOKEN",
             args.host,
         )
-    mode = "jobs on Redis" if settings.redis_url else f"{settings.workers_inprocess} in-process worker(s)"
+    app = build_app(settings)
+    workers = settings.backend.workers_inprocess
+    mode = "jobs on Redis" if settings.queue.redis_url else f"{workers} in-process worker(s)"
     log.info(
         "groundlabel backend on http://%s:%d, %s, model version %s",
         args.host,
         args.port,
         mode,
-        settings.model_version,
+        app.state.backend.model_version,
     )
-    app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=level, access_log=args.access_log)
     return 0
 

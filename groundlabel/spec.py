@@ -1,4 +1,4 @@
-"""Reading a Label Studio label config into the plain spec that jobs carry to the workers.
+"""The label spec, the contract of the whole system: what a Label Studio label config asks of groundlabel.
 
 The spec is JSON-serialisable (``LabelingSpec.to_dict`` / ``from_dict``): it is what travels in a job's
 payload, so a worker never parses XML and never needs the backend's process.
@@ -73,6 +73,13 @@ class LabelingSpec:
                 for prompt in control.prompts[label]:
                     seen.setdefault(prompt, None)
         return list(seen)
+
+    def without(self, names: set[str] | frozenset[str]) -> LabelingSpec:
+        """The same spec without the controls named in ``names``."""
+        if not names:
+            return self
+        kept = [c for c in self.controls if c.name not in names]
+        return LabelingSpec(self.image_name, self.image_key, kept, self.text_name, self.text_key)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON for a job payload."""

@@ -25,12 +25,14 @@ from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 from groundlabel.errors import UserError
-from workers.models.gem.config import METHODS, REFINES, parse_temperature
+from groundlabel.settings import parse_temperature, weights_source
+from workers.models.gem.config import METHODS, REFINES
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from labeling_backend.label_config import LabelingSpec
+    from groundlabel.ls_access import FetchSettings
+    from groundlabel.spec import LabelingSpec
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ def default_label_config(labels: list[tuple[str, list[str]]], controls: list[str
 
 def load_spec(args: argparse.Namespace) -> tuple[LabelingSpec, str]:
     """The parsed spec and its XML, from ``--label-config`` or ``--labels``/``--control``."""
-    from labeling_backend.label_config import parse_label_config
+    from groundlabel.spec import parse_label_config
 
     if args.label_config:
         if args.control:
@@ -196,15 +198,15 @@ def image_reference(item: str, root_url: str | None, root: str | None) -> str:
     return root_url + quote(rel.as_posix(), safe="/")
 
 
-def load_image(item: str) -> Image.Image:
-    """Decode a file (or fetch a URL with the worker's fetch settings from the environment)."""
+def load_image(item: str, fetch: FetchSettings) -> Image.Image:
+    """Decode a file, or fetch a URL under the fetch settings (allowed hosts, limits)."""
     if _is_url(item):
         from workers.fetch import fetch_image
 
-        return fetch_image(item)
+        return fetch_image(item, settings=fetch)
     from workers.images import decode_image
 
-    return decode_image(item)
+    return decode_image(item, max_bytes=fetch.max_bytes, max_pixels=fetch.max_pixels)
 
 
 # ----------------------------------------------------------------------------- running
@@ -216,16 +218,6 @@ class _Item:
     error: str | None = None
 
 
-def _prompt_groups(spec: LabelingSpec, prompts: list[str]) -> list[str]:
-    """Per prompt, the label it belongs to (its first one): synonyms of a label share probability."""
-    group: dict[str, str] = {}
-    for control in spec.controls:
-        for label in control.labels:
-            for prompt in control.prompts[label]:
-                group.setdefault(prompt, f"{control.name}\x00{label}")
-    return [group[p] for p in prompts]
-
-
 def build_engine(args: argparse.Namespace) -> Any:
     """The GEM engine the model options ask for."""
     from workers.models.gem import GemConfig, GemEngine
@@ -234,7 +226,7 @@ def build_engine(args: argparse.Namespace) -> Any:
     model_name = args.model
     if args.model_config:
         model_name = register_model_config(args.model_config, "--model-config")
-    pretrained = None if str(args.pretrained).lower() in ("none", "random", "") else args.pretrained
+    pretrained = weights_source(args.pretrained)
     config = GemConfig(
         model_name=model_name,
         pretrained=pretrained,
@@ -258,20 +250,18 @@ def _temperature(text: str) -> float | None:
         raise UserError(f"--gem-temperature {text!r}: {exc}") from exc
 
 
-def _heatmaps(engine: Any, images: list[Any], prompts: list[str], groups: list[str]) -> list[Any]:
-    return engine.heatmaps(images, prompts, groups=groups)
-
-
 def run(args: argparse.Namespace) -> int:
     """The ``predict`` verb; returns 0, or 1 when some images failed (they are reported and skipped)."""
     from tqdm import tqdm
 
-    from workers.regions import predict_regions
+    from groundlabel.settings import Settings
+    from workers.pipeline import class_prompt_regions
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    fetch = Settings.from_env().fetch
     spec, xml = load_spec(args)
     if args.save_config:
         Path(args.save_config).write_text(xml, encoding="utf-8")
@@ -283,8 +273,6 @@ def run(args: argparse.Namespace) -> int:
     if overlay_dir:
         overlay_dir.mkdir(parents=True, exist_ok=True)
 
-    prompts = spec.all_prompts()
-    groups = _prompt_groups(spec, prompts)
     engine = build_engine(args)
     tasks: list[dict[str, Any] | None] = [None] * len(sources)
     failures: list[_Item] = []
@@ -296,40 +284,31 @@ def run(args: argparse.Namespace) -> int:
         batch = [_Item(i, sources[i]) for i in range(start, min(start + args.batch_size, len(sources)))]
         for item in batch:
             try:
-                item.image = load_image(item.source)
+                item.image = load_image(item.source, fetch)
             except UserError as exc:
                 item.error = str(exc)
         good = [it for it in batch if it.error is None]
-        maps_of: dict[int, Any] = {}
-        if good:
-            try:
-                maps = _heatmaps(engine, [it.image for it in good], prompts, groups)
-                maps_of = {it.index: m for it, m in zip(good, maps, strict=True)}
-            except Exception:  # retry one by one so that one bad image fails alone
-                log.debug("batch failed; retrying image by image", exc_info=True)
-                for it in good:
-                    try:
-                        maps_of[it.index] = _heatmaps(engine, [it.image], prompts, groups)[0]
-                    except Exception as exc:  # noqa: BLE001 - reported per image, the run goes on
-                        it.error = f"the model failed on this image: {exc}"
-        for item in batch:
-            if item.error is None:
-                try:
-                    scores = dict(zip(prompts, maps_of[item.index], strict=True))
-                    w, h = item.image.size
-                    results, score = predict_regions(
-                        spec, scores, width=w, height=h, threshold=args.threshold
-                    )
-                    tasks[item.index] = {
-                        "data": {spec.image_key: refs[item.index]},
-                        "predictions": [
-                            {"model_version": engine.model_version, "score": score, "result": results}
-                        ],
+        found = class_prompt_regions(engine, spec, [it.image for it in good], threshold=args.threshold)
+        for item, regions in zip(good, found, strict=True):
+            if isinstance(regions, UserError):
+                item.error = str(regions)
+                continue
+            if isinstance(regions, Exception):
+                item.error = f"the model failed on this image: {regions}"
+                continue
+            tasks[item.index] = {
+                "data": {spec.image_key: refs[item.index]},
+                "predictions": [
+                    {
+                        "model_version": regions.model_version,
+                        "score": regions.score,
+                        "result": regions.results,
                     }
-                    if overlay_dir:
-                        _write_overlay(overlay_dir, item, scores, results, used_names)
-                except UserError as exc:
-                    item.error = str(exc)
+                ],
+            }
+            if overlay_dir:
+                _write_overlay(overlay_dir, item, regions.maps or {}, regions.results, used_names)
+        for item in batch:
             if item.error is not None:
                 failures.append(item)
                 bar.write(f"groundlabel predict: skipped {item.source}: {item.error}", file=sys.stderr)

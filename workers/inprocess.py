@@ -1,12 +1,14 @@
 """Running jobs without Redis: a pool of spawned child processes next to the backend.
 
-The backend process never imports torch; the children do (``workers.jobs.init_process`` loads the
-engines once per child). Payloads and results cross the process boundary as JSON text. It offers the
-same methods as :class:`labeling_backend.queue.RedisJobQueue`, with an in-memory result cache.
+The process that holds the runner never imports torch; the children do (``workers.jobs.init_process``
+configures them from the parent's settings and loads the engines once per child). Payloads and results
+cross the process boundary as JSON text. It offers :class:`groundlabel.protocol.JobRunner`, like the
+backend's Redis queue client, with an in-memory result cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -19,8 +21,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from labeling_backend.queue import JobState
-from labeling_backend.settings import QUEUE_BATCH, QUEUE_INTERACTIVE, Settings
+from groundlabel.protocol import QUEUE_BATCH, QUEUE_INTERACTIVE, JobPayload, JobState
+from groundlabel.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,9 @@ class InProcessRunner:
 
     def __init__(self, settings: Settings, workers: int | None = None, *, warm_up: bool = True) -> None:
         self.settings = settings
-        self.workers = int(workers or settings.workers_inprocess)
+        self.workers = int(workers or settings.backend.workers_inprocess)
         self.where = "in-process"
-        self._cache = TTLCache(maxsize=100_000, ttl=settings.result_ttl)
+        self._cache = TTLCache(maxsize=100_000, ttl=settings.queue.result_ttl)
         self._pending: dict[str, tuple[str, int]] = {}
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
@@ -93,6 +95,7 @@ class InProcessRunner:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=init_process,
+            initargs=(self.settings,),
         )
 
     def ping(self) -> None:
@@ -125,7 +128,7 @@ class InProcessRunner:
     # -- jobs ----------------------------------------------------------------------------------------
 
     def submit(
-        self, payload: dict[str, Any], keys: Sequence[str], *, interactive: bool
+        self, payload: JobPayload, keys: Sequence[str], *, interactive: bool
     ) -> tuple[str, list[int]]:
         job_id = uuid.uuid4().hex
         with self._lock:
@@ -133,10 +136,10 @@ class InProcessRunner:
             if not taken:
                 return "", []
             kept_keys = [keys[i] for i in taken]
-            payload = {**payload, "tasks": [payload["tasks"][i] for i in taken]}
+            payload = dataclasses.replace(payload, tasks=[payload.tasks[i] for i in taken])
             for j, key in enumerate(kept_keys):
                 self._pending[key] = (job_id, j)
-            future = self._submit(json.dumps(payload))
+            future = self._submit(json.dumps(payload.to_dict()))
             job = _Job(future, kept_keys, QUEUE_INTERACTIVE if interactive else QUEUE_BATCH)
             self._jobs[job_id] = job
         future.add_done_callback(lambda f, jid=job_id: self._done(jid))
@@ -166,7 +169,8 @@ class InProcessRunner:
                     self._cache.set(key, prediction)
         self.release_pending(job.keys, job_id)
         # Keep finished jobs for a while so that waiting requests can read them, then forget them.
-        cutoff = time.monotonic() - max(self.settings.predict_timeout, self.settings.interactive_timeout) - 60
+        backend = self.settings.backend
+        cutoff = time.monotonic() - max(backend.predict_timeout, backend.interactive_timeout) - 60
         with self._lock:
             for jid in [j for j, jb in self._jobs.items() if jb.ended is not None and jb.ended < cutoff]:
                 del self._jobs[jid]

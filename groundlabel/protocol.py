@@ -1,0 +1,111 @@
+"""The job protocol: what the backend asks of the workers, and what comes back.
+
+A job is a chunk of tasks with the label spec they are predicted for; its payload and its result are plain
+JSON, never pickle. The worker answers one prediction per task, in order:
+``{"result": [...], "score": float, "model_version": str}`` (``"meta"`` may be added), or, for a task
+that failed alone, the same with an empty ``result`` and ``"error"`` holding the reason.
+
+``model_version`` on each prediction is the version of the engine that produced it, as the worker names
+it (GEM, LAVT, or GEM standing in for LAVT), unless the operator set one name for every prediction
+(``GROUNDLABEL_MODEL_VERSION``), which the payload then carries.
+
+Every job runner (RQ on Redis in the backend, child processes in the workers' in-process runner) offers
+:class:`JobRunner`; the backend speaks to it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from groundlabel.spec import LabelingSpec
+
+#: Queue names, in the order a worker listens to them: interactive requests before batches.
+QUEUE_INTERACTIVE = "interactive"
+QUEUE_BATCH = "batch"
+QUEUE_NAMES = (QUEUE_INTERACTIVE, QUEUE_BATCH)
+
+#: The dotted path of the one job function workers run (RQ stores it by name).
+JOB_FUNCTION = "workers.jobs.run_job"
+
+#: Job states a runner reports.
+PENDING, FINISHED, FAILED = "pending", "finished", "failed"
+
+
+@dataclass
+class JobPayload:
+    """One job: tasks (``{"id", "data"}``), the spec, the interactive context, where Label Studio is."""
+
+    tasks: list[dict[str, Any]]
+    spec: LabelingSpec
+    context: dict[str, Any] | None = None
+    label_studio_url: str | None = None
+    model_version: str | None = None  # the operator's one name for every prediction, if any
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON for the queue."""
+        return {
+            "tasks": [{"id": int(t["id"]), "data": t.get("data") or {}} for t in self.tasks],
+            "spec": self.spec.to_dict(),
+            "context": self.context,
+            "label_studio_url": self.label_studio_url,
+            "model_version": self.model_version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobPayload:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            tasks=list(data.get("tasks") or []),
+            spec=LabelingSpec.from_dict(data["spec"]),
+            context=data.get("context") or None,
+            label_studio_url=data.get("label_studio_url"),
+            model_version=data.get("model_version"),
+        )
+
+
+def prediction(
+    results: list[dict[str, Any]], score: float, model_version: str, meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One task's prediction as a job returns it."""
+    out: dict[str, Any] = {"result": results, "score": float(score), "model_version": model_version}
+    if meta:
+        out["meta"] = meta
+    return out
+
+
+def failed_prediction(reason: str, model_version: str) -> dict[str, Any]:
+    """The answer for a task that failed alone: no regions, and the reason."""
+    return {"result": [], "score": 0.0, "model_version": model_version, "error": reason}
+
+
+@dataclass
+class JobState:
+    """What a job has come to: ``finished`` (with its per-task results), ``failed`` or ``pending``."""
+
+    status: str
+    results: list[dict[str, Any]] | None = None
+    error: str | None = None
+    detail: str = ""
+    latency: float | None = None  # enqueue → end, seconds, for finished or failed jobs
+
+
+class JobRunner(Protocol):
+    """What every job runner offers the backend: a result cache, pending markers, jobs and their states."""
+
+    where: str
+
+    def ping(self) -> None: ...
+    def cache_get(self, keys: list[str]) -> list[dict[str, Any] | None]: ...
+    def pending_get(self, keys: list[str]) -> list[tuple[str, int] | None]: ...
+    def release_pending(self, keys: list[str], job_id: str) -> None: ...
+    def submit(self, payload: JobPayload, keys: list[str], *, interactive: bool) -> tuple[str, list[int]]: ...
+    def poll(self, job_ids: list[str]) -> dict[str, JobState]: ...
+    def reap_abandoned(self) -> None: ...
+    def stats(self) -> dict[str, dict[str, int]]: ...
+    def worker_count(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class QueueUnavailable(Exception):
+    """The job queue cannot be reached; the message says where and why (without credentials)."""

@@ -1,0 +1,348 @@
+"""The one reader of groundlabel's configuration: environment variables into typed sections.
+
+:meth:`Settings.from_env` is called once, by each command that starts a process (``serve``, ``worker``,
+``prelabel``), and the sections are passed down from there: no other module reads ``os.environ``, and no
+process changes it to configure another. Secrets come from the environment only, never from files or
+flags. Every variable is listed in ``docs/backend.md`` (a test holds the table against :data:`VARIABLES`).
+A malformed value raises :class:`~groundlabel.errors.UserError` naming the variable.
+
+Sections: :class:`BackendSettings` (the HTTP service), :class:`QueueSettings` (Redis, jobs and their
+timeouts), :class:`~groundlabel.ls_access.FetchSettings` (where images may come from, with which token,
+how large) and :class:`EngineSettings` (which models the workers run).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from groundlabel.errors import UserError
+from groundlabel.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from groundlabel.ls_access import FetchSettings
+
+#: Words that mean "no pretrained weights" wherever a weight source is given.
+RANDOM_WEIGHTS = ("none", "random")
+
+
+def weights_source(text: str | None) -> str | None:
+    """A weight source as given (tag, file, checkpoint), or None for random weights (``none``/``random``)."""
+    if text is None:
+        return None
+    text = text.strip()
+    return None if text.lower() in (*RANDOM_WEIGHTS, "") else text
+
+
+def parse_temperature(text: str) -> float | None:
+    """GEM's inverse temperature option: ``adaptive`` (the paper's rule) → None, else a positive number."""
+    if text.strip().lower() in ("adaptive", "auto", "none", ""):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise ValueError("the inverse temperature must be positive (or 'adaptive')")
+    return value
+
+
+class _Env:
+    """Typed reads of one environment mapping; remembers which variables it was asked for."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        value = self.env.get(name)
+        if value is None or not value.strip():
+            return default
+        return value.strip()
+
+    def number(self, name: str, default: Any, cast: Any, *, minimum: float | None = None) -> Any:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = cast(raw)
+        except ValueError as exc:
+            kind = "an integer" if cast is int else "a number"
+            raise UserError(f"{name}={raw!r} is not {kind}") from exc
+        if minimum is not None and value < minimum:
+            raise UserError(f"{name}={raw!r} must be >= {minimum:g}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{name}={raw!r} must be true or false")
+
+    def seconds_list(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            values = tuple(float(v) for v in raw.split(",") if v.strip())
+        except ValueError as exc:
+            raise UserError(f"{name}={raw!r} must be comma-separated numbers of seconds") from exc
+        if not values or min(values) < 0:
+            raise UserError(f"{name}={raw!r} must be one or more non-negative numbers of seconds")
+        return values
+
+    def items(self, name: str) -> tuple[str, ...]:
+        return tuple(h.strip() for h in (self.text(name) or "").split(",") if h.strip())
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """The HTTP service: authentication, how long a request waits, request limits."""
+
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    api_token: str | None = field(default=None, repr=False)
+    metrics_public: bool = False
+    model_version: str | None = None  # the operator's name for every prediction; None: the engines' names
+    predict_timeout: float = 85.0  # below Label Studio's 100 s ML_TIMEOUT_PREDICT
+    interactive_timeout: float = 30.0
+    max_tasks: int = 10_000
+    workers_inprocess: int = 1  # child processes running the jobs when there is no Redis
+    poll_interval: float = 0.02
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests must carry credentials."""
+        return bool(self.basic_auth_user or self.api_token)
+
+    def validate(self) -> None:
+        """Refuse contradictory settings with the reason."""
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise UserError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """Redis and the jobs on it: timeouts, retries, how long results are kept, chunking."""
+
+    redis_url: str | None = None
+    redis_timeout: float = 3.0
+    job_timeout: int = 900  # seconds one batch job may run on a worker
+    interactive_job_timeout: int = 120
+    job_retries: int = 2
+    retry_intervals: tuple[float, ...] = (2.0, 10.0)
+    result_ttl: int = 7 * 24 * 3600  # the per-task result cache
+    job_result_ttl: int = 3600
+    failure_ttl: int = 24 * 3600
+    chunk_size: int = 8  # tasks per job: one model batch
+    worker_heartbeat: float = 5.0  # a worker renews its job lease this often (seconds)
+
+    def validate(self) -> None:
+        """Refuse a malformed Redis URL with the reason."""
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise UserError(
+                f"REDIS_URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+
+    def timeout_for(self, interactive: bool) -> int:
+        """Seconds a job of this kind may run."""
+        return self.interactive_job_timeout if interactive else self.job_timeout
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which models a worker runs, with which options (each None: the engine's own default)."""
+
+    gem_model: str | None = None
+    gem_model_config: str | None = None  # an open_clip model-config JSON file; its stem names the model
+    gem_pretrained: str | None = "openai"  # None: random weights
+    weights_dir: str | None = None
+    gem_image_size: int | None = None
+    gem_method: str | None = None
+    gem_refine: str | None = None
+    gem_templates: str | None = None
+    gem_batch: int | None = None
+    gem_depth: int | None = None
+    gem_temperature: float | None = None  # None: adaptive
+    gem_temperature_set: bool = False
+    device: str | None = None
+    lavt_enabled: bool = False
+    lavt_checkpoint: str | None = None  # None with lavt_enabled: random weights
+    lavt_variant: str | None = None
+    lavt_tokenizer: str | None = None
+
+    def gem_options(self) -> dict[str, Any]:
+        """The GEM engine's configuration keywords that these settings set (the rest keep its defaults)."""
+        options: dict[str, Any] = {"pretrained": self.gem_pretrained}
+        if self.gem_model_config:
+            options["model_name"] = Path(self.gem_model_config).expanduser().stem
+        elif self.gem_model:
+            options["model_name"] = self.gem_model
+        for key, value in (
+            ("cache_dir", self.weights_dir),
+            ("image_size", self.gem_image_size),
+            ("method", self.gem_method),
+            ("refine", self.gem_refine),
+            ("templates", self.gem_templates),
+            ("batch_size", self.gem_batch),
+            ("gem_depth", self.gem_depth),
+            ("device", self.device),
+        ):
+            if value is not None:
+                options[key] = value
+        if self.gem_temperature_set:
+            options["ss_attn_temp"] = self.gem_temperature
+        return options
+
+    def lavt_options(self) -> dict[str, Any]:
+        """The LAVT engine's configuration keywords that these settings set."""
+        options: dict[str, Any] = {}
+        for key, value in (
+            ("variant", self.lavt_variant),
+            ("tokenizer", self.lavt_tokenizer),
+            ("device", self.device),
+            ("cache_dir", self.weights_dir),
+        ):
+            if value is not None:
+                options[key] = value
+        return options
+
+
+#: Every variable :meth:`Settings.from_env` reads.
+VARIABLES: tuple[str, ...] = (
+    "REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT",
+    "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "GROUNDLABEL_ALLOWED_HOSTS", "BASIC_AUTH_USER",
+    "BASIC_AUTH_PASS", "GROUNDLABEL_API_TOKEN", "GROUNDLABEL_METRICS_PUBLIC", "GROUNDLABEL_MODEL_VERSION",
+    "GROUNDLABEL_PREDICT_TIMEOUT", "GROUNDLABEL_INTERACTIVE_TIMEOUT", "GROUNDLABEL_JOB_TIMEOUT",
+    "GROUNDLABEL_INTERACTIVE_JOB_TIMEOUT", "GROUNDLABEL_JOB_RETRIES", "GROUNDLABEL_RETRY_INTERVALS",
+    "GROUNDLABEL_CHUNK_SIZE", "GROUNDLABEL_MAX_TASKS", "GROUNDLABEL_RESULT_TTL",
+    "GROUNDLABEL_WORKERS_INPROCESS", "GROUNDLABEL_WORKER_HEARTBEAT", "GROUNDLABEL_LOG_LEVEL",
+    "GROUNDLABEL_MAX_IMAGE_BYTES", "GROUNDLABEL_MAX_IMAGE_PIXELS", "GROUNDLABEL_FETCH_CONNECT_TIMEOUT",
+    "GROUNDLABEL_FETCH_READ_TIMEOUT", "GROUNDLABEL_FETCH_TOTAL_TIMEOUT", "GROUNDLABEL_FETCH_MAX_REDIRECTS",
+    "GROUNDLABEL_GEM_MODEL", "GROUNDLABEL_GEM_MODEL_CONFIG", "GROUNDLABEL_GEM_PRETRAINED",
+    "GROUNDLABEL_WEIGHTS_DIR", "GROUNDLABEL_GEM_IMAGE_SIZE", "GROUNDLABEL_GEM_METHOD",
+    "GROUNDLABEL_GEM_REFINE", "GROUNDLABEL_GEM_TEMPLATES", "GROUNDLABEL_GEM_BATCH", "GROUNDLABEL_GEM_DEPTH",
+    "GROUNDLABEL_GEM_TEMPERATURE", "GROUNDLABEL_DEVICE", "GROUNDLABEL_LAVT_CHECKPOINT",
+    "GROUNDLABEL_LAVT_VARIANT", "GROUNDLABEL_LAVT_TOKENIZER",
+)  # fmt: skip
+
+
+def _fetch_settings(e: _Env) -> FetchSettings:
+    root = e.text("LOCAL_FILES_DOCUMENT_ROOT") or e.text("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+    return FetchSettings(
+        label_studio_url=e.text("LABEL_STUDIO_URL"),
+        api_key=e.text("LABEL_STUDIO_API_KEY"),
+        local_files_root=root,
+        allowed_hosts=e.items("GROUNDLABEL_ALLOWED_HOSTS"),
+        max_bytes=e.number("GROUNDLABEL_MAX_IMAGE_BYTES", DEFAULT_MAX_BYTES, int, minimum=1),
+        max_pixels=e.number("GROUNDLABEL_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS, int, minimum=1),
+        connect_timeout=e.number("GROUNDLABEL_FETCH_CONNECT_TIMEOUT", 5.0, float, minimum=0.001),
+        read_timeout=e.number("GROUNDLABEL_FETCH_READ_TIMEOUT", 30.0, float, minimum=0.001),
+        total_timeout=e.number("GROUNDLABEL_FETCH_TOTAL_TIMEOUT", 120.0, float, minimum=0.001),
+        max_redirects=e.number("GROUNDLABEL_FETCH_MAX_REDIRECTS", 5, int, minimum=1),
+    )
+
+
+def _engine_settings(e: _Env) -> EngineSettings:
+    temperature = e.text("GROUNDLABEL_GEM_TEMPERATURE")
+    try:
+        parsed_temperature = parse_temperature(temperature) if temperature is not None else None
+    except ValueError as exc:
+        raise UserError(f"GROUNDLABEL_GEM_TEMPERATURE={temperature!r} is not valid: {exc}") from exc
+    checkpoint = e.text("GROUNDLABEL_LAVT_CHECKPOINT")
+    pretrained = e.text("GROUNDLABEL_GEM_PRETRAINED")
+    return EngineSettings(
+        gem_model=e.text("GROUNDLABEL_GEM_MODEL"),
+        gem_model_config=e.text("GROUNDLABEL_GEM_MODEL_CONFIG"),
+        gem_pretrained="openai" if pretrained is None else weights_source(pretrained),
+        weights_dir=e.text("GROUNDLABEL_WEIGHTS_DIR"),
+        gem_image_size=e.number("GROUNDLABEL_GEM_IMAGE_SIZE", None, int, minimum=1),
+        gem_method=e.text("GROUNDLABEL_GEM_METHOD"),
+        gem_refine=e.text("GROUNDLABEL_GEM_REFINE"),
+        gem_templates=e.text("GROUNDLABEL_GEM_TEMPLATES"),
+        gem_batch=e.number("GROUNDLABEL_GEM_BATCH", None, int, minimum=1),
+        gem_depth=e.number("GROUNDLABEL_GEM_DEPTH", None, int, minimum=1),
+        gem_temperature=parsed_temperature,
+        gem_temperature_set=temperature is not None,
+        device=e.text("GROUNDLABEL_DEVICE"),
+        lavt_enabled=checkpoint is not None,
+        lavt_checkpoint=weights_source(checkpoint),
+        lavt_variant=e.text("GROUNDLABEL_LAVT_VARIANT"),
+        lavt_tokenizer=e.text("GROUNDLABEL_LAVT_TOKENIZER"),
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration of one groundlabel process, in sections."""
+
+    backend: BackendSettings = field(default_factory=BackendSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    engines: EngineSettings = field(default_factory=EngineSettings)
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every section from ``env`` (default ``os.environ``), then apply keyword overrides.
+
+        An override names a field of one section (``redis_url=...``, ``predict_timeout=...``).
+        """
+        e = _Env(os.environ if env is None else env)
+        settings = cls(
+            backend=BackendSettings(
+                basic_auth_user=e.text("BASIC_AUTH_USER"),
+                basic_auth_pass=e.text("BASIC_AUTH_PASS"),
+                api_token=e.text("GROUNDLABEL_API_TOKEN"),
+                metrics_public=e.bool("GROUNDLABEL_METRICS_PUBLIC", False),
+                model_version=e.text("GROUNDLABEL_MODEL_VERSION"),
+                predict_timeout=e.number("GROUNDLABEL_PREDICT_TIMEOUT", 85.0, float, minimum=0.1),
+                interactive_timeout=e.number("GROUNDLABEL_INTERACTIVE_TIMEOUT", 30.0, float, minimum=0.1),
+                max_tasks=e.number("GROUNDLABEL_MAX_TASKS", 10_000, int, minimum=1),
+                workers_inprocess=e.number("GROUNDLABEL_WORKERS_INPROCESS", 1, int, minimum=1),
+            ),
+            queue=QueueSettings(
+                redis_url=e.text("REDIS_URL"),
+                job_timeout=e.number("GROUNDLABEL_JOB_TIMEOUT", 900, int, minimum=1),
+                interactive_job_timeout=e.number("GROUNDLABEL_INTERACTIVE_JOB_TIMEOUT", 120, int, minimum=1),
+                job_retries=e.number("GROUNDLABEL_JOB_RETRIES", 2, int, minimum=0),
+                retry_intervals=e.seconds_list("GROUNDLABEL_RETRY_INTERVALS", (2.0, 10.0)),
+                result_ttl=e.number("GROUNDLABEL_RESULT_TTL", 7 * 24 * 3600, int, minimum=1),
+                chunk_size=e.number("GROUNDLABEL_CHUNK_SIZE", 8, int, minimum=1),
+                worker_heartbeat=e.number("GROUNDLABEL_WORKER_HEARTBEAT", 5.0, float, minimum=0.2),
+            ),
+            fetch=_fetch_settings(e),
+            engines=_engine_settings(e),
+            log_level=(e.text("GROUNDLABEL_LOG_LEVEL") or "INFO").upper(),
+        )
+        return settings.with_(**overrides) if overrides else settings.validated()
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed; each name is a field of one section (or ``log_level``)."""
+        sections: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key in {f.name for f in fields(self)}:
+                top[key] = value
+                continue
+            for section in ("backend", "queue", "fetch", "engines"):
+                if key in {f.name for f in fields(getattr(self, section))}:
+                    sections.setdefault(section, {})[key] = value
+                    break
+            else:
+                raise TypeError(f"unknown setting {key!r}")
+        for section, values in sections.items():
+            top[section] = replace(getattr(self, section), **values)
+        return replace(self, **top).validated()
+
+    def validated(self) -> Settings:
+        """Itself, after refusing contradictory settings with the reason."""
+        self.backend.validate()
+        self.queue.validate()
+        return self
+
+    def secrets(self) -> list[str]:
+        """Values that must never appear in a log line."""
+        values = (self.fetch.api_key, self.backend.basic_auth_pass, self.backend.api_token)
+        return [s for s in values if s]
