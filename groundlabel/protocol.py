@@ -28,9 +28,6 @@ QUEUE_NAMES = (QUEUE_INTERACTIVE, QUEUE_BATCH)
 #: The dotted path of the one job function workers run (RQ stores it by name).
 JOB_FUNCTION = "workers.jobs.run_job"
 
-#: Job states a runner reports.
-PENDING, FINISHED, FAILED = "pending", "finished", "failed"
-
 
 @dataclass
 class JobPayload:

@@ -46,7 +46,7 @@ def parse_temperature(text: str) -> float | None:
 
 
 class _Env:
-    """Typed reads of one environment mapping; remembers which variables it was asked for."""
+    """Typed reads of one environment mapping, each refusing a malformed value with the variable's name."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env

@@ -20,27 +20,26 @@ if TYPE_CHECKING:
 
 
 def make_runner(settings: Settings) -> JobRunner:
-    """RQ on Redis when ``REDIS_URL`` is set (with a worker listening), else spawned child processes."""
-    if settings.queue.redis_url:
-        from groundlabel.protocol import QueueUnavailable
-        from labeling_backend.queue import RedisJobQueue
+    """``serve``'s runner (RQ on Redis, or spawned child processes), checked for a listening worker."""
+    from groundlabel.commands.serve import make_runner as serve_runner
+    from groundlabel.protocol import QueueUnavailable
 
-        runner = RedisJobQueue(settings.queue)
-        try:
-            runner.ping()
-            workers = runner.worker_count()
-        except QueueUnavailable as exc:
-            raise UserError(str(exc)) from exc
-        if workers == 0:
-            runner.close()
-            raise UserError(
-                f"no worker is listening on the job queues at {runner.where}: start `groundlabel worker` "
-                "(or unset REDIS_URL to run the jobs in this process)"
-            )
+    runner = serve_runner(settings, warm_up=False)
+    if not settings.queue.redis_url:
         return runner
-    from workers.inprocess import InProcessRunner
-
-    return InProcessRunner(settings, warm_up=False)
+    try:
+        runner.ping()
+        workers = runner.worker_count()
+    except QueueUnavailable as exc:
+        runner.close()
+        raise UserError(str(exc)) from exc
+    if workers == 0:
+        runner.close()
+        raise UserError(
+            f"no worker is listening on the job queues at {runner.where}: start `groundlabel worker` "
+            "(or unset REDIS_URL to run the jobs in this process)"
+        )
+    return runner
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from groundlabel.errors import UserError
@@ -133,7 +134,5 @@ class LavtConfig:
 def lavt_model_version(variant: str, checkpoint: str | None, *, custom: bool = False) -> str:
     """``lavt-<variant>-<checkpoint stem>`` (``random`` without a checkpoint, ``custom`` for a network built
     in code): the name LAVT's predictions carry, computed without loading a model."""
-    from pathlib import Path
-
     stem = Path(checkpoint).stem if checkpoint is not None else ("custom" if custom else "random")
     return f"lavt-{variant}-{stem}"
