@@ -48,9 +48,9 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server process of the test session."""
+    """A redis-server process (no persistence unless ``extra_args`` asks for it, e.g. ``--appendonly yes``)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra_args: list[str] | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.skip("redis-server is not installed (bash scripts/setup.sh test installs it)")
@@ -71,6 +71,7 @@ class RedisServer:
                 "no",
                 "--loglevel",
                 "warning",
+                *(extra_args or []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
