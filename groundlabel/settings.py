@@ -150,6 +150,47 @@ class QueueSettings:
         return self.interactive_job_timeout if interactive else self.job_timeout
 
 
+#: Variables any of which, set to a true value, keep every download off the network.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GROUNDLABEL_OFFLINE")
+DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """The Hugging Face hub as the workers see it: whether to reach it, where it is, its local cache."""
+
+    offline: bool = False
+    endpoint: str = DEFAULT_HUB_ENDPOINT
+    cache: str | None = None  # the hub cache folder; None: the hub library's default
+    token: str | None = field(default=None, repr=False)  # for gated models (SAM 3)
+
+    @property
+    def cache_path(self) -> Path:
+        """The hub cache folder as a path (the default one when unset)."""
+        return Path(self.cache).expanduser() if self.cache else Path("~/.cache/huggingface/hub").expanduser()
+
+
+def hub_settings(env: Mapping[str, str] | None = None) -> HubSettings:
+    """The hub section alone, read from ``env`` (default ``os.environ``), as the hub libraries read it.
+
+    Offline when any of :data:`OFFLINE_VARIABLES` is ``1/true/yes/on``; the cache is ``HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``.
+    """
+    e = _Env(os.environ if env is None else env)
+    offline = any((e.text(v) or "").lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES)
+    cache = e.text("HF_HUB_CACHE")
+    if cache is None and e.text("HF_HOME"):
+        cache = str(Path(e.text("HF_HOME") or "") / "hub")
+    if cache is None and e.text("XDG_CACHE_HOME"):
+        cache = str(Path(e.text("XDG_CACHE_HOME") or "") / "huggingface" / "hub")
+    return HubSettings(
+        offline=offline,
+        endpoint=e.text("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT,
+        cache=cache,
+        token=e.text("HF_TOKEN"),
+    )
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """Which models a worker runs, with which options (each None: the engine's own default)."""
@@ -171,6 +212,7 @@ class EngineSettings:
     lavt_checkpoint: str | None = None  # None with lavt_enabled: random weights
     lavt_variant: str | None = None
     lavt_tokenizer: str | None = None
+    hub: HubSettings = field(default_factory=HubSettings)  # hub access for every engine's downloads
 
     def gem_options(self) -> dict[str, Any]:
         """The GEM engine's configuration keywords that these settings set (the rest keep its defaults)."""
@@ -181,6 +223,7 @@ class EngineSettings:
             options["model_name"] = self.gem_model
         for key, value in (
             ("cache_dir", self.weights_dir),
+            ("hub", self.hub),
             ("image_size", self.gem_image_size),
             ("method", self.gem_method),
             ("refine", self.gem_refine),
@@ -224,7 +267,8 @@ VARIABLES: tuple[str, ...] = (
     "GROUNDLABEL_WEIGHTS_DIR", "GROUNDLABEL_GEM_IMAGE_SIZE", "GROUNDLABEL_GEM_METHOD",
     "GROUNDLABEL_GEM_REFINE", "GROUNDLABEL_GEM_TEMPLATES", "GROUNDLABEL_GEM_BATCH", "GROUNDLABEL_GEM_DEPTH",
     "GROUNDLABEL_GEM_TEMPERATURE", "GROUNDLABEL_DEVICE", "GROUNDLABEL_LAVT_CHECKPOINT",
-    "GROUNDLABEL_LAVT_VARIANT", "GROUNDLABEL_LAVT_TOKENIZER",
+    "GROUNDLABEL_LAVT_VARIANT", "GROUNDLABEL_LAVT_TOKENIZER", *OFFLINE_VARIABLES, "HF_ENDPOINT",
+    "HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_TOKEN",
 )  # fmt: skip
 
 
@@ -270,6 +314,7 @@ def _engine_settings(e: _Env) -> EngineSettings:
         lavt_checkpoint=weights_source(checkpoint),
         lavt_variant=e.text("GROUNDLABEL_LAVT_VARIANT"),
         lavt_tokenizer=e.text("GROUNDLABEL_LAVT_TOKENIZER"),
+        hub=hub_settings(e.env),
     )
 
 
@@ -344,5 +389,10 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Values that must never appear in a log line."""
-        values = (self.fetch.api_key, self.backend.basic_auth_pass, self.backend.api_token)
+        values = (
+            self.fetch.api_key,
+            self.backend.basic_auth_pass,
+            self.backend.api_token,
+            self.engines.hub.token,
+        )
         return [s for s in values if s]

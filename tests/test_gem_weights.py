@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
 
-import open_clip  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from groundlabel.errors import UserError  # noqa: E402
-from workers.models.gem import GemConfig, GemEngine  # noqa: E402
-from workers.models.gem.weights import (  # noqa: E402
+from groundlabel.errors import UserError
+from groundlabel.settings import HubSettings, Settings, hub_settings
+from workers.models.gem import GemConfig, GemEngine
+from workers.models.gem.weights import (
     find_cached_weights,
     is_torchscript,
     load_clip,
     resolve_arch,
+    weights_dirs,
 )
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -42,12 +41,14 @@ def tiny_arch(tmp_path_factory):
 
 @pytest.fixture()
 def isolated_caches(tmp_path, monkeypatch):
-    """No weights from this machine's default caches can leak into a test."""
+    """No weights from this machine's default caches can leak into a test (``~`` moves into tmp_path)."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("GROUNDLABEL_WEIGHTS_DIR", raising=False)
     return tmp_path
+
+
+def offline_hub(tmp_path) -> HubSettings:
+    """An offline hub whose cache is an empty folder of the test's."""
+    return HubSettings(offline=True, cache=str(tmp_path / "hf"))
 
 
 def trained_like(arch: str, seed: int = 3):
@@ -122,11 +123,18 @@ def test_missing_file_gives_clear_error(tiny_arch, tmp_path):
     assert str(missing) in str(info.value)
 
 
-def test_missing_tag_offline_names_file_folders_and_hub_repo(isolated_caches, monkeypatch):
+def test_missing_tag_offline_names_file_folders_and_hub_repo(isolated_caches):
     weights_dir = isolated_caches / "weights"
-    monkeypatch.setenv("GROUNDLABEL_WEIGHTS_DIR", str(weights_dir))
+    settings = Settings.from_env(
+        {
+            "GROUNDLABEL_WEIGHTS_DIR": str(weights_dir),
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_CACHE": str(isolated_caches / "hf"),
+        }
+    )
+    engines = settings.engines
     with pytest.raises(UserError) as info:
-        load_clip("ViT-B/16", "openai")
+        load_clip("ViT-B/16", "openai", engines.weights_dir, hub=engines.hub)
     msg = str(info.value)
     assert "ViT-B-16-quickgelu" in msg and "'openai'" in msg
     assert "offline" in msg
@@ -136,18 +144,18 @@ def test_missing_tag_offline_names_file_folders_and_hub_repo(isolated_caches, mo
     assert "timm/vit_base_patch16_clip_224.openai" in msg
 
 
-def test_unreachable_hub_fails_at_once_with_the_reason(isolated_caches, monkeypatch):
+def test_unreachable_hub_fails_at_once_with_the_reason(isolated_caches):
     import socket
     import time
 
     with socket.socket() as probe:  # a loopback port with nothing listening: connections are refused
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    hub = hub_settings({"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(isolated_caches)})
+    assert not hub.offline
     start = time.monotonic()
     with pytest.raises(UserError, match="Hugging Face hub is unreachable") as info:
-        load_clip("ViT-B/16", "openai")
+        load_clip("ViT-B/16", "openai", hub=hub)
     assert time.monotonic() - start < 10  # no minute of hub client retries
     assert "GROUNDLABEL_WEIGHTS_DIR" in str(info.value)
 
@@ -196,10 +204,57 @@ def test_cache_folder_file_is_loaded(tiny_arch, isolated_caches):
     oc_pretrained._PRETRAINED[tiny_arch] = {"tinytag": {"hf_hub": "example/tiny-clip/"}}
     try:
         eng = GemEngine(
-            GemConfig(model_name=tiny_arch, pretrained="tinytag", cache_dir=str(cache), device="cpu")
+            GemConfig(
+                model_name=tiny_arch,
+                pretrained="tinytag",
+                cache_dir=str(cache),
+                hub=offline_hub(isolated_caches),
+                device="cpu",
+            )
         )
     finally:
         oc_pretrained._PRETRAINED.pop(tiny_arch, None)
     assert eng.model_version == f"gem-{tiny_arch}-tinytag"
     assert eng.weights_source == str(cache / "open_clip_model.safetensors")
     assert same_outputs(src, eng.model)
+
+
+def test_hub_settings_come_from_the_one_settings_reader(tmp_path):
+    """The hub's variables are read by the settings, in the hub libraries' order, and reach the search."""
+    assert hub_settings({}).offline is False
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GROUNDLABEL_OFFLINE"):
+        assert hub_settings({var: "1"}).offline is True
+        assert hub_settings({var: "0"}).offline is False
+    assert hub_settings({"HF_HOME": str(tmp_path)}).cache_path == tmp_path / "hub"
+    assert hub_settings({"XDG_CACHE_HOME": str(tmp_path)}).cache_path == tmp_path / "huggingface" / "hub"
+    both = {"HF_HUB_CACHE": str(tmp_path / "c"), "HF_HOME": str(tmp_path)}
+    assert hub_settings(both).cache_path == tmp_path / "c"
+    engines = Settings.from_env({"GROUNDLABEL_WEIGHTS_DIR": str(tmp_path / "w"), **both}).engines
+    dirs = weights_dirs(engines.weights_dir, engines.hub)
+    assert dirs[0] == tmp_path / "w" and dirs[-1] == tmp_path / "c"
+
+
+def test_tag_found_in_the_hub_cache_named_by_hf_home(tiny_arch, isolated_caches):
+    """A tag's file in ``$HF_HOME/hub`` (hub cache layout) loads with no weights folder, offline."""
+    from open_clip import pretrained as oc_pretrained
+
+    home = isolated_caches / "hfhome"
+    snap = home / "hub" / "models--example--tiny-clip-home" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    src = trained_like(tiny_arch, seed=9)
+    state = {k: v.contiguous() for k, v in src.state_dict().items()}
+    save_file(state, str(snap / "open_clip_model.safetensors"))
+    oc_pretrained._PRETRAINED[tiny_arch] = {"hometag": {"hf_hub": "example/tiny-clip-home/"}}
+    try:
+        hub = hub_settings({"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+        loaded = load_clip(tiny_arch, "hometag", hub=hub)
+    finally:
+        oc_pretrained._PRETRAINED.pop(tiny_arch, None)
+    assert loaded.source == str(snap / "open_clip_model.safetensors")
+    for key, value in src.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value)
+
+
+def test_gem_config_dict_leaves_out_the_hub_token():
+    config = GemConfig(pretrained=None, hub=HubSettings(token="hf_secret"))
+    assert "hub" not in config.to_dict() and "hf_secret" not in repr(config)

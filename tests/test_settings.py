@@ -44,20 +44,11 @@ def test_every_listed_variable_is_read(monkeypatch) -> None:
             raise AssertionError(f"{name} changes nothing")
 
 
-#: Still reading the environment on their own, to be moved into the settings' engines section.
-NOT_YET_MOVED = {
-    "workers/models/gem/weights.py"
-}  # GROUNDLABEL_WEIGHTS_DIR and the Hugging Face hub's variables
-
-
 def test_no_other_module_reads_the_environment() -> None:
     offenders = []
     for top in ("groundlabel", "labeling_backend", "workers", "exporters"):
         for path in (ROOT / top).rglob("*.py"):
-            if (
-                path == ROOT / "groundlabel" / "settings.py"
-                or path.relative_to(ROOT).as_posix() in NOT_YET_MOVED
-            ):
+            if path == ROOT / "groundlabel" / "settings.py":
                 continue
             text = path.read_text(encoding="utf-8")
             if re.search(r"os\.environ|os\.getenv|getenv\(", text):

@@ -25,7 +25,7 @@ from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 from groundlabel.errors import UserError
-from groundlabel.settings import parse_temperature, weights_source
+from groundlabel.settings import Settings, parse_temperature, weights_source
 from workers.models.gem.config import METHODS, REFINES
 
 if TYPE_CHECKING:
@@ -223,6 +223,8 @@ def build_engine(args: argparse.Namespace) -> Any:
     from workers.models.gem import GemConfig, GemEngine
     from workers.models.gem.weights import register_model_config
 
+    engines = Settings.from_env().engines
+
     model_name = args.model
     if args.model_config:
         model_name = register_model_config(args.model_config, "--model-config")
@@ -230,7 +232,8 @@ def build_engine(args: argparse.Namespace) -> Any:
     config = GemConfig(
         model_name=model_name,
         pretrained=pretrained,
-        cache_dir=args.weights_dir,
+        cache_dir=args.weights_dir or engines.weights_dir,
+        hub=engines.hub,
         image_size=args.image_size,
         method=args.method,
         gem_depth=getattr(args, "gem_depth", 7),
@@ -254,7 +257,6 @@ def run(args: argparse.Namespace) -> int:
     """The ``predict`` verb; returns 0, or 1 when some images failed (they are reported and skipped)."""
     from tqdm import tqdm
 
-    from groundlabel.settings import Settings
     from workers.pipeline import class_prompt_regions
 
     if args.batch_size < 1:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from groundlabel.errors import UserError
+from groundlabel.settings import Settings
 from workers.evaluation import tiny_clip
 from workers.evaluation.datasets import ALIASES, DATASETS, get_dataset
 from workers.evaluation.inference import MODES
@@ -28,6 +29,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     from workers.evaluation.metrics import ConfusionMatrix
     from workers.models.gem import GemConfig, GemEngine
 
+    engines = Settings.from_env().engines
     spec = get_dataset(args.dataset)
     samples = spec.samples(args.root)
     if args.limit:
@@ -37,7 +39,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     config = GemConfig(
         model_name=args.model,
         pretrained=args.pretrained or None,
-        cache_dir=args.weights_dir,
+        cache_dir=args.weights_dir or engines.weights_dir,
+        hub=engines.hub,
         image_size=size,
         gem_depth=args.gem_depth,
         method=args.method,
@@ -158,7 +161,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--gem-depth", type=int, default=7)
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (ViT-B/16 accepted)")
     p.add_argument("--pretrained", default="openai", help="open_clip tag or a local weights file")
-    p.add_argument("--weights-dir", default=None, help="cache folder holding the weights")
+    p.add_argument(
+        "--weights-dir", default=None, help="folder searched for weights (default $GROUNDLABEL_WEIGHTS_DIR)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from groundlabel.errors import UserError
+from groundlabel.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".pt", ".pth", ".bin", ".safetensors"):
         raise UserError(f"--out {out}: use a .pt, .pth, .bin or .safetensors file name")
     device = resolve_device(args.device)
-    loaded = load_clip(model_name, args.pretrained, args.weights_dir)
+    engines = Settings.from_env().engines
+    loaded = load_clip(model_name, args.pretrained, args.weights_dir or engines.weights_dir, hub=engines.hub)
 
     def load(i: int):
         return decode_image(files[i])

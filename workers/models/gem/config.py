@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from groundlabel.errors import UserError
+from groundlabel.settings import HubSettings
 
 METHODS = ("gem", "maskclip", "original", "clip_surgery", "sclip", "clearclip", "naclip", "clipself")
 REFINES = ("none", "pamr")
@@ -45,7 +46,8 @@ class GemConfig:
 
     model_name: str = "ViT-B-16"
     pretrained: str | None = "openai"
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # the weights folder
+    hub: HubSettings = field(default_factory=HubSettings, repr=False)  # hub access for a download
     image_size: int | tuple[int, int] = 448
     gem_depth: int = 7
     ss_attn_iter: int = 1
@@ -169,6 +171,7 @@ class GemConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict."""
         d = asdict(self)
+        d.pop("hub")  # how the weights were reached, not what the model is (and it may hold a token)
         d["background_prompts"] = list(self.background_prompts)
         d["pamr_dilations"] = list(self.pamr_dilations)
         if isinstance(self.image_size, tuple):

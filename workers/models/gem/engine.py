@@ -90,7 +90,7 @@ class GemEngine:
         cfg = self.config
         self.device = resolve_device(cfg.device)
         if clip_model is None:
-            loaded = load_clip(cfg.model_name, cfg.pretrained, cfg.cache_dir)
+            loaded = load_clip(cfg.model_name, cfg.pretrained, cfg.cache_dir, hub=cfg.hub)
             clip_model = loaded.model
             tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
             weights_label = loaded.weights_label

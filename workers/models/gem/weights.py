@@ -2,12 +2,16 @@
 
 Resolution order for an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``, ``metaclip_400m``...):
 
-1. the weights folder (``GemConfig.cache_dir``, else ``$GROUNDLABEL_WEIGHTS_DIR``), flat or as a Hugging
-   Face hub cache: ``<dir>/<file>`` where ``<file>`` is open_clip's download name (``ViT-B-16.pt``,
-   ``b16_400m.pt``) or the hub file name (``open_clip_model.safetensors``, ``open_clip_pytorch_model.bin``),
-   ``<dir>/<hub repo id>/<hub file>``, or ``<dir>/models--org--name/snapshots/*/<hub file>``;
-2. open_clip's default caches (``~/.cache/clip`` and the Hugging Face hub cache);
-3. a download through open_clip, unless the machine is offline (``HF_HUB_OFFLINE=1``).
+1. the weights folder (``GemConfig.cache_dir``: ``$GROUNDLABEL_WEIGHTS_DIR`` or ``--weights-dir``), flat
+   or as a Hugging Face hub cache: ``<dir>/<file>`` where ``<file>`` is open_clip's download name
+   (``ViT-B-16.pt``, ``b16_400m.pt``) or the hub file name (``open_clip_model.safetensors``,
+   ``open_clip_pytorch_model.bin``), ``<dir>/<hub repo id>/<hub file>``, or
+   ``<dir>/models--org--name/snapshots/*/<hub file>``;
+2. open_clip's default caches (``~/.cache/clip`` and the Hugging Face hub cache, ``HubSettings.cache``);
+3. a download through open_clip, unless offline (``HubSettings.offline``: ``HF_HUB_OFFLINE=1``).
+
+Every setting arrives as an argument (read by :mod:`groundlabel.settings`); nothing here reads the
+environment.
 
 A tag whose weights were trained with QuickGELU (OpenAI, MetaCLIP) gets the ``-quickgelu`` architecture.
 OpenAI's TorchScript ``.pt`` archives load through ``torch.jit.load`` (and imply QuickGELU).
@@ -25,10 +29,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from groundlabel.errors import UserError
+from groundlabel.settings import HubSettings
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR_ENV = "GROUNDLABEL_WEIGHTS_DIR"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -74,21 +78,13 @@ def register_model_config(path: str | Path, option: str) -> str:
     return file.stem
 
 
-def is_offline() -> bool:
-    """True when the environment says not to reach the hub."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GROUNDLABEL_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return True
-    return False
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT`` or huggingface.co) accepts a TCP connection.
+def hub_reachable(hub: HubSettings, timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``hub.endpoint``) accepts a TCP connection.
 
     Checked once before a download so that an offline machine fails at once with the reason instead of
     spending a minute in the hub client's retries.
     """
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    url = urlsplit(hub.endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
@@ -97,24 +93,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hf_hub_cache() -> Path:
-    """The Hugging Face hub cache folder, read from the environment at call time."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path("~/.cache").expanduser()) / "huggingface" / "hub"
-
-
-def weights_dirs(cache_dir: str | None) -> list[Path]:
-    """The folders searched for weight files, most specific first."""
+def weights_dirs(cache_dir: str | None, hub: HubSettings | None = None) -> list[Path]:
+    """The folders searched for weight files, most specific first: the weights folder, open_clip's
+    ``~/.cache/clip``, the hub cache."""
+    hub = hub or HubSettings()
     dirs: list[Path] = []
-    for d in (cache_dir, os.environ.get(WEIGHTS_DIR_ENV)):
-        if d:
-            dirs.append(Path(d).expanduser())
+    if cache_dir:
+        dirs.append(Path(cache_dir).expanduser())
     dirs.append(Path("~/.cache/clip").expanduser())
-    dirs.append(_hf_hub_cache())
+    dirs.append(hub.cache_path)
     unique: list[Path] = []
     for d in dirs:
         if d not in unique:
@@ -259,14 +246,23 @@ def _missing_message(arch: str, tag: str, cfg: dict, dirs: list[Path], why: str)
         f"GEM weights for {arch} pretrained={tag!r} are not available: {why}. "
         f"Looked for {', '.join(files)} in: {', '.join(str(d) for d in dirs)}. "
         f"To get them, {' or '.join(how)}, then put the file (or FOLDER) into the folder named by "
-        f"${WEIGHTS_DIR_ENV} (or GemConfig.cache_dir), or pass the file's path as pretrained."
+        f"$GROUNDLABEL_WEIGHTS_DIR (or --weights-dir), or pass the file's path as pretrained."
     )
 
 
 def load_clip(
-    model_name: str, pretrained: str | None, cache_dir: str | None = None, device: str = "cpu"
+    model_name: str,
+    pretrained: str | None,
+    cache_dir: str | None = None,
+    device: str = "cpu",
+    hub: HubSettings | None = None,
 ) -> LoadedClip:
-    """Build the open_clip CLIP ``model_name`` with weights resolved from ``pretrained`` (module doc)."""
+    """Build the open_clip CLIP ``model_name`` with weights resolved from ``pretrained`` (module doc).
+
+    ``cache_dir`` is the weights folder (``EngineSettings.weights_dir``); ``hub`` says whether and where the
+    hub may be reached (default: online, the standard cache).
+    """
+    hub = hub or HubSettings()
     import open_clip
 
     arch = model_name.strip().replace("/", "-")
@@ -294,7 +290,7 @@ def load_clip(
         return LoadedClip(model, open_clip.get_tokenizer(arch), arch, path.stem, str(path))
 
     arch, cfg = resolve_arch(arch, pretrained)
-    dirs = weights_dirs(cache_dir)
+    dirs = weights_dirs(cache_dir, hub)
     found = find_cached_weights(cfg, dirs)
     if found is not None:
         log.info("GEM weights for %s/%s from %s", arch, pretrained, found)
@@ -303,17 +299,17 @@ def load_clip(
         model.to(device)
         return LoadedClip(model, open_clip.get_tokenizer(arch), arch, pretrained, str(found))
 
-    if is_offline():
+    if hub.offline:
         raise UserError(
             _missing_message(arch, pretrained, cfg, dirs, "no local file and the machine is offline")
         )
-    if not hub_reachable():
+    if not hub_reachable(hub):
         raise UserError(
             _missing_message(
                 arch, pretrained, cfg, dirs, "no local file and the Hugging Face hub is unreachable"
             )
         )
-    download_dir = str(dirs[0]) if (cache_dir or os.environ.get(WEIGHTS_DIR_ENV)) else None
+    download_dir = str(dirs[0]) if cache_dir else None
     try:
         model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=download_dir, device=device)
     except Exception as exc:
