@@ -221,11 +221,11 @@ class RedisJobQueue:
         return JobState("pending", detail=detail)
 
     def worker_count(self) -> int:
-        """Number of live workers registered on either queue."""
-        from rq import Worker
+        """Number of live workers registered on any of the queues, each counted once."""
+        from rq import worker_registration
 
         try:
-            return sum(Worker.count(queue=q) for q in self.queues.values())
+            return len(set().union(*(worker_registration.get_keys(queue=q) for q in self.queues.values())))
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
 

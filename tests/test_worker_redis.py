@@ -1,0 +1,136 @@
+"""A real ``groundlabel worker`` against an unreliable or hostile Redis.
+
+- Redis stops while a job runs and comes back (with its data): the worker stays up, stores the job's
+  result once Redis answers again, and takes the next job.
+- Redis comes back empty (restarted without persistence): the worker registers itself again, so
+  ``/health`` counts it, and answers new jobs.
+- ``/health`` counts a worker listening on both queues once.
+- A job naming any function but groundlabel's own job function (or a foreign callback) is refused
+  without running.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import redis
+from conftest import POLYGON_CONFIG, RedisServer, WorkerProcess, free_port, png_bytes, png_data_uri
+from fastapi.testclient import TestClient
+from rq import Callback, Queue, Retry
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+from slow_http import SlowImageServer
+
+from groundlabel.protocol import JOB_FUNCTION, JobPayload, QueueUnavailable
+from groundlabel.settings import Settings
+from groundlabel.spec import parse_label_config
+from labeling_backend.app import create_app
+from labeling_backend.queue import RedisJobQueue
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SPEC = parse_label_config(POLYGON_CONFIG)
+
+
+def _payload(task_id: int, image: str) -> JobPayload:
+    return JobPayload(tasks=[{"id": task_id, "data": {"image": image}}], spec=SPEC)
+
+
+def _wait(condition, timeout: float, what: str, every: float = 0.1, log: WorkerProcess | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except (redis.RedisError, QueueUnavailable):
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(
+        f"timed out after {timeout} s waiting for {what}" + (f":\n{log.output()}" if log else "")
+    )
+
+
+def _finished(queue: RedisJobQueue, job_id: str):
+    state = queue.poll([job_id])[job_id]
+    assert state.status != "failed", state.error
+    return state if state.status == "finished" else None
+
+
+def test_worker_rides_out_a_redis_outage(tmp_path, tiny_gem_env):
+    port = free_port()
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    persistent = ["--appendonly", "yes", "--dir", str(data)]
+    server = RedisServer(port, extra_args=persistent)
+    url = server.url
+    worker = None
+    with SlowImageServer(png_bytes(40, 30, seed=1), seconds=3.0) as slow:
+        try:
+            env = {**tiny_gem_env, "GROUNDLABEL_ALLOWED_HOSTS": slow.host}
+            worker = WorkerProcess(url, env, heartbeat=0.5, log_path=tmp_path / "worker.log")
+            worker.wait_ready(url, timeout=120)
+            settings = Settings.from_env({}, redis_url=url, redis_timeout=1.0)
+            queue = RedisJobQueue(settings.queue)
+            with TestClient(create_app(settings, runner=queue, model_version="test-outage")) as client:
+                assert client.get("/health").json()["workers"] == 1  # one worker on two queues
+
+                # Redis stops while the job downloads its image, the job ends during the outage.
+                job_id, taken = queue.submit(_payload(1, slow.url), ["outage-key"], interactive=True)
+                assert taken == [0]
+                assert slow.started.wait(60), worker.output()
+                server.stop()
+                time.sleep(5.0)  # the download (3 s) and the model run end while Redis is away
+                assert worker.proc.poll() is None, f"the worker quit during the outage:\n{worker.output()}"
+
+                server = RedisServer(port, extra_args=persistent)  # back, with its data
+                state = _wait(lambda: _finished(queue, job_id), 30, "the job's result after the outage")
+                assert len(state.results) == 1 and state.results[0]["result"], state.results
+                assert queue.pending_get(["outage-key"]) == [None]  # the success callback ran
+                assert slow.hits == 1  # the job ran once
+
+                # Redis comes back empty: the worker registers itself again and takes new jobs.
+                server.stop()
+                shutil.rmtree(data)
+                data.mkdir()
+                time.sleep(1.0)
+                server = RedisServer(port, extra_args=persistent)
+                _wait(
+                    lambda: client.get("/health").json().get("workers") == 1, 30, "the worker to re-register"
+                )
+                job_id, _ = queue.submit(_payload(2, png_data_uri(seed=2)), ["after-key"], interactive=False)
+                state = _wait(lambda: _finished(queue, job_id), 30, "a job after Redis came back empty")
+                assert state.results[0]["result"]
+                assert worker.proc.poll() is None
+                assert client.get("/health").json()["workers"] == 1
+        finally:
+            if worker is not None:
+                worker.kill()
+            server.stop()
+
+
+def test_worker_refuses_foreign_job_functions(redis_url, start_worker, tiny_gem_env, tmp_path):
+    worker = start_worker(redis_url, tiny_gem_env)
+    worker.wait_ready(redis_url, timeout=120)
+    conn = redis.Redis.from_url(redis_url)
+    queue = Queue("interactive", connection=conn, serializer=JSONSerializer)
+    target = tmp_path / "made-by-a-job"
+    foreign = queue.enqueue("os.makedirs", str(target), retry=Retry(max=2))
+    payload = _payload(3, png_data_uri(seed=3)).to_dict()
+    bad_callback = queue.enqueue(JOB_FUNCTION, payload, on_success=Callback("os.makedirs"))
+    ours = queue.enqueue(JOB_FUNCTION, payload)
+
+    def status(job: Job) -> str:
+        job.refresh()
+        return JobStatus(job.get_status()).value
+
+    _wait(lambda: status(ours) == "finished", 60, "groundlabel's own job", log=worker)
+    for job in (foreign, bad_callback):
+        _wait(lambda job=job: status(job) == "failed", 30, f"job {job.func_name} to be refused")
+        assert "refused" in (job.latest_result().exc_string or ""), job.latest_result().exc_string
+        assert worker.log_path.read_text().count(f"refused job {job.id}") == 1  # never retried
+    assert not target.exists(), "a job naming os.makedirs ran"
+    assert worker.proc.poll() is None
+    conn.close()
