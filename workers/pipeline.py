@@ -9,7 +9,8 @@ Three ways in, each a function:
 - :func:`expression_regions`: a referring expression through LAVT (or GEM standing in for it); the mask
   becomes one region per control, labelled with the control's label that the expression names.
 - :func:`click_regions`: interactive key points and boxes; GEM scores the clicked label and the part of its
-  thresholded map under each positive click (inside each box) is kept, negative clicks remove theirs.
+  thresholded map under each positive click (inside each box) is kept; a negative click carves out the
+  part of that mask nearer to it than to any positive click (:func:`clicks_mask`).
 
 Each returns :class:`ImageRegions`; the model version it carries is the engine's that produced it.
 """
@@ -164,6 +165,64 @@ def click_mask(score_map: np.ndarray, click: Click, threshold: float) -> np.ndar
     return mask
 
 
+def _seed(click: Click, width: int, height: int) -> tuple[int, int]:
+    """The pixel a click stands for: the clicked point, or the centre of a box."""
+    if click.kind == "keypointlabels":
+        return click.pixel_point(width, height)
+    x0, y0, x1, y1 = click.pixel_box(width, height)
+    return (x0 + x1 - 1) // 2, (y0 + y1 - 1) // 2
+
+
+def _distance_to(points: Sequence[tuple[int, int]], shape: tuple[int, int]) -> np.ndarray:
+    """Each pixel's Euclidean distance to the nearest of ``points`` (``inf`` without any)."""
+    import cv2
+
+    if not points:
+        return np.full(shape, np.inf, dtype=np.float32)
+    source = np.ones(shape, dtype=np.uint8)
+    for x, y in points:
+        source[y, x] = 0
+    return cv2.distanceTransform(source, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+
+def clicks_mask(score_map: np.ndarray, clicks: Sequence[Click], threshold: float) -> np.ndarray:
+    """One label's clicks combined into one mask.
+
+    The positive clicks and boxes select their parts of the thresholded map (:func:`click_mask`). A
+    negative key point carves out, from the part of that mask it touches (the selected component it lies
+    on, or the component of the map under it), the pixels nearer to a negative click than to every
+    positive one (Euclidean distance; ties stay), so that a negative click on the object removes the side
+    nearest to it instead of the whole object. A negative box removes everything it selects.
+    """
+    import cv2
+
+    h, w = score_map.shape
+    positives = [c for c in clicks if c.positive]
+    mask = np.zeros((h, w), dtype=bool)
+    for click in positives:
+        mask |= click_mask(score_map, click, threshold)
+    negatives = [c for c in clicks if not c.positive]
+    if not mask.any() or not negatives:
+        return mask
+    points = [c for c in negatives if c.kind == "keypointlabels"]
+    if points:
+        _, parts = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        nearer = _distance_to([_seed(c, w, h) for c in points], (h, w)) < _distance_to(
+            [_seed(c, w, h) for c in positives], (h, w)
+        )
+        touched = np.zeros((h, w), dtype=bool)
+        for click in points:
+            px, py = click.pixel_point(w, h)
+            touched |= click_mask(score_map, click, threshold)
+            if mask[py, px]:
+                touched |= parts == parts[py, px]
+        mask &= ~(touched & nearer)
+    for click in negatives:
+        if click.kind != "keypointlabels":
+            mask &= ~click_mask(score_map, click, threshold)
+    return mask
+
+
 def click_regions(
     spec: LabelingSpec, image: Any, clicks: Sequence[Click], *, gem: Any, excluded: set[str] = frozenset()
 ) -> ImageRegions:
@@ -184,10 +243,7 @@ def click_regions(
         threshold = min(control_threshold(c) for c in owners)
         (maps,) = gem.heatmaps([image], prompts)
         score_map = maps.max(axis=0)
-        mask = np.zeros((image.height, image.width), dtype=bool)
-        for click in label_clicks:
-            part = click_mask(score_map, click, threshold)
-            mask = mask | part if click.positive else mask & ~part
+        mask = clicks_mask(score_map, label_clicks, threshold)
         targets = [c for c in outputs if label in c.labels] or outputs
         target_spec = spec.without({c.name for c in spec.controls} - {c.name for c in targets})
         res, score = _mask_regions(
