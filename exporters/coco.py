@@ -162,10 +162,14 @@ def build_coco(
 
 
 def write_json(data: Any, path: Path) -> None:
-    """Write JSON compactly (large datasets) with a trailing newline."""
+    """Write JSON compactly (large datasets) with a trailing newline.
+
+    ``json.dumps`` runs the C encoder over the whole document (``json.dump`` to a file would stream it
+    through the pure-Python one, 5x slower); the text is the same."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, separators=(",", ":"))
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, separators=(",", ":"))
+        fh.write(text)
         fh.write("\n")
 
 

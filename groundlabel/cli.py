@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "exporters.cli",
     "groundlabel.commands.serve",
     "groundlabel.commands.prelabel",
+    "groundlabel.commands.models",
     "workers.worker",
 ]
 

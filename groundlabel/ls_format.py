@@ -2,7 +2,8 @@
 
 Coordinates in Label Studio results are percent of the original image (0..100); ``original_width``
 and ``original_height`` are pixels. Brush masks use Label Studio's own bit-packed RLE over RGBA
-pixels (not COCO RLE); we encode and decode it with label-studio-sdk's converter.
+pixels (not COCO RLE): encoded with numpy (identical to label-studio-sdk's converter) and decoded by a
+compiled loop (:mod:`groundlabel.jit`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from groundlabel.errors import UserError
+from groundlabel.jit import compiled
 
 #: Result types that carry a region on an image.
 REGION_TYPES = ("polygonlabels", "brushlabels", "rectanglelabels", "keypointlabels")
@@ -28,6 +30,7 @@ def new_region_id() -> str:
 _RLE_WORD_BITS = 8
 _RLE_SIZES = (3, 4, 8, 16)  # bits of the run-length field for each of the four size classes
 _RLE_MAX_RUN = 2**16
+_RLE_HEADER_BITS = 32 + 5 + 4 * 4  # value count, word size - 1, four run-length field sizes - 1
 
 
 def brush_rle_encode(mask: np.ndarray) -> list[int]:
@@ -77,57 +80,113 @@ def brush_rle_encode(mask: np.ndarray) -> list[int]:
     return np.packbits(stream).astype(int).tolist()
 
 
-def _decode_brush_rle(rle: Sequence[int]) -> np.ndarray:
-    """Label Studio's RLE (thi.ng rle-pack, as read by label-studio-sdk's ``brush.decode_rle``) to a flat
-    uint8 array; the byte-to-bit expansion is vectorised, which makes it ~10x faster than the SDK's."""
-    data = np.asarray(list(rle), dtype=np.int64)
-    if data.size < 6 or data.min() < 0 or data.max() > 255:
-        raise ValueError("brush RLE must be a list of at least 6 byte values (0..255)")
-    bits = (np.unpackbits(data.astype(np.uint8)) + ord("0")).tobytes().decode("ascii")
-    pos = 0
+#: Status codes of :func:`_brush_alpha` (0 is success).
+_RLE_ERRORS = {
+    1: "brush RLE ends in the middle of a run",
+    2: "a literal run goes past the end of the pixels",
+    3: "a run value does not fit in a byte",
+}
 
-    def read(n: int) -> int:
-        nonlocal pos
-        if pos + n > len(bits):
-            raise ValueError("brush RLE ends in the middle of a run")
-        value = int(bits[pos : pos + n], 2)
-        pos += n
-        return value
 
-    num = read(32)
-    word_size = read(5) + 1
-    rle_sizes = [read(4) + 1 for _ in range(4)]
-    if num > (len(bits) // 3 + 1) * 2**16:  # a run holds at most 2**16 values and takes >= 3 bits
-        raise ValueError(f"brush RLE claims {num} values, more than its length allows")
-    out = np.zeros(num, dtype=np.uint8)
+@compiled
+def _brush_alpha(
+    data: np.ndarray, num: int, word_size: int, sizes: np.ndarray, out: np.ndarray, height: int, width: int
+) -> int:
+    """Decode the runs of Label Studio's RLE (thi.ng rle-pack) that follow its 53-bit header, keeping
+    only the alpha channel: ``out`` (zeroed, ``height*width`` bytes, column-major) gets 1 where alpha
+    is not 0. ``sizes`` are the bits of the run-length field of the four size classes.
+
+    Returns 0, or a key of ``_RLE_ERRORS``.
+    """
+    total = data.size * 8
+    pos = _RLE_HEADER_BITS
     i = 0
     while i < num:
-        repeat = read(1)
-        j = i + 1 + read(rle_sizes[read(2)])
+        if pos + 3 > total:
+            return 1
+        repeat = (data[pos >> 3] >> (7 - (pos & 7))) & 1
+        cls = (((data[(pos + 1) >> 3] >> (7 - ((pos + 1) & 7))) & 1) << 1) | (
+            (data[(pos + 2) >> 3] >> (7 - ((pos + 2) & 7))) & 1
+        )
+        pos += 3
+        n = sizes[cls]
+        if pos + n > total:
+            return 1
+        length = 0
+        for _ in range(n):
+            length = (length << 1) | ((data[pos >> 3] >> (7 - (pos & 7))) & 1)
+            pos += 1
+        j = i + 1 + length
+        if pos + (1 if repeat else j - i) * word_size > total:
+            return 1
         if repeat:
-            out[i:j] = read(word_size)
-            i = j
+            value = 0
+            for _ in range(word_size):
+                value = (value << 1) | ((data[pos >> 3] >> (7 - (pos & 7))) & 1)
+                pos += 1
+            if value > 255:
+                return 3
+            if value:
+                # the alpha values (every 4th of the RGBA stream) of pixels i//4 .. stop//4; a run past
+                # the end is cut there; pixels are written row segment by row segment
+                p = i >> 2
+                stop = min(j, num) >> 2
+                row = p // width
+                col = p - row * width
+                while p < stop:
+                    seg = min(stop - p, width - col)
+                    for c in range(col, col + seg):
+                        out[c * height + row] = 1
+                    p += seg
+                    row += 1
+                    col = 0
         else:
-            while i < j:
-                out[i] = read(word_size)
-                i += 1
-    return out
+            if j > num:
+                return 2
+            for k in range(i, j):
+                value = 0
+                for _ in range(word_size):
+                    value = (value << 1) | ((data[pos >> 3] >> (7 - (pos & 7))) & 1)
+                    pos += 1
+                if value > 255:
+                    return 3
+                if value and (k & 3) == 3:
+                    p = k >> 2
+                    out[(p % width) * height + p // width] = 1
+        i = j
+    return 0
 
 
 def brush_rle_decode(rle: Sequence[int], height: int, width: int) -> np.ndarray:
-    """Decode Label Studio brush RLE into a boolean ``(height, width)`` mask.
+    """Decode Label Studio brush RLE into a boolean ``(height, width)`` mask (column-major in memory,
+    ready for COCO RLE encoding without a copy).
 
+    Only the alpha channel is kept (what Label Studio draws); a compiled decoder reads the bits and
+    writes the mask directly, about 20x faster than expanding the whole RGBA stream in Python.
     Raises :class:`UserError` when the RLE is corrupt or does not hold ``height*width`` RGBA pixels.
     """
     try:
-        flat = _decode_brush_rle(rle)
-    except (IndexError, ValueError, TypeError, OverflowError) as exc:  # junk runs past the end
-        raise UserError(f"brush RLE cannot be decoded: {exc}") from exc
-    if flat.size != height * width * 4:
+        items = rle.tolist() if isinstance(rle, np.ndarray) else rle if isinstance(rle, list) else list(rle)
+        data = np.frombuffer(bytes(items), dtype=np.uint8)  # bytes() checks every value is 0..255
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"brush RLE cannot be decoded: it must be a list of byte values: {exc}") from exc
+    if data.size * 8 < _RLE_HEADER_BITS:
+        raise UserError("brush RLE cannot be decoded: it ends in the middle of its header")
+    header = int.from_bytes(data[:7].tobytes(), "big") >> 3
+    num = header >> 21
+    word_size = (header >> 16 & 31) + 1
+    sizes = np.array([(header >> shift & 15) + 1 for shift in (12, 8, 4, 0)], dtype=np.int64)
+    if num > (data.size * 8 // 3 + 1) * _RLE_MAX_RUN:  # a run holds at most 2**16 values, >= 3 bits
+        raise UserError(f"brush RLE cannot be decoded: it claims {num} values, more than its length allows")
+    if num != height * width * 4:
         raise UserError(
-            f"brush RLE holds {flat.size // 4} pixels but the image is {width}x{height} ({height * width})"
+            f"brush RLE holds {num // 4} pixels but the image is {width}x{height} ({height * width})"
         )
-    return flat.reshape(height, width, 4)[:, :, 3] > 0
+    out = np.zeros(height * width, np.uint8)
+    status = _brush_alpha(data, num, word_size, sizes, out, height, width)
+    if status:
+        raise UserError(f"brush RLE cannot be decoded: {_RLE_ERRORS[status]}")
+    return out.view(np.bool_).reshape((height, width), order="F")
 
 
 def percent_to_pixels(points: Any, width: int, height: int) -> np.ndarray:
@@ -251,26 +310,41 @@ class Click:
         return x0, y0, x1, y1
 
 
+def _coordinate(kind: str, value: dict[str, Any], key: str) -> float:
+    raw = value.get(key, 0.0)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not np.isfinite(raw):
+        raise UserError(f"the context's {kind} region has {key}={raw!r}; a finite number is expected")
+    return float(raw)
+
+
 def context_clicks(context: Any) -> list[Click]:
-    """The labelled key points and boxes of an interactive request's context, in order."""
+    """The labelled key points and boxes of an interactive request's context, in order.
+
+    Raises :class:`~groundlabel.errors.UserError` for a malformed one (a coordinate that is not a number,
+    labels that are not a list of strings).
+    """
     out: list[Click] = []
     for region in context_regions(context):
         kind = region.get("type")
         if kind not in ("keypointlabels", "rectanglelabels"):
             continue
         value = region.get("value") or {}
+        if not isinstance(value, dict):
+            raise UserError(f"the context's {kind} region has a value that is not an object")
         labels = value.get(kind) or []
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise UserError(f"the context's {kind} region has {kind}={labels!r}; a list of labels expected")
         if not labels:
             continue
         out.append(
             Click(
                 kind=str(kind),
-                label=str(labels[0]),
+                label=labels[0],
                 from_name=region.get("from_name"),
-                x=float(value.get("x", 0.0)),
-                y=float(value.get("y", 0.0)),
-                width=float(value.get("width", 0.0)),
-                height=float(value.get("height", 0.0)),
+                x=_coordinate(kind, value, "x"),
+                y=_coordinate(kind, value, "y"),
+                width=_coordinate(kind, value, "width"),
+                height=_coordinate(kind, value, "height"),
                 positive=region.get("is_positive", True) is not False,
             )
         )

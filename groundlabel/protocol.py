@@ -28,6 +28,33 @@ QUEUE_NAMES = (QUEUE_INTERACTIVE, QUEUE_BATCH)
 #: The dotted path of the one job function workers run (RQ stores it by name).
 JOB_FUNCTION = "workers.jobs.run_job"
 
+#: The queue of training jobs, consumed by a training worker (``groundlabel worker --queues train``).
+QUEUE_TRAIN = "train"
+#: The dotted path of the training job function.
+TRAIN_FUNCTION = "groundlabel.commands.training.run_training"
+
+
+@dataclass
+class TrainPayload:
+    """One training job: the project to train on, where its Label Studio is, and why it was started."""
+
+    project: str
+    label_studio_url: str | None = None
+    trigger: str = "START_TRAINING"  # START_TRAINING, /train, or the annotation count that triggered it
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON for the queue."""
+        return {"project": self.project, "label_studio_url": self.label_studio_url, "trigger": self.trigger}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainPayload:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            project=str(data["project"]),
+            label_studio_url=data.get("label_studio_url"),
+            trigger=str(data.get("trigger") or "START_TRAINING"),
+        )
+
 
 @dataclass
 class JobPayload:
@@ -38,6 +65,7 @@ class JobPayload:
     context: dict[str, Any] | None = None
     label_studio_url: str | None = None
     model_version: str | None = None  # the operator's one name for every prediction, if any
+    project: str | None = None  # the Label Studio project: a trained version promoted for it answers
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON for the queue."""
@@ -47,6 +75,7 @@ class JobPayload:
             "context": self.context,
             "label_studio_url": self.label_studio_url,
             "model_version": self.model_version,
+            "project": self.project,
         }
 
     @classmethod
@@ -58,6 +87,7 @@ class JobPayload:
             context=data.get("context") or None,
             label_studio_url=data.get("label_studio_url"),
             model_version=data.get("model_version"),
+            project=data.get("project"),
         )
 
 

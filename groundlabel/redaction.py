@@ -12,9 +12,10 @@ REDACTED = "***"
 _PATTERNS = [
     re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer|token)\s+)[^\s\"',}]+"),
     re.compile(r"(?i)\b((?:basic|bearer|token)\s+)[A-Za-z0-9+/=._\-]{12,}"),
+    # A field name, not a word inside a path or a file name (``/etc/passwd: ...`` keeps its message).
     re.compile(
-        r"(?i)([\"']?\b(?:password|passwd|access_token|api_key|apikey|token|secret)[\"']?\s*[:=]\s*"
-        r"[\"']?)[^\s\"',}&]+"
+        r"(?i)((?<![\w/\\])[\"']?\b(?:password|passwd|access_token|api_key|apikey|token|secret)[\"']?"
+        r"\s*[:=]\s*[\"']?)[^\s\"',}&]+"
     ),
     re.compile(r"(?i)((?:https?|redis|rediss)://[^:/@\s]*:)[^@\s]+(@)"),
 ]

@@ -109,7 +109,8 @@ class BackendSettings:
     interactive_timeout: float = 30.0
     max_tasks: int = 10_000
     workers_inprocess: int = 1  # child processes running the jobs when there is no Redis
-    poll_interval: float = 0.02
+    max_body_bytes: int = 100 * 1024 * 1024  # largest request body; refused with 413 before it is read
+    default_threshold: float | None = None  # model_score_threshold of controls that set none
 
     @property
     def auth_enabled(self) -> bool:
@@ -120,6 +121,8 @@ class BackendSettings:
         """Refuse contradictory settings with the reason."""
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise UserError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.default_threshold is not None and not 0.0 <= self.default_threshold <= 1.0:
+            raise UserError(f"GROUNDLABEL_DEFAULT_THRESHOLD={self.default_threshold!r} must lie in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,8 @@ VARIABLES: tuple[str, ...] = (
     "BASIC_AUTH_PASS", "GROUNDLABEL_API_TOKEN", "GROUNDLABEL_METRICS_PUBLIC", "GROUNDLABEL_MODEL_VERSION",
     "GROUNDLABEL_PREDICT_TIMEOUT", "GROUNDLABEL_INTERACTIVE_TIMEOUT", "GROUNDLABEL_JOB_TIMEOUT",
     "GROUNDLABEL_INTERACTIVE_JOB_TIMEOUT", "GROUNDLABEL_JOB_RETRIES", "GROUNDLABEL_RETRY_INTERVALS",
-    "GROUNDLABEL_CHUNK_SIZE", "GROUNDLABEL_MAX_TASKS", "GROUNDLABEL_RESULT_TTL",
+    "GROUNDLABEL_CHUNK_SIZE", "GROUNDLABEL_MAX_TASKS", "GROUNDLABEL_MAX_BODY_BYTES",
+    "GROUNDLABEL_DEFAULT_THRESHOLD", "GROUNDLABEL_RESULT_TTL",
     "GROUNDLABEL_WORKERS_INPROCESS", "GROUNDLABEL_WORKER_HEARTBEAT", "GROUNDLABEL_LOG_LEVEL",
     "GROUNDLABEL_MAX_IMAGE_BYTES", "GROUNDLABEL_MAX_IMAGE_PIXELS", "GROUNDLABEL_FETCH_CONNECT_TIMEOUT",
     "GROUNDLABEL_FETCH_READ_TIMEOUT", "GROUNDLABEL_FETCH_TOTAL_TIMEOUT", "GROUNDLABEL_FETCH_MAX_REDIRECTS",
@@ -346,6 +350,8 @@ class Settings:
                 interactive_timeout=e.number("GROUNDLABEL_INTERACTIVE_TIMEOUT", 30.0, float, minimum=0.1),
                 max_tasks=e.number("GROUNDLABEL_MAX_TASKS", 10_000, int, minimum=1),
                 workers_inprocess=e.number("GROUNDLABEL_WORKERS_INPROCESS", 1, int, minimum=1),
+                max_body_bytes=e.number("GROUNDLABEL_MAX_BODY_BYTES", 100 * 1024 * 1024, int, minimum=1024),
+                default_threshold=e.number("GROUNDLABEL_DEFAULT_THRESHOLD", None, float, minimum=0.0),
             ),
             queue=QueueSettings(
                 redis_url=e.text("REDIS_URL"),

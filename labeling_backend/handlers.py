@@ -20,7 +20,9 @@ from labeling_backend.dependencies import AuthError
 log = logging.getLogger("groundlabel.backend")
 
 #: Paths counted under their own name in the request metrics; the rest count as "other".
-ENDPOINTS = ("/", "/health", "/setup", "/predict", "/webhook", "/metrics")
+ENDPOINTS = (
+    "/", "/health", "/setup", "/predict", "/webhook", "/train", "/job_status", "/versions", "/metrics"
+)  # fmt: skip
 
 
 def install_handlers(app: FastAPI, state: BackendState) -> None:

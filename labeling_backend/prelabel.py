@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from groundlabel.errors import UserError
-from groundlabel.protocol import JobRunner
+from groundlabel.protocol import JobRunner, versioned
 from groundlabel.settings import Settings
+from groundlabel.spec import LabelingSpec
 
 log = logging.getLogger("groundlabel.prelabel")
 
@@ -82,12 +83,17 @@ def plan_tasks(
     *,
     force: bool = False,
     versions: Sequence[str] = (),
+    spec: LabelingSpec | None = None,
 ) -> PrelabelPlan:
     """Split a project's tasks into those to predict and those that already hold a current prediction
-    (of ``model_version`` or of one of ``versions``, the names the configured engines write)."""
+    (of ``model_version`` or of one of ``versions``, the names the configured engines write, each
+    followed by ``spec``'s tag when a spec is given: :func:`groundlabel.protocol.versioned`)."""
     from groundlabel.ls_client import has_prediction_version
 
     current = tuple(dict.fromkeys([model_version, *versions]))
+    if spec is not None:
+        current = tuple(versioned(v, spec) for v in current)
+        model_version = versioned(model_version, spec)
     todo: list[dict[str, Any]] = []
     skipped: list[int] = []
     for task in tasks:
@@ -136,14 +142,15 @@ def run_prelabel(
     project = get_project(client, project_id)
     spec = parse_label_config(project.label_config or "")
     tasks = list(iter_tasks(client, project_id))
-    plan = plan_tasks(tasks, project_id, model_version, force=force, versions=versions)
+    tagged = None if settings.backend.model_version else spec  # the operator's name is kept as it is
+    plan = plan_tasks(tasks, project_id, model_version, force=force, versions=versions, spec=tagged)
     report = PrelabelReport(plan)
     if not plan.todo:
         return report
 
     jobs = settings.queue
     metrics = Metrics(runner.stats)
-    dispatcher = Dispatcher(settings.with_(chunk_size=chunk_size), runner, metrics, model_version)
+    dispatcher = Dispatcher(settings.with_(chunk_size=chunk_size), runner, metrics, model_version, versions)
     if chunk_timeout is None:
         chunk_timeout = jobs.job_timeout * (jobs.job_retries + 1) + sum(jobs.retry_intervals) + 60
     if parallel is None:
@@ -152,7 +159,9 @@ def run_prelabel(
     bar = tqdm(total=len(plan.todo), unit="task", desc=f"project {project_id}", disable=not progress)
 
     def predict_chunk(chunk: list[dict[str, Any]]) -> Any:
-        return dispatcher.answer(chunk, spec, label_studio_url=label_studio_url, timeout=chunk_timeout)
+        return dispatcher.answer_blocking(
+            chunk, spec, label_studio_url=label_studio_url, timeout=chunk_timeout
+        )
 
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="prelabel") as pool:
         pending: dict[Future, list[dict[str, Any]]] = {}

@@ -13,17 +13,21 @@ backend that waits for such a job) re-queues it while it has retries left, and m
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import redis
+import redis.asyncio
 from rq import Callback, Retry
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from groundlabel.protocol import (
@@ -36,7 +40,11 @@ from groundlabel.protocol import (
 )
 from groundlabel.redaction import redact
 from groundlabel.redis_queue import (
+    CLAIM_SCRIPT,
     CLEANUP_LOCK,
+    ENQUEUING_PREFIX,
+    FORGET_PAYLOAD,
+    INTERACTIVE_PREFIX,
     PENDING_PREFIX,
     RESULT_PREFIX,
     STORE_RESULTS,
@@ -65,6 +73,8 @@ class RedisJobQueue:
         self.where = redact(settings.redis_url or "redis")
         self.connection = connection or connect(settings.redis_url or "", timeout=settings.redis_timeout)
         self.queues = make_queues(self.connection, settings)
+        self._claim = self.connection.register_script(CLAIM_SCRIPT)
+        self._async: dict[int, tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis]] = {}
 
     # -- errors --------------------------------------------------------------------------------------
 
@@ -131,31 +141,31 @@ class RedisJobQueue:
         """Enqueue one job for the tasks of ``payload`` that no other job is computing.
 
         Returns the job id and the indices (into ``payload.tasks``) it took; the other tasks already
-        have a pending job (see :meth:`pending_get`). The job id is "" when it took none.
+        have a pending job (see :meth:`pending_get`). The job id is "" when it took none. The markers are
+        claimed atomically, each with its index in the job, so a concurrent reader never sees a marker
+        pointing at another task's place. An interactive job cancels the task's older interactive job
+        while that one is still queued.
         """
         queue = self.queues[QUEUE_INTERACTIVE if interactive else QUEUE_BATCH]
         timeout = self.settings.timeout_for(interactive)
         job_id = uuid.uuid4().hex
         marker_ttl = timeout * (self.settings.job_retries + 1) + int(sum(self.settings.retry_intervals)) + 60
         try:
-            with self.connection.pipeline() as pipe:
-                for i, key in enumerate(keys):
-                    pipe.set(PENDING_PREFIX + key, f"{job_id}:{i}", nx=True, ex=marker_ttl)
-                claimed = pipe.execute()
-            taken = [i for i, ok in enumerate(claimed) if ok]
+            claim_keys = [PENDING_PREFIX + k for k in keys] + [ENQUEUING_PREFIX + job_id]
+            taken = [int(i) for i in self._claim(keys=claim_keys, args=[job_id, marker_ttl])]
             if not taken:
                 return "", []
             if len(taken) < len(keys):
-                # Re-number the markers of the tasks this job keeps.
                 payload = dataclasses.replace(payload, tasks=[payload.tasks[i] for i in taken])
                 keys = [keys[i] for i in taken]
-                with self.connection.pipeline() as pipe:
-                    for j, key in enumerate(keys):
-                        pipe.set(PENDING_PREFIX + key, f"{job_id}:{j}", ex=marker_ttl)
-                    pipe.execute()
+            deadline = time.time() + timeout - 5  # the worker stops fetching before RQ would kill the job
+            if payload.deadline is None or payload.deadline > deadline:
+                payload = dataclasses.replace(payload, deadline=deadline)
             retry = None
             if self.settings.job_retries > 0:
                 retry = Retry(max=self.settings.job_retries, interval=list(self.settings.retry_intervals))
+            if interactive:
+                self._supersede(payload.tasks, job_id)
             queue.enqueue_call(
                 JOB_FUNCTION,
                 args=(payload.to_dict(),),
@@ -167,10 +177,27 @@ class RedisJobQueue:
                 description=f"predict {len(payload.tasks)} task(s)",
                 meta={"cache_keys": list(keys), "cache_ttl": self.settings.result_ttl},
                 on_success=Callback(STORE_RESULTS),
+                on_failure=Callback(FORGET_PAYLOAD),
             )
+            self.connection.delete(ENQUEUING_PREFIX + job_id)
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
         return job_id, taken
+
+    def _supersede(self, tasks: Sequence[dict[str, Any]], job_id: str) -> None:
+        """Make ``job_id`` the tasks' latest interactive job; cancel an older one that has not started."""
+        ttl = self.settings.interactive_job_timeout * (self.settings.job_retries + 1) + 60
+        for task in tasks:
+            previous = self.connection.set(INTERACTIVE_PREFIX + str(task["id"]), job_id, ex=ttl, get=True)
+            if not previous:
+                continue
+            old = Job.fetch_many([previous.decode()], connection=self.connection, serializer=JSONSerializer)
+            old = old[0]
+            if old is None or old.get_status(refresh=False) not in (JobStatus.QUEUED, JobStatus.SCHEDULED):
+                continue
+            old.cancel()
+            self.release_pending(list((old.meta or {}).get("cache_keys") or []), old.id)
+            log.info("interactive job %s for task %s superseded by %s", old.id, task["id"], job_id)
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         """The state of each job."""
@@ -188,6 +215,8 @@ class RedisJobQueue:
 
     def _state(self, job_id: str, job: Job | None) -> JobState:
         if job is None:
+            if self.connection.exists(ENQUEUING_PREFIX + job_id):
+                return JobState("pending", detail="being enqueued")
             return JobState("failed", error=f"job {job_id} is gone from the queue (expired or deleted)")
         status = job.get_status(refresh=False)
         latency = None
@@ -204,6 +233,8 @@ class RedisJobQueue:
             reason = _last_line(text)
             if "AbandonedJobError" in (text or ""):
                 reason = "the worker running this job died (no retries left)"
+            if status == JobStatus.CANCELED:
+                reason = "superseded by a newer interactive request for the same task"
             return JobState("failed", error=f"job {job_id} {status.value}: {reason}", latency=latency)
         if status == JobStatus.STARTED:
             detail = f"running on worker {job.worker_name or '?'}"
@@ -219,6 +250,44 @@ class RedisJobQueue:
             if not self.worker_count():
                 detail += "; no worker is listening on the queues"
         return JobState("pending", detail=detail)
+
+    def _async_client(self) -> redis.asyncio.Redis:
+        """An asyncio Redis client for the running event loop (one per loop, made on first use)."""
+        loop = asyncio.get_running_loop()
+        entry = self._async.get(id(loop))
+        if entry is not None and entry[0] is loop:
+            return entry[1]
+        timeout = self.settings.redis_timeout
+        read_timeout = max(timeout, 5.0) + 2.0  # longer than one blocking read
+        if self.settings.redis_url:
+            client = redis.asyncio.Redis.from_url(
+                self.settings.redis_url, socket_connect_timeout=timeout, socket_timeout=read_timeout
+            )
+        else:  # a client handed in without a URL: the same server and database
+            kw = self.connection.connection_pool.connection_kwargs
+            client = redis.asyncio.Redis(
+                host=kw.get("host", "localhost"),
+                port=kw.get("port", 6379),
+                db=kw.get("db", 0),
+                username=kw.get("username"),
+                password=kw.get("password"),
+                socket_connect_timeout=timeout,
+                socket_timeout=read_timeout,
+            )
+        self._async = {k: v for k, v in self._async.items() if not v[0].is_closed()}
+        self._async[id(loop)] = (loop, client)
+        return client
+
+    async def wait(self, job_ids: Sequence[str], timeout: float) -> None:
+        """Block on Redis until one of the jobs has a result (RQ's result stream), at most ``timeout`` s."""
+        ids = [j for j in job_ids if j]
+        if not ids or timeout <= 0:
+            return
+        streams = {Result.get_key(j): "0-0" for j in ids}
+        try:
+            await self._async_client().xread(streams, count=1, block=max(1, int(timeout * 1000)))
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
 
     def worker_count(self) -> int:
         """Number of live workers registered on any of the queues, each counted once."""

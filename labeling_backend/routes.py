@@ -12,20 +12,28 @@ to show.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse, Response
 
 from groundlabel.errors import UserError
-from groundlabel.ls_format import results_text
+from groundlabel.ls_format import context_clicks, results_text
 from groundlabel.protocol import QueueUnavailable
-from labeling_backend.app import MODEL_CLASS, BackendState, parse_spec, project_key
+from labeling_backend.app import MODEL_CLASS, BackendState, project_key
 from labeling_backend.dependencies import get_state, metrics_auth, require_auth
-from labeling_backend.schemas import WEBHOOK_ACTIONS, PredictRequest, SetupRequest, WebhookRequest
+from labeling_backend.schemas import (
+    WEBHOOK_ACTIONS,
+    JobStatusRequest,
+    PredictRequest,
+    SetupRequest,
+    TrainRequest,
+    WebhookRequest,
+)
 from labeling_backend.service import Dispatcher
 
 log = logging.getLogger("groundlabel.backend")
@@ -39,8 +47,18 @@ protected = APIRouter(dependencies=[Depends(require_auth)])
 
 @router.get("/health")
 @router.get("/")
-def health(state: State) -> JSONResponse:
-    """Whether the backend and its job queue answer; open to anyone."""
+async def health(state: State) -> JSONResponse:
+    """Whether the backend and its job queue answer; open to anyone.
+
+    The runner is read on the state's own two-thread pool, never on the pool the other endpoints share,
+    and no request waits on a thread, so this answers at once whatever ``/predict`` is doing.
+    """
+    loop = asyncio.get_running_loop()
+    body, code = await loop.run_in_executor(state.health_pool, _health, state)
+    return JSONResponse(body, status_code=code)
+
+
+def _health(state: BackendState) -> tuple[dict[str, Any], int]:
     body: dict[str, Any] = {"status": "UP", "model_class": MODEL_CLASS, "model_version": state.model_version}
     code = 200
     try:
@@ -53,26 +71,44 @@ def health(state: State) -> JSONResponse:
     except QueueUnavailable as exc:
         body.update(status="DOWN", reason=str(exc))
         code = 503
-    return JSONResponse(body, status_code=code)
+    return body, code
 
 
 @protected.post("/setup")
 def setup(body: SetupRequest, state: State) -> dict[str, Any]:
-    """Remember the project's label config; answer the model version (never loads a model)."""
+    """Remember the project's label config; answer its model version (never loads a model).
+
+    The version is the announced one followed by the spec's tag (see :func:`groundlabel.protocol.versioned`),
+    so changing an option of the label config makes Label Studio ask for new predictions.
+    """
+    version = state.model_version
     if body.label_schema:
-        parse_spec(body.label_schema)  # a config groundlabel cannot fill is reported now
+        spec = state.spec(body.label_schema)  # a config groundlabel cannot fill is reported now
+        version = _dispatcher(state, project_key(body.project)).announced(spec)
     if isinstance(body.extra_params, str) and body.extra_params.strip():
         try:
             json.loads(body.extra_params)
         except json.JSONDecodeError as exc:
             raise UserError(f"extra_params is not valid JSON: {exc}") from exc
     state.projects[project_key(body.project)] = {"schema": body.label_schema, "hostname": body.hostname}
-    return {"model_version": state.model_version}
+    return {"model_version": version}
+
+
+def _dispatcher(state: BackendState, project: str | None = None) -> Dispatcher:
+    """The dispatcher for ``project``: a trained version promoted for it is announced, and its results are
+    looked up first (the store is read on every request, so a promotion shows at once)."""
+    trained = state.training.promoted(project)
+    version = trained or state.model_version
+    versions = [trained, *state.versions] if trained else state.versions
+    return Dispatcher(state.settings, state.runner, state.metrics, version, versions, project=project or None)
 
 
 @protected.post("/predict")
-def predict(body: PredictRequest, state: State) -> JSONResponse:
-    """One prediction per task, in order (see the module docstring for failed tasks)."""
+async def predict(body: PredictRequest, state: State) -> JSONResponse:
+    """One prediction per task, in order (see the module docstring for failed tasks).
+
+    The request waits for its jobs on the event loop (no thread is held while it waits).
+    """
     settings = state.settings
     if len(body.tasks) > settings.backend.max_tasks:
         raise UserError(
@@ -83,19 +119,22 @@ def predict(body: PredictRequest, state: State) -> JSONResponse:
     xml = body.label_config or project.get("schema")
     if not xml:
         raise UserError("the request has no label_config and no /setup gave one for this project")
-    spec = parse_spec(xml)
+    spec = await asyncio.to_thread(state.spec, xml)
     context = (
         body.params.context.model_dump(exclude_none=True) if body.params and body.params.context else None
     )
     if context is not None and not context.get("result"):
         context = None
+    try:
+        context_clicks(context)  # a malformed click or box is refused here, not in a job
+    except UserError as exc:
+        raise HTTPException(422, f"invalid request: params.context: {exc}") from exc
     ls_url = body.hostname or project.get("hostname")
     tasks = [{"id": t.id, "data": t.data} for t in body.tasks]
     start = time.perf_counter()
-    outcome = Dispatcher(settings, state.runner, state.metrics, state.model_version).answer(
-        tasks, spec, context=context, label_studio_url=ls_url
-    )
-    mv = state.model_version
+    dispatcher = await asyncio.to_thread(_dispatcher, state, project_key(body.project))
+    outcome = await dispatcher.answer(tasks, spec, context=context, label_studio_url=ls_url)
+    mv = outcome.model_version
     results: list[Any] = []
     errors: list[dict[str, Any]] = []
     for answer in outcome.answers:
@@ -123,20 +162,61 @@ def predict(body: PredictRequest, state: State) -> JSONResponse:
 
 
 @protected.post("/webhook")
-def webhook(body: WebhookRequest) -> JSONResponse:
-    """Label Studio's events: acknowledged (an annotation's typed expression is echoed); no training."""
+def webhook(body: WebhookRequest, state: State) -> JSONResponse:
+    """Label Studio's events. ``START_TRAINING`` (the *Start Training* button) enqueues a training job and
+    answers its id at once; an annotation created or updated echoes its typed expression and counts towards
+    ``GROUNDLABEL_TRAIN_EVERY``."""
     if body.action not in WEBHOOK_ACTIONS:
         return JSONResponse({"status": "Unknown event", "action": body.action}, status_code=200)
     project_id = str((body.project or {}).get("id", ""))
+    hostname = state.projects.get(project_id, {}).get("hostname")
     result: dict[str, Any] = {"action": body.action, "project": project_id}
+    answer: dict[str, Any] = {"status": "ok", "result": result}
     if body.action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-        text = results_text((body.annotation or {}).get("result") or [])
+        regions = [r.model_dump(exclude_none=True) for r in body.annotation.result] if body.annotation else []
+        text = results_text(regions)
         if text:
             result["latest_prompt"] = text
+        started = state.training.annotation_changed(project_id, label_studio_url=hostname)
+        if started:
+            result["training"] = started
+            answer["job"] = started["job"]
     elif body.action == "START_TRAINING":
-        result["trained"] = False
-        result["reason"] = "groundlabel's models are not trained from this backend; export and train offline"
-    return JSONResponse({"status": "ok", "result": result}, status_code=201)
+        if not project_id:
+            raise UserError("START_TRAINING without a project id")
+        started = state.training.start(project_id, trigger="START_TRAINING", label_studio_url=hostname)
+        result["training"] = started
+        answer["job"] = started["job"]
+    return JSONResponse(answer, status_code=201)
+
+
+@protected.post("/train")
+def train(body: TrainRequest, state: State) -> JSONResponse:
+    """Label Studio's older *Start Training* call: the same training job as ``START_TRAINING``."""
+    project_id = project_key(body.project)
+    if not project_id:
+        raise UserError("/train needs the project")
+    hostname = state.projects.get(project_id, {}).get("hostname")
+    started = state.training.start(project_id, trigger="/train", label_studio_url=hostname)
+    return JSONResponse({"status": "ok", "job": started["job"], "result": started}, status_code=201)
+
+
+@protected.post("/job_status")
+def training_job_status(body: JobStatusRequest, state: State) -> JSONResponse:
+    """A training job's state (``job_status``: queued, started, finished, failed), progress and outcome;
+    410 when the backend knows no such training job (Label Studio then forgets it)."""
+    status = state.training.job_status(body.job)
+    if status is None:
+        return JSONResponse({"detail": f"no training job {body.job!r}"}, status_code=410)
+    return JSONResponse(status)
+
+
+@protected.get("/versions")
+def versions(state: State, project: str | None = None) -> dict[str, Any]:
+    """The model versions: the base models' and the trained ones (of ``?project=N``, else of every
+    project), oldest first; ``details`` has each trained version's held-out metric and promotion."""
+    details = state.training.versions(project_key(project) or None)
+    return {"versions": [state.model_version, *(d["name"] for d in details)], "details": details}
 
 
 @router.get("/metrics", dependencies=[Depends(metrics_auth)])

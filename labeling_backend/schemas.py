@@ -78,10 +78,42 @@ class SetupRequest(_Open):
         return None if value is None else str(value)
 
 
+class WebhookRegion(_Open):
+    """One region of an annotation in a webhook event."""
+
+    type: str | None = None
+    value: dict[str, Any] = Field(default_factory=dict)
+
+
+class WebhookAnnotation(_Open):
+    """The annotation of an ``ANNOTATION_*`` event; its ``result`` must be a list of regions."""
+
+    result: list[WebhookRegion] = Field(default_factory=list)
+
+
 class WebhookRequest(_Open):
     """``POST /webhook``: a Label Studio event."""
 
     action: str
     project: dict[str, Any] | None = None
-    annotation: dict[str, Any] | None = None
+    annotation: WebhookAnnotation | None = None
     task: dict[str, Any] | None = None
+
+
+class TrainRequest(_Open):
+    """``POST /train``: Label Studio's older *Start Training* call (the annotated tasks are not needed: the
+    training job reads the project through Label Studio's API, as the exporters do)."""
+
+    project: str | None = None
+    label_config: str | None = None
+
+    @field_validator("project", mode="before")
+    @classmethod
+    def _project_text(cls, value: Any) -> Any:
+        return None if value is None else str(value)
+
+
+class JobStatusRequest(_Open):
+    """``POST /job_status``: the training job Label Studio asks about."""
+
+    job: str = Field(min_length=1, max_length=128)

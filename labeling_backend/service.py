@@ -3,22 +3,61 @@
 Tasks found in the result cache are answered at once. The others are split into jobs of
 ``GROUNDLABEL_CHUNK_SIZE`` tasks (one model batch each; an interactive request is one job on the
 ``interactive`` queue) unless a job already computes them. The request then waits for its jobs until its
-deadline; jobs that are not done keep running and fill the cache for a later request.
+deadline without holding a thread: the runner's :meth:`~groundlabel.protocol.JobRunner.wait` returns as
+soon as a job ends (a blocking read on Redis, or the in-process job's future), and the states are read
+again at least once a second. Each job carries that deadline: the worker fetches no image after it, and
+what it finished by then fills the cache for a later request.
+
+Model versions: the result cache is keyed on the version each prediction was made with (the worker's
+engine), looked up under every version the configured engines give. Label Studio sees each version
+followed by ``-cfg<hash of the label spec>`` (:func:`groundlabel.protocol.versioned`), unless the
+operator named every prediction (``GROUNDLABEL_MODEL_VERSION``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from groundlabel.ls_format import is_interactive
-from groundlabel.protocol import QUEUE_BATCH, QUEUE_INTERACTIVE, JobPayload, JobRunner, JobState
+import anyio.to_thread
+
+from groundlabel.ls_format import context_regions, is_interactive
+from groundlabel.protocol import (
+    QUEUE_BATCH,
+    QUEUE_INTERACTIVE,
+    JobPayload,
+    JobRunner,
+    JobState,
+    result_key,
+    versioned,
+)
 from groundlabel.settings import Settings
 from groundlabel.spec import LabelingSpec
 from labeling_backend.metrics import Metrics
+
+T = TypeVar("T")
+
+#: The fields of a context region that change a prediction; ids, scores and origins do not.
+CONTEXT_FIELDS = ("type", "from_name", "to_name", "value", "is_positive")
+#: The longest a request waits between two reads of its jobs' states (a missed notification, a reaped job).
+RECHECK_SECONDS = 1.0
+
+
+def context_for_key(context: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """What of an interactive context keys the result cache: each region's kind, names and value.
+
+    Region ids change with every edit in Label Studio; leaving them out lets a retyped prompt or a
+    repeated click hit the cache.
+    """
+    regions = context_regions(context)
+    if not regions:
+        return None
+    return [{k: r[k] for k in CONTEXT_FIELDS if r.get(k) is not None} for r in regions]
 
 
 def cache_key(
@@ -26,9 +65,8 @@ def cache_key(
     spec: LabelingSpec,
     spec_json: str,
     context: dict[str, Any] | None,
-    model_version: str,
 ) -> str:
-    """The result-cache key of one task: (task, image, expression, spec, context, model version)."""
+    """The task's key: (task, image, expression, spec, context); the model version is added per engine."""
     data = task.get("data") or {}
     blob = json.dumps(
         {
@@ -36,8 +74,7 @@ def cache_key(
             "image": data.get(spec.image_key),
             "text": data.get(spec.text_key) if spec.text_key else None,
             "spec": spec_json,
-            "context": context,
-            "model_version": model_version,
+            "context": context_for_key(context),
         },
         sort_keys=True,
         default=str,
@@ -65,33 +102,74 @@ class _Waiting:
 
 @dataclass
 class PredictOutcome:
-    """All answers of one request, in task order."""
+    """All answers of one request, in task order, and the model version announced for its spec."""
 
     answers: list[TaskAnswer]
     interactive: bool
     jobs: list[str] = field(default_factory=list)
+    model_version: str = ""
 
 
 class Dispatcher:
     """Answers validated tasks for a label spec: from the result cache, or through jobs on a runner.
 
-    ``model_version`` is the version the backend announces; it keys the result cache. Each answer keeps
-    the model version its job gave it (the engine that produced it), unless the operator named every
-    prediction (``GROUNDLABEL_MODEL_VERSION``).
+    ``model_version`` is the version the backend announces, ``versions`` the names the configured
+    engines give their predictions (the result cache is read under each of them; default: the announced
+    one). Each answer keeps the model version its engine gave it, followed by the spec's tag, unless the
+    operator named every prediction (``GROUNDLABEL_MODEL_VERSION``).
     """
 
-    def __init__(self, settings: Settings, runner: JobRunner, metrics: Metrics, model_version: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        runner: JobRunner,
+        metrics: Metrics,
+        model_version: str,
+        versions: Sequence[str] = (),
+        project: str | None = None,
+    ) -> None:
         self.settings = settings
         self.runner = runner
         self.metrics = metrics
         self.model_version = model_version
+        self.project = project  # a trained version promoted for it answers its expressions
+        named = settings.backend.model_version
+        self.versions = [named] if named else list(dict.fromkeys(versions or [model_version]))
 
-    def _named(self, prediction: dict[str, Any]) -> dict[str, Any]:
-        """The prediction under the operator's one name for every prediction, when there is one."""
+    def announced(self, spec: LabelingSpec) -> str:
+        """The model version Label Studio sees for ``spec`` (see :func:`groundlabel.protocol.versioned`)."""
+        if self.settings.backend.model_version:
+            return self.settings.backend.model_version
+        return versioned(self.model_version, spec)
+
+    def _named(self, prediction: dict[str, Any], spec: LabelingSpec) -> dict[str, Any]:
+        """The prediction under the name Label Studio keeps: the operator's, else the engine's + spec tag."""
         named = self.settings.backend.model_version
-        return {**prediction, "model_version": named} if named else prediction
+        if named:
+            return {**prediction, "model_version": named}
+        return {**prediction, "model_version": versioned(str(prediction.get("model_version")), spec)}
 
-    def answer(
+    @staticmethod
+    async def _call(fn: Callable[..., T], *args: Any) -> T:
+        """A (short, blocking) runner call on a worker thread, so that the event loop never waits on it."""
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    def answer_blocking(
+        self, tasks: list[dict[str, Any]], spec: LabelingSpec, **kwargs: Any
+    ) -> PredictOutcome:
+        """:meth:`answer` from synchronous code (its own event loop)."""
+        return asyncio.run(self.answer(tasks, spec, **kwargs))
+
+    async def _cache_get(self, keys: list[str]) -> list[dict[str, Any] | None]:
+        """The cached prediction of each task key under the first engine version that has one."""
+        if not keys:
+            return []
+        n = len(self.versions)
+        flat = [result_key(k, v) for k in keys for v in self.versions]
+        hits = await self._call(self.runner.cache_get, flat)
+        return [next((h for h in hits[i * n : (i + 1) * n] if h is not None), None) for i in range(len(keys))]
+
+    async def answer(
         self,
         tasks: list[dict[str, Any]],
         spec: LabelingSpec,
@@ -106,9 +184,7 @@ class Dispatcher:
             backend = self.settings.backend
             timeout = backend.interactive_timeout if interactive else backend.predict_timeout
         deadline = time.monotonic() + timeout
-        mv = self.model_version
-        spec_dict = spec.to_dict()
-        spec_json = json.dumps(spec_dict, sort_keys=True)
+        spec_json = json.dumps(spec.to_dict(), sort_keys=True)
         answers = [TaskAnswer(int(t["id"])) for t in tasks]
 
         todo: list[int] = []
@@ -123,31 +199,41 @@ class Dispatcher:
             else:
                 todo.append(i)
 
-        keys = {i: cache_key(tasks[i], spec, spec_json, context, mv) for i in todo}
-        cached = self.runner.cache_get([keys[i] for i in todo])
+        keys = {i: cache_key(tasks[i], spec, spec_json, context) for i in todo}
+        cached = await self._cache_get([keys[i] for i in todo])
         missing = []
         for i, hit in zip(todo, cached, strict=True):
             if hit is not None:
-                answers[i].prediction = self._named(hit)
+                answers[i].prediction = self._named(hit, spec)
                 answers[i].source = "cache"
             else:
                 missing.append(i)
 
         waiting: list[_Waiting] = []
         if missing:
-            waiting = self._enqueue(tasks, missing, keys, spec, context, label_studio_url, interactive)
+            waiting = await self._call(
+                self._enqueue,
+                tasks,
+                missing,
+                keys,
+                spec,
+                context,
+                label_studio_url,
+                interactive,
+                time.time() + timeout,
+            )
         jobs = sorted({w.job_id for w in waiting})
         if waiting:
-            self._wait(waiting, answers, keys, deadline, timeout, interactive)
+            await self._wait(waiting, answers, deadline, timeout, interactive, spec)
 
         for answer in answers:
             self.metrics.tasks.labels(answer.source or "unknown").inc()
             if answer.prediction is None:
                 self.metrics.failures.labels(answer.source or "unknown").inc()
-        return PredictOutcome(answers, interactive, jobs)
+        return PredictOutcome(answers, interactive, jobs, self.announced(spec))
 
     def _enqueue(
-        self, tasks, missing, keys, spec, context, label_studio_url, interactive
+        self, tasks, missing, keys, spec, context, label_studio_url, interactive, deadline
     ) -> list[_Waiting]:
         waiting: list[_Waiting] = []
         pending = self.runner.pending_get([keys[i] for i in missing])
@@ -166,6 +252,8 @@ class Dispatcher:
                 context=context,
                 label_studio_url=label_studio_url,
                 model_version=self.settings.backend.model_version,
+                deadline=deadline,
+                project=self.project,
             )
             chunk_keys = [keys[i] for i in chunk]
             job_id, taken = self.runner.submit(payload, chunk_keys, interactive=interactive)
@@ -180,37 +268,31 @@ class Dispatcher:
                         waiting.append(_Waiting(i, keys[i], "", 0))
         return waiting
 
-    def _wait(self, waiting, answers, keys, deadline, timeout, interactive) -> None:
+    async def _wait(self, waiting, answers, deadline, timeout, interactive, spec) -> None:
         queue_name = QUEUE_INTERACTIVE if interactive else QUEUE_BATCH
         open_jobs = {w.job_id for w in waiting if w.job_id}
         states: dict[str, JobState] = {}
-        seen_end: set[str] = set()
-        interval = self.settings.backend.poll_interval
         last_reap = time.monotonic()
         while open_jobs:
-            for job_id, state in self.runner.poll(sorted(open_jobs)).items():
+            for job_id, state in (await self._call(self.runner.poll, sorted(open_jobs))).items():
+                states[job_id] = state
                 if state.status != "pending":
-                    states[job_id] = state
                     open_jobs.discard(job_id)
-                    if job_id not in seen_end and state.latency is not None:
-                        seen_end.add(job_id)
+                    if state.latency is not None:
                         self.metrics.job_seconds.labels(queue_name).observe(state.latency)
-                else:
-                    states[job_id] = state
             now = time.monotonic()
             if not open_jobs or now >= deadline:
                 break
-            if now - last_reap >= 1.0:
-                self.runner.reap_abandoned()
+            if now - last_reap >= RECHECK_SECONDS:
+                await self._call(self.runner.reap_abandoned)
                 last_reap = now
-            time.sleep(min(interval, max(0.0, deadline - now)))
-            interval = min(interval * 1.5, 0.25)
+            await self.runner.wait(sorted(open_jobs), min(RECHECK_SECONDS, max(0.0, deadline - now)))
 
         late = [w for w in waiting if not w.job_id]
         if late:
-            for w, hit in zip(late, self.runner.cache_get([w.key for w in late]), strict=True):
+            for w, hit in zip(late, await self._cache_get([w.key for w in late]), strict=True):
                 if hit is not None:
-                    answers[w.index].prediction = self._named(hit)
+                    answers[w.index].prediction = self._named(hit, spec)
                     answers[w.index].source = "cache"
                 else:
                     answers[w.index].error = "the task's job finished without a result; retry the request"
@@ -224,14 +306,14 @@ class Dispatcher:
             if state is None or state.status == "pending":
                 detail = f" ({state.detail})" if state and state.detail else ""
                 answer.error = (
-                    f"not finished within {timeout:g} s{detail}; the job goes on and a later request "
-                    "for this task returns its result"
+                    f"not finished within {timeout:g} s{detail}; what the job finishes by then is cached "
+                    "and a later request for this task returns it"
                 )
                 answer.source = "timeout"
             elif state.status == "failed":
                 answer.error = state.error or "the job failed"
                 answer.source = "job_failed"
-                self.runner.release_pending([w.key], w.job_id)
+                await self._call(self.runner.release_pending, [w.key], w.job_id)
             else:
                 results = state.results or []
                 if w.job_index >= len(results):
@@ -243,5 +325,5 @@ class Dispatcher:
                     answer.error = str(prediction["error"])
                     answer.source = "task_error"
                 else:
-                    answer.prediction = self._named(prediction)
+                    answer.prediction = self._named(prediction, spec)
                     answer.source = "job"

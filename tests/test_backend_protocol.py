@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from groundlabel.protocol import result_key
 from groundlabel.redis_queue import PENDING_PREFIX, RESULT_PREFIX
 from groundlabel.settings import Settings
 from labeling_backend.app import create_app
@@ -190,7 +191,8 @@ def test_cached_results_are_returned_without_a_job(client, redis_url):
     pending = conn.keys(PENDING_PREFIX + "*")
     assert len(pending) == 1
     key = pending[0].decode()[len(PENDING_PREFIX) :]
-    conn.set(RESULT_PREFIX + key, json.dumps({"result": [{"id": "r"}], "score": 0.7, "model_version": "x"}))
+    prediction = {"result": [{"id": "r"}], "score": 0.7, "model_version": "x"}
+    conn.set(RESULT_PREFIX + result_key(key, "test-v1"), json.dumps(prediction))
     r = client.post("/predict", json=body)
     assert r.json()["results"] == [{"result": [{"id": "r"}], "score": 0.7, "model_version": "test-v1"}]
     assert r.json()["errors"] == []

@@ -18,7 +18,8 @@ Where an image URL leads, and with which credentials:
   host is listed explicitly (not through a ``*`` or ``*.domain`` pattern). Redirects are followed by
   hand, each hop checked again (:func:`groundlabel.ls_access.check_hop`).
 
-Downloads stream with a byte limit and a total deadline, then go through
+Downloads stream with a byte limit and a total deadline (``GROUNDLABEL_FETCH_TOTAL_TIMEOUT``, and never
+past the job's own deadline: ``deadline=``), then go through
 :func:`workers.images.decode_image` (RGB, EXIF orientation, pixel limits). Every failure raises
 :class:`FetchError` naming the URL (without credentials or query secrets) and the reason. Tokens are
 never logged nor put in error messages.
@@ -27,9 +28,11 @@ never logged nor put in error messages.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from groundlabel.errors import UserError
 from groundlabel.ls_access import (
@@ -78,18 +81,45 @@ def _local_copy(url: str, settings: FetchSettings) -> Path | None:
     return None
 
 
+def presign_url(label_studio_url: str, task_id: int, uri: str) -> str:
+    """Label Studio's presign address for a cloud ``uri``: ``fileuri`` is URL-safe base64, as Label
+    Studio itself writes it and decodes it (``urlsafe_b64decode``), and quoted (its ``=`` padding)."""
+    fileuri = quote(base64.urlsafe_b64encode(uri.encode()).decode(), safe="")
+    return f"{label_studio_url}/tasks/{int(task_id)}/presign/?fileuri={fileuri}"
+
+
+def within_deadline(url: str, settings: FetchSettings, deadline: float | None) -> FetchSettings:
+    """``settings`` whose timeouts end by ``deadline`` (Unix time); FetchError when it has passed."""
+    if deadline is None:
+        return settings
+    left = deadline - time.time()
+    if left <= 0:
+        raise FetchError(url, "the job's deadline passed before this image was fetched")
+    return dataclasses.replace(
+        settings,
+        total_timeout=min(settings.total_timeout, left),
+        read_timeout=min(settings.read_timeout, left),
+        connect_timeout=min(settings.connect_timeout, left),
+    )
+
+
 def fetch_bytes(
     url: str,
     *,
     task_id: int | None = None,
     settings: FetchSettings | None = None,
     label_studio_url: str | None = None,
+    deadline: float | None = None,
 ) -> bytes:
-    """The raw bytes behind a task's image URL, following the rules of this module."""
+    """The raw bytes behind a task's image URL, following the rules of this module.
+
+    ``deadline`` (Unix time, the job's) bounds every timeout of the download.
+    """
     settings = settings or FetchSettings()
     settings = settings.with_request_url(label_studio_url)
     if not isinstance(url, str) or not url.strip():
         raise FetchError(str(url), "the task has no image URL")
+    settings = within_deadline(url.strip()[:200], settings, deadline)
     url = url.strip()
     scheme = urlsplit(url).scheme.lower()
 
@@ -101,9 +131,7 @@ def fetch_bytes(
             raise FetchError(url, "cloud storage URIs are presigned by Label Studio: set LABEL_STUDIO_URL")
         if task_id is None:
             raise FetchError(url, "cloud storage URIs need the task id for Label Studio's presign endpoint")
-        fileuri = base64.b64encode(url.encode()).decode()
-        presign = f"{settings.label_studio_url}/tasks/{int(task_id)}/presign/?fileuri={fileuri}"
-        return download_bytes(presign, settings)
+        return download_bytes(presign_url(settings.label_studio_url, task_id, url), settings)
 
     if scheme in ("http", "https"):
         return download_bytes(url, settings)
@@ -129,8 +157,9 @@ def fetch_image(
     task_id: int | None = None,
     settings: FetchSettings | None = None,
     label_studio_url: str | None = None,
+    deadline: float | None = None,
 ) -> Image.Image:
-    """Fetch and decode a task's image (RGB, EXIF orientation applied).
+    """Fetch and decode a task's image (RGB, EXIF orientation applied), by ``deadline`` if given.
 
     ``label_studio_url`` is the Label Studio URL that came with the request, if any; it is used only
     when ``LABEL_STUDIO_URL`` is not set, and only on an allowed host, without the token (see
@@ -140,7 +169,9 @@ def fetch_image(
     from workers.images import decode_image
 
     settings = settings or FetchSettings()
-    data = fetch_bytes(url, task_id=task_id, settings=settings, label_studio_url=label_studio_url)
+    data = fetch_bytes(
+        url, task_id=task_id, settings=settings, label_studio_url=label_studio_url, deadline=deadline
+    )
     kwargs: dict[str, int] = {"max_bytes": settings.max_bytes}
     if settings.max_pixels is not None:
         kwargs["max_pixels"] = settings.max_pixels

@@ -8,6 +8,8 @@ backend's Redis queue client, with an in-memory result cache.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,7 +23,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from groundlabel.protocol import QUEUE_BATCH, QUEUE_INTERACTIVE, JobPayload, JobState
+from groundlabel.protocol import QUEUE_BATCH, QUEUE_INTERACTIVE, JobPayload, JobState, result_key
 from groundlabel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -166,7 +168,7 @@ class InProcessRunner:
             results = json.loads(job.future.result())
             for key, prediction in zip(job.keys, results, strict=False):
                 if isinstance(prediction, dict) and not prediction.get("error"):
-                    self._cache.set(key, prediction)
+                    self._cache.set(result_key(key, str(prediction.get("model_version") or "")), prediction)
         self.release_pending(job.keys, job_id)
         # Keep finished jobs for a while so that waiting requests can read them, then forget them.
         backend = self.settings.backend
@@ -194,6 +196,23 @@ class InProcessRunner:
             else:
                 states[job_id] = JobState("finished", results=json.loads(future.result()), latency=latency)
         return states
+
+    async def wait(self, job_ids: Sequence[str], timeout: float) -> None:
+        """Return when one of the jobs' futures is done (its results cached), or after ``timeout`` s."""
+        jobs = [self._jobs.get(j) for j in job_ids if j]
+        if not jobs or None in jobs or timeout <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+
+        def wake(_: Future) -> None:
+            with contextlib.suppress(RuntimeError):  # RuntimeError: the waiting loop has closed
+                loop.call_soon_threadsafe(lambda: woken.done() or woken.set_result(None))
+
+        for job in jobs:
+            job.future.add_done_callback(wake)  # after _done (added at submit): the cache is written
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(woken, timeout)
 
     def reap_abandoned(self) -> None:
         """A dead child fails its futures at once (BrokenProcessPool): nothing to reap."""

@@ -17,6 +17,10 @@ What a task gets:
 - **Clicks and boxes** (interactive key points / rectangles with a label): see
   :func:`workers.pipeline.click_regions`. The controls the user clicked with get no regions of their own.
 
+A job's ``deadline`` (Unix time, set by the backend: when its request stops waiting, and before RQ's job
+timeout) bounds every image download; a task whose image is not fetched by then fails alone (nothing is
+cached, a later request tries it again), so a job never outlives its request by more than its model run.
+
 A failing task gets ``{"result": [], "score": 0.0, "model_version": ..., "error": reason}``; the others
 still get their predictions. Errors outside any task (the model cannot be loaded) raise, so that RQ
 retries the job.
@@ -44,7 +48,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _load_image(task: Mapping[str, Any], spec: LabelingSpec, label_studio_url: str | None) -> Any:
+def _load_image(
+    task: Mapping[str, Any], spec: LabelingSpec, label_studio_url: str | None, deadline: float | None = None
+) -> Any:
     from workers import engines
     from workers.fetch import fetch_image
 
@@ -52,7 +58,11 @@ def _load_image(task: Mapping[str, Any], spec: LabelingSpec, label_studio_url: s
     if not isinstance(url, str) or not url.strip():
         raise UserError(f"task {task.get('id')} has no {spec.image_key!r} image URL in its data")
     return fetch_image(
-        url, task_id=task.get("id"), settings=engines.fetch_settings(), label_studio_url=label_studio_url
+        url,
+        task_id=task.get("id"),
+        settings=engines.fetch_settings(),
+        label_studio_url=label_studio_url,
+        deadline=deadline,
     )
 
 
@@ -82,7 +92,7 @@ def run_prediction_job(payload: JobPayload) -> list[dict[str, Any]]:
     images: dict[int, Any] = {}
     for i, task in enumerate(tasks):
         try:
-            images[i] = _load_image(task, spec, payload.label_studio_url)
+            images[i] = _load_image(task, spec, payload.label_studio_url, payload.deadline)
         except Exception as exc:
             out[i] = failed(exc)
 

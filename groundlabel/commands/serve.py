@@ -45,10 +45,12 @@ def make_runner(settings: Settings, *, warm_up: bool = True) -> JobRunner:
 def build_app(settings: Settings, *, warm_up: bool = True) -> FastAPI:
     """The backend app with its runner and the announced model version (the engines' names)."""
     from labeling_backend.app import create_app
-    from workers.engines import announced_version
+    from workers.engines import announced_version, model_versions
 
     version = announced_version(settings)  # an invalid engine setting is refused here, at start-up
-    return create_app(settings, runner=make_runner(settings, warm_up=warm_up), model_version=version)
+    versions = list(model_versions(settings.engines).values())
+    runner = make_runner(settings, warm_up=warm_up)
+    return create_app(settings, runner=runner, model_version=version, versions=versions)
 
 
 def _run(args: argparse.Namespace) -> int:

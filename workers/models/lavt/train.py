@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,8 +185,17 @@ def _build(options: TrainOptions) -> tuple[LavtNetwork, Any, dict[str, Any]]:
     return net, tokenizer, extras
 
 
-def train(options: TrainOptions, *, progress: bool = True) -> dict[str, Any]:
-    """Run the training; returns ``{"epochs": [...per-epoch val metrics], "final": {split: metrics}}``."""
+def train(
+    options: TrainOptions,
+    *,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the training; returns ``{"epochs": [...per-epoch val metrics], "final": {split: metrics}}``.
+
+    ``on_epoch`` is called after every epoch with that epoch's entry (``epoch``, ``epochs``, ``loss``,
+    ``seconds``, and ``val`` when a validation split is evaluated).
+    """
     from tqdm import tqdm
 
     random.seed(options.seed)
@@ -294,6 +304,8 @@ def train(options: TrainOptions, *, progress: bool = True) -> dict[str, Any]:
         else:
             print(f"epoch {epoch + 1}: loss {entry['loss']:.4f}", flush=True)
         history.append(entry)
+        if on_epoch is not None:
+            on_epoch({**entry, "epochs": options.epochs})
         save_checkpoint(
             out_dir / LAST_CHECKPOINT,
             net,

@@ -1,0 +1,137 @@
+"""The training job: a Label Studio project's annotations → RefCOCO export → fine-tuned LAVT → model store.
+
+:func:`run_training` is the RQ job function of the ``train`` queue (``groundlabel worker --queues train``);
+it composes the exporters (the same code as ``groundlabel export --format refcoco``) with the workers'
+fine-tuning (:mod:`workers.training.lavt`, built on ``groundlabel train-lavt``'s training loop), which is
+why it lives with the composition roots. Its progress goes to the worker's log (progress bars, one line
+per epoch) and to the project's training status on Redis (:mod:`groundlabel.training_queue`), read by
+the backend's ``/job_status`` and ``/metrics``. A job that fails leaves the project's promoted version as
+it was; the failure callback records the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from groundlabel.errors import UserError
+from groundlabel.model_store import ModelStore
+from groundlabel.protocol import TrainPayload
+from groundlabel.settings import Settings
+
+log = logging.getLogger("groundlabel.training")
+
+#: Where the exported dataset goes inside the job's scratch folder.
+DATASET_DIR = "dataset"
+
+
+def annotation_count(tasks: list[dict[str, Any]]) -> int:
+    """Annotations of the export that count for training (cancelled ones do not)."""
+    return sum(
+        1 for task in tasks for a in task.get("annotations") or [] if not a.get("was_cancelled")
+    )
+
+
+def export_project(
+    project: str, settings: Settings, out: Path, *, label_studio_url: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Export the project's annotations as a RefCOCO folder split by image; ``(annotations, summary)``."""
+    from exporters.images import ImageResolver
+    from exporters.labelstudio import fetch_project
+    from exporters.refcoco import export_refcoco
+
+    fetch = settings.fetch
+    url = fetch.label_studio_url or label_studio_url
+    if not url or not fetch.api_key:
+        raise UserError(
+            "the training worker reads the project from Label Studio: set LABEL_STUDIO_URL and "
+            "LABEL_STUDIO_API_KEY on it"
+        )
+    tasks, label_config, _ = fetch_project(int(project), url=url, api_key=fetch.api_key)
+    count = annotation_count(tasks)
+    if not count:
+        raise UserError(f"project {project} has no annotations to train on")
+    holdout = settings.training.holdout
+    resolver = ImageResolver(
+        images_root=fetch.local_files_root,
+        label_studio_url=url,
+        api_key=fetch.api_key,
+        allowed_hosts=fetch.allowed_hosts,
+    )
+    summary = export_refcoco(
+        tasks,
+        out,
+        label_config=label_config,
+        fractions=(1.0 - holdout, holdout, 0.0, 0.0),
+        seed=settings.training.seed,
+        resolver=resolver,
+    )
+    refs = summary.exported.get("refs", 0)
+    if not refs:
+        raise UserError(
+            f"project {project}: none of its {count} annotations has a referring expression (a TextArea "
+            "text with one region); distilling GEM on projects without expressions is not done by "
+            "training jobs yet: run `groundlabel distill` on the project's images"
+        )
+    return count, summary.to_dict()
+
+
+def train_project(
+    payload: TrainPayload,
+    settings: Settings,
+    *,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    progress_bar: bool = True,
+) -> dict[str, Any]:
+    """The whole training job for ``payload.project``; returns its outcome as JSON."""
+    from workers.training.lavt import Recipe, fine_tune_project
+
+    if not settings.training.model_store:
+        raise UserError("training needs a model store: set GROUNDLABEL_MODEL_STORE on the training worker")
+    store = ModelStore.from_url(settings.training.model_store)
+    report = on_progress or (lambda _update: None)
+    scratch = Path(tempfile.mkdtemp(prefix=f"groundlabel-train-{payload.project}-"))
+    try:
+        report({"stage": "exporting"})
+        count, summary = export_project(
+            payload.project, settings, scratch / DATASET_DIR, label_studio_url=payload.label_studio_url
+        )
+        log.info("project %s: exported %s", payload.project, summary.get("exported"))
+        outcome = fine_tune_project(
+            scratch / DATASET_DIR,
+            store=store,
+            project=payload.project,
+            annotation_count=count,
+            engines=settings.engines,
+            recipe=Recipe.from_settings(settings.training),
+            work_dir=scratch,
+            on_progress=report,
+            progress_bar=progress_bar,
+        )
+        return {**outcome.to_dict(), "annotation_count": count, "splits": summary.get("splits", {})}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_training(payload: dict[str, Any]) -> dict[str, Any]:
+    """The RQ job of the ``train`` queue: :func:`train_project` with progress written to Redis."""
+    from rq import get_current_job
+
+    from groundlabel.training_queue import write_status
+    from workers import engines
+
+    request = TrainPayload.from_dict(payload)
+    job = get_current_job()
+
+    def report(update: dict[str, Any]) -> None:
+        if job is not None:
+            try:
+                write_status(job.connection, request.project, job=job.id, state="started", **update)
+            except Exception as exc:  # progress is informative: a Redis hiccup must not fail the job
+                log.warning("training progress not recorded: %s", exc)
+
+    return train_project(request, engines.settings(), on_progress=report)
