@@ -8,7 +8,8 @@ A malformed value raises :class:`~groundlabel.errors.UserError` naming the varia
 
 Sections: :class:`BackendSettings` (the HTTP service), :class:`QueueSettings` (Redis, jobs and their
 timeouts), :class:`~groundlabel.ls_access.FetchSettings` (where images may come from, with which token,
-how large) and :class:`EngineSettings` (which models the workers run).
+how large), :class:`EngineSettings` (which models the workers run) and :class:`TrainingSettings` (the
+model store and the training jobs).
 """
 
 from __future__ import annotations
@@ -255,6 +256,32 @@ class EngineSettings:
         return options
 
 
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Training from Label Studio's *Start Training*: the model store, triggers and the fine-tuning recipe."""
+
+    model_store: str | None = None  # a folder (path or file:// URL); None: training is off
+    every: int = 0  # also train after this many new or updated annotations of a project (0: only on request)
+    timeout: int = 6 * 3600  # seconds one training job may run
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 5e-5
+    holdout: float = 0.2  # fraction of the images held out for the old-vs-new comparison
+    min_gain: float = 0.0  # the new version must beat the current one's held-out oIoU by more than this
+    seed: int = 0  # the split seed: the same images stay held out as the project grows
+    loader_workers: int = 2  # data-loading processes of the training job
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a model store is configured (training jobs need one)."""
+        return bool(self.model_store)
+
+    def validate(self) -> None:
+        """Refuse a held-out fraction outside (0, 1)."""
+        if not 0.0 < self.holdout < 1.0:
+            raise UserError(f"GROUNDLABEL_TRAIN_HOLDOUT must be between 0 and 1, got {self.holdout:g}")
+
+
 #: Every variable :meth:`Settings.from_env` reads.
 VARIABLES: tuple[str, ...] = (
     "REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT",
@@ -273,6 +300,10 @@ VARIABLES: tuple[str, ...] = (
     "GROUNDLABEL_GEM_TEMPERATURE", "GROUNDLABEL_DEVICE", "GROUNDLABEL_LAVT_CHECKPOINT",
     "GROUNDLABEL_LAVT_VARIANT", "GROUNDLABEL_LAVT_TOKENIZER", *OFFLINE_VARIABLES, "HF_ENDPOINT",
     "HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_TOKEN",
+    "GROUNDLABEL_MODEL_STORE", "GROUNDLABEL_TRAIN_EVERY", "GROUNDLABEL_TRAIN_TIMEOUT",
+    "GROUNDLABEL_TRAIN_EPOCHS", "GROUNDLABEL_TRAIN_BATCH", "GROUNDLABEL_TRAIN_LR",
+    "GROUNDLABEL_TRAIN_HOLDOUT", "GROUNDLABEL_TRAIN_MIN_GAIN", "GROUNDLABEL_TRAIN_SEED",
+    "GROUNDLABEL_TRAIN_LOADERS",
 )  # fmt: skip
 
 
@@ -322,6 +353,21 @@ def _engine_settings(e: _Env) -> EngineSettings:
     )
 
 
+def _training_settings(e: _Env) -> TrainingSettings:
+    return TrainingSettings(
+        model_store=e.text("GROUNDLABEL_MODEL_STORE"),
+        every=e.number("GROUNDLABEL_TRAIN_EVERY", 0, int, minimum=0),
+        timeout=e.number("GROUNDLABEL_TRAIN_TIMEOUT", 6 * 3600, int, minimum=1),
+        epochs=e.number("GROUNDLABEL_TRAIN_EPOCHS", 10, int, minimum=1),
+        batch_size=e.number("GROUNDLABEL_TRAIN_BATCH", 8, int, minimum=1),
+        lr=e.number("GROUNDLABEL_TRAIN_LR", 5e-5, float, minimum=0),
+        holdout=e.number("GROUNDLABEL_TRAIN_HOLDOUT", 0.2, float, minimum=0),
+        min_gain=e.number("GROUNDLABEL_TRAIN_MIN_GAIN", 0.0, float, minimum=0),
+        seed=e.number("GROUNDLABEL_TRAIN_SEED", 0, int),
+        loader_workers=e.number("GROUNDLABEL_TRAIN_LOADERS", 2, int, minimum=0),
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """The whole configuration of one groundlabel process, in sections."""
@@ -330,6 +376,7 @@ class Settings:
     queue: QueueSettings = field(default_factory=QueueSettings)
     fetch: FetchSettings = field(default_factory=FetchSettings)
     engines: EngineSettings = field(default_factory=EngineSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
     log_level: str = "INFO"
 
     @classmethod
@@ -365,6 +412,7 @@ class Settings:
             ),
             fetch=_fetch_settings(e),
             engines=_engine_settings(e),
+            training=_training_settings(e),
             log_level=(e.text("GROUNDLABEL_LOG_LEVEL") or "INFO").upper(),
         )
         return settings.with_(**overrides) if overrides else settings.validated()
@@ -377,7 +425,7 @@ class Settings:
             if key in {f.name for f in fields(self)}:
                 top[key] = value
                 continue
-            for section in ("backend", "queue", "fetch", "engines"):
+            for section in ("backend", "queue", "fetch", "engines", "training"):
                 if key in {f.name for f in fields(getattr(self, section))}:
                     sections.setdefault(section, {})[key] = value
                     break
@@ -391,6 +439,7 @@ class Settings:
         """Itself, after refusing contradictory settings with the reason."""
         self.backend.validate()
         self.queue.validate()
+        self.training.validate()
         return self
 
     def secrets(self) -> list[str]:

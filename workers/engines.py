@@ -119,13 +119,61 @@ def get_gem_engine() -> Any:
         return engine
 
 
-def lavt_enabled() -> bool:
-    """Whether a LAVT model is configured (``GROUNDLABEL_LAVT_CHECKPOINT``) or installed."""
-    return _settings.engines.lavt_enabled or "lavt" in _engines
+#: Trained versions kept loaded at once (one per project served), the least recently used dropped first.
+MAX_PROJECT_ENGINES = 4
 
 
-def get_lavt_engine() -> Any:
-    """The process's LAVT engine; :class:`UserError` when none is configured."""
+def project_version(project: str | None) -> Any:
+    """The trained LAVT version the model store promotes for ``project``, or None (the base models).
+
+    Read on every job, so a promotion or a rollback is served from the next job on, without a restart.
+    """
+    url = _settings.training.model_store
+    if not url or not project:
+        return None
+    from groundlabel.model_store import ModelStore
+
+    try:
+        version = ModelStore.from_url(url).promoted(project)
+    except UserError as exc:
+        log.warning("model store: %s; project %s gets the base models", exc, project)
+        return None
+    return version if version is not None and version.kind == "lavt" else None
+
+
+def _project_lavt_engine(version: Any) -> Any:
+    from groundlabel.model_store import ModelStore
+
+    key = f"lavt@{version.project}/{version.name}"
+    with _lock:
+        engine = _engines.pop(key, None)
+        if engine is None:
+            from workers.models.lavt import LavtEngine
+            from workers.models.lavt.config import LavtConfig
+
+            weights = ModelStore.from_url(_settings.training.model_store or "").weights_path(version)
+            log.info("loading LAVT %s for project %s", version.name, version.project)
+            engine = LavtEngine(str(weights), LavtConfig(**_settings.engines.lavt_options()))
+            engine.model_version = version.name
+        _engines[key] = engine  # most recently used last
+        loaded = [k for k in _engines if k.startswith("lavt@")]
+        for old in loaded[: max(0, len(loaded) - MAX_PROJECT_ENGINES)]:
+            del _engines[old]
+        return engine
+
+
+def lavt_enabled(project: str | None = None) -> bool:
+    """Whether a LAVT model is configured (``GROUNDLABEL_LAVT_CHECKPOINT``), installed, or trained for
+    ``project``."""
+    return _settings.engines.lavt_enabled or "lavt" in _engines or project_version(project) is not None
+
+
+def get_lavt_engine(project: str | None = None) -> Any:
+    """The LAVT engine for ``project``: its promoted trained version, else the process's configured one;
+    :class:`UserError` when there is neither."""
+    version = project_version(project)
+    if version is not None:
+        return _project_lavt_engine(version)
     with _lock:
         engine = _engines.get("lavt")
         if engine is None:

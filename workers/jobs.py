@@ -99,7 +99,9 @@ def run_prediction_job(payload: JobPayload) -> list[dict[str, Any]]:
     clicks = context_clicks(context)
     excluded = {c.from_name for c in clicks if c.from_name} | context_text_controls(context)
     expressions = {i: _task_expression(tasks[i], spec, context) for i in images}
-    lavt = engines.get_lavt_engine() if any(expressions.values()) and engines.lavt_enabled() else None
+    project = payload.project
+    wants_lavt = any(expressions.values()) and engines.lavt_enabled(project)
+    lavt = engines.get_lavt_engine(project) if wants_lavt else None
     stand_in = gem.model_version + engines.STAND_IN_SUFFIX
     outputs = spec.without(excluded)
 
