@@ -15,6 +15,9 @@ Every job runner (RQ on Redis in the backend, child processes in the workers' in
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +68,7 @@ class JobPayload:
     context: dict[str, Any] | None = None
     label_studio_url: str | None = None
     model_version: str | None = None  # the operator's one name for every prediction, if any
+    deadline: float | None = None  # Unix time after which the worker stops the job's remaining tasks
     project: str | None = None  # the Label Studio project: a trained version promoted for it answers
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +79,7 @@ class JobPayload:
             "context": self.context,
             "label_studio_url": self.label_studio_url,
             "model_version": self.model_version,
+            "deadline": self.deadline,
             "project": self.project,
         }
 
@@ -87,8 +92,56 @@ class JobPayload:
             context=data.get("context") or None,
             label_studio_url=data.get("label_studio_url"),
             model_version=data.get("model_version"),
+            deadline=data.get("deadline"),
             project=data.get("project"),
         )
+
+
+#: Inline images longer than this are dropped from a job's stored payload once it will not run again.
+INLINE_KEEP_CHARS = 256
+
+
+def slim_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` without its tasks' inline ``data:`` images, for keeping after the job's last run.
+
+    Everything a later reader needs (task ids, spec, context, deadline) stays; each dropped value is
+    replaced by a short note giving its size.
+    """
+
+    def slim(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("data:") and len(value) > INLINE_KEEP_CHARS:
+            return f"{value[:32]}... ({len(value)} characters, dropped after the job)"
+        return value
+
+    tasks = [
+        {**t, "data": {k: slim(v) for k, v in (t.get("data") or {}).items()}}
+        for t in payload.get("tasks") or []
+    ]
+    return {**payload, "tasks": tasks}
+
+
+def result_key(task_key: str, model_version: str) -> str:
+    """The result-cache key of one task's prediction made by the engine named ``model_version``.
+
+    ``task_key`` hashes what was asked (task, image, expression, spec, context); the version is the one
+    the worker actually ran, so a worker with another model never fills the cache of the announced one.
+    """
+    return f"{task_key}@{model_version}"
+
+
+def spec_tag(spec: LabelingSpec) -> str:
+    """A short hash of everything in the label spec that changes the output (labels, prompts, options)."""
+    blob = json.dumps(spec.to_dict(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def versioned(model_version: str, spec: LabelingSpec) -> str:
+    """The model version Label Studio sees for ``spec``: the engine's name and ``-cfg<spec hash>``.
+
+    Changing any option of the label config (a threshold, a prompt, a label) changes it, so Label Studio
+    asks for new predictions instead of keeping the old ones.
+    """
+    return f"{model_version}-cfg{spec_tag(spec)}"
 
 
 def prediction(
@@ -128,6 +181,10 @@ class JobRunner(Protocol):
     def release_pending(self, keys: list[str], job_id: str) -> None: ...
     def submit(self, payload: JobPayload, keys: list[str], *, interactive: bool) -> tuple[str, list[int]]: ...
     def poll(self, job_ids: list[str]) -> dict[str, JobState]: ...
+    async def wait(self, job_ids: Sequence[str], timeout: float) -> None:
+        """Return as soon as one of ``job_ids`` may have ended, or after ``timeout`` seconds."""
+        ...
+
     def reap_abandoned(self) -> None: ...
     def stats(self) -> dict[str, dict[str, int]]: ...
     def worker_count(self) -> int: ...
