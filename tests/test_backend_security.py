@@ -26,6 +26,16 @@ def test_redact_known_secrets_and_credential_patterns():
     assert redact("the API is open") == "the API is open"
 
 
+def test_redaction_keeps_words_around_paths_and_redacts_only_values():
+    """A secret-looking word inside a path is no field name: the error message keeps its words."""
+    assert redact("file:///etc/passwd: unsupported image URL") == "file:///etc/passwd: unsupported image URL"
+    assert redact("cannot read /run/secrets/token: not found") == "cannot read /run/secrets/token: not found"
+    assert redact("C:\\keys\\secret=1 missing") == "C:\\keys\\secret=1 missing"
+    assert redact("password=hunter2 was refused") == "password=*** was refused"
+    assert redact("GET /img?token=abc123&x=1 failed") == "GET /img?token=***&x=1 failed"
+    assert redact('{"api_key": "k-1", "n": 2}') == '{"api_key": "***", "n": 2}'
+
+
 def test_logging_filter_removes_secrets_from_messages_args_and_tracebacks(caplog):
     settings = Settings.from_env(
         {

@@ -234,6 +234,33 @@ def test_total_deadline_against_a_slow_drip(server):
         fetch_bytes(server.base + "/drip", settings=allow(server, read_timeout=2, total_timeout=0.5))
 
 
+def test_the_job_deadline_bounds_a_slow_drip(server):
+    """The total timeout is 120 s, but the job's deadline is 1 s away: the download stops by then."""
+    settings = allow(server, read_timeout=30, total_timeout=120)
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="timed out"):
+        fetch_bytes(server.base + "/drip", settings=settings, deadline=time.time() + 1.0)
+    assert time.monotonic() - start < 2.5
+    with pytest.raises(FetchError, match="deadline passed"):
+        fetch_bytes(server.base + "/img.png", settings=settings, deadline=time.time() - 1)
+
+
+def test_presign_fileuri_is_what_label_studio_decodes():
+    """Label Studio reads ``fileuri`` from the query string (``+`` becomes a space) and decodes it with
+    ``base64.urlsafe_b64decode``; a standard-base64 ``+`` or ``/`` would break the URI."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from workers.fetch import presign_url
+
+    uris = ("s3://bucket/a>>?b.png", "gs://b/??>.png", "azure-blob://c/d/e.png?x=1")
+    assert {"+", "/"} <= set("".join(base64.b64encode(u.encode()).decode() for u in uris))
+    for uri in uris:
+        url = presign_url("http://ls:8080", 7, uri)
+        assert urlsplit(url).path == "/tasks/7/presign/"
+        (fileuri,) = parse_qs(urlsplit(url).query)["fileuri"]
+        assert base64.urlsafe_b64decode(fileuri.encode()).decode() == uri
+
+
 def test_http_errors_carry_the_reason(server):
     with pytest.raises(FetchError, match=r"not found \(HTTP 404\)"):
         fetch_bytes(server.base + "/missing.png", settings=allow(server))
