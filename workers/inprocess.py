@@ -4,6 +4,10 @@ The process that holds the runner never imports torch; the children do (``worker
 configures them from the parent's settings and loads the engines once per child). Payloads and results
 cross the process boundary as JSON text. It offers :class:`groundlabel.protocol.JobRunner`, like the
 backend's Redis queue client, with an in-memory result cache.
+
+No child outlives the backend: :meth:`InProcessRunner.close` (run when ``groundlabel serve`` stops, on
+SIGTERM too) terminates the children, busy or not, and a child whose parent died without closing it
+(SIGKILL) notices within a second and exits.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import os
 import threading
 import time
 import uuid
@@ -65,6 +70,28 @@ class TTLCache:
         return len(self._data)
 
 
+#: Seconds a child waits between two looks at whether its parent still lives.
+PARENT_WATCH_INTERVAL = 1.0
+#: Seconds :meth:`InProcessRunner.close` gives terminated children before killing them.
+CHILD_STOP_TIMEOUT = 5.0
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit this child as soon as its parent is gone (re-parented children see another parent id)."""
+    while True:
+        time.sleep(PARENT_WATCH_INTERVAL)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def init_child(settings: Settings, parent_pid: int) -> None:
+    """Initialiser of a pool child: exit with the parent, then :func:`workers.jobs.init_process`."""
+    from workers.jobs import init_process
+
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
+    init_process(settings)
+
+
 class _Job:
     def __init__(self, future: Future, keys: list[str], queue: str) -> None:
         self.future, self.keys, self.queue = future, keys, queue
@@ -91,13 +118,11 @@ class InProcessRunner:
             self._warm = self._pool.submit(load_engines)
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        from workers.jobs import init_process  # torch-free at import: the children load the engines
-
-        return ProcessPoolExecutor(
+        return ProcessPoolExecutor(  # torch-free here: the children load the engines
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_process,
-            initargs=(self.settings,),
+            initializer=init_child,
+            initargs=(self.settings, os.getpid()),
         )
 
     def ping(self) -> None:
@@ -154,7 +179,7 @@ class InProcessRunner:
             return self._pool.submit(run_json, text)
         except BrokenProcessPool:
             log.warning("the in-process worker pool broke (a child died); starting a new one")
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            _stop_pool(self._pool)
             self._pool = self._new_pool()
             return self._pool.submit(run_json, text)
 
@@ -233,4 +258,20 @@ class InProcessRunner:
         return self.workers
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel the queued jobs and stop the children, busy or not (SIGTERM, then SIGKILL)."""
+        _stop_pool(self._pool)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + CHILD_STOP_TIMEOUT
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            log.warning("in-process worker %s did not stop on SIGTERM: killing it", process.pid)
+            process.kill()
+            process.join(1.0)
