@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+import time
+import zlib
 
 import pytest
 import redis
@@ -15,10 +19,16 @@ from conftest import (
     png_header_only,
 )
 from fastapi.testclient import TestClient
+from rq.job import Job
 from rq.registry import FinishedJobRegistry
+from rq.serializers import JSONSerializer
 
+from groundlabel.protocol import JobPayload, result_key, spec_tag
+from groundlabel.redis_queue import RESULT_PREFIX
 from groundlabel.settings import Settings
+from groundlabel.spec import parse_label_config
 from labeling_backend.app import create_app
+from labeling_backend.queue import RedisJobQueue
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -190,3 +200,61 @@ def test_unknown_clicked_label_is_a_task_error(client):
     )
     (prediction,) = r.json()["results"]
     assert prediction["result"] == [] and "'Nope'" in prediction["error"]
+
+
+def _job_for_task(conn: redis.Redis, task_id: int) -> Job:
+    ids = [k.decode()[len("rq:job:") :] for k in conn.keys("rq:job:*") if b":" not in k[len("rq:job:") :]]
+    for job in Job.fetch_many(ids, connection=conn, serializer=JSONSerializer):
+        if job is not None and [t["id"] for t in job.args[0]["tasks"]] == [task_id]:
+            return job
+    raise AssertionError(f"no job for task {task_id}")
+
+
+def test_finished_job_keeps_no_inline_image_and_caches_under_the_worker_version(redis_server, worker):
+    """The stored payload drops its data URI once the job is done; the result cache and the prediction
+    carry the version the worker ran, not the one the backend announced."""
+    settings = Settings.from_env({}, redis_url=redis_server.url, predict_timeout=60, model_version=None)
+    image = png_data_uri(160, 120, seed=401)
+    body = {"tasks": [{"id": 401, "data": {"image": image}}], "label_config": POLYGON_CONFIG}
+    with TestClient(create_app(settings, model_version="gem-announced")) as c:
+        r = c.post("/predict", json=body)
+    assert r.status_code == 200 and r.json()["errors"] == [], r.text
+    (prediction,) = r.json()["results"]
+    spec = parse_label_config(POLYGON_CONFIG)
+    assert prediction["model_version"].startswith("gem-tinyclip")
+    assert prediction["model_version"].endswith("-cfg" + spec_tag(spec))
+    conn = redis.Redis.from_url(redis_server.url)
+    try:
+        job = _job_for_task(conn, 401)
+        stored = zlib.decompress(conn.hget(job.key, "data")).decode()
+        assert len(image) > 5000 and len(stored) < 3000, len(stored)
+        assert image not in stored and "dropped after the job" in stored
+        engine_version = prediction["model_version"].rsplit("-cfg", 1)[0]
+        keys = [k.decode() for k in conn.keys(RESULT_PREFIX + "*")]
+        (key,) = [k for k in keys if k.endswith("@" + engine_version)]
+        assert json.loads(conn.get(key))["result"] == prediction["result"]
+    finally:
+        conn.close()
+
+
+def test_worker_honours_the_job_deadline(redis_server, worker):
+    """A job whose deadline has passed fetches nothing: its tasks fail alone, quickly, and nothing is
+    cached or retried."""
+    settings = Settings.from_env({}, redis_url=redis_server.url)
+    queue = RedisJobQueue(settings.queue)
+    spec = parse_label_config(POLYGON_CONFIG)
+    tasks = [{"id": 500 + i, "data": {"image": png_data_uri(seed=500 + i)}} for i in range(3)]
+    payload = JobPayload(tasks, spec, deadline=time.time() - 1)
+    job_id, taken = queue.submit(payload, [f"deadline-{i}" for i in range(3)], interactive=False)
+    assert taken == [0, 1, 2]
+    deadline = time.monotonic() + 60
+    state = queue.poll([job_id])[job_id]
+    while state.status == "pending" and time.monotonic() < deadline:
+        asyncio.run(queue.wait([job_id], 1.0))
+        state = queue.poll([job_id])[job_id]
+    assert state.status == "finished", state
+    errors = [p.get("error") or "" for p in state.results or []]
+    assert len(errors) == 3 and all("deadline passed" in e for e in errors), errors
+    assert queue.cache_get([result_key(f"deadline-{i}", "") for i in range(3)]) == [None] * 3
+    assert queue.pending_get([f"deadline-{i}" for i in range(3)]) == [None] * 3
+    queue.close()
