@@ -1,12 +1,15 @@
-"""Region conversion speed: score maps → polygons / brush RLE / boxes / key points on 1-4 Mpx images.
+"""Region conversion speed: score maps → polygons / brush RLE / boxes / key points, next to OpenCV anchors.
 
 Score maps look like GEM's: a coarse grid (28×28 tokens) of smooth random scores for each prompt,
 upsampled bilinearly to the image size, so that the masks have a realistic number of blobs, holes and
-fragments. Each row times ``regions_from_scores`` for one control type (3 labels, one prompt each), median
-of ``--repeat`` runs, and reports regions and polygon vertices produced.
+fragments. Each row times ``regions_from_scores`` for one control type (N labels, one prompt each),
+median of ``--repeat`` runs, next to its anchor on the same maps in the same run: the plain OpenCV way
+to the same output (best label by ``np.argmax`` over the stacked maps, then per label the mask, and
+``findContours`` + ``approxPolyDP`` for polygons, ``connectedComponentsWithStats`` for boxes and brush
+masks (plus the RLE encoding), a masked argmax for key points). ``ratio`` is ours / anchor.
 
-    .venv/bin/python benchmarks/regions_speed.py
-    .venv/bin/python benchmarks/regions_speed.py --sizes 1000x1000 --repeat 3
+    .venv/bin/python benchmarks/regions_speed.py                 # 1 and 4 Mpx, 5 and 20 labels
+    .venv/bin/python benchmarks/regions_speed.py --sizes 1000x1000 --labels 5 --repeat 3
 """
 
 from __future__ import annotations
@@ -25,29 +28,65 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from groundlabel.ls_format import brush_rle_encode  # noqa: E402
 from groundlabel.spec import ControlSpec, LabelingSpec  # noqa: E402
 from workers.regions import regions_from_scores  # noqa: E402
 
-LABELS = ["cat", "dog", "car"]
 CONTROLS = ["PolygonLabels", "BrushLabels", "RectangleLabels", "KeyPointLabels"]
 
 
-def score_maps(width: int, height: int, seed: int, grid: int = 28) -> dict[str, np.ndarray]:
+def score_maps(width: int, height: int, labels: int, seed: int, grid: int = 28) -> dict[str, np.ndarray]:
     """GEM-like calibrated maps: smooth token-grid scores upsampled bilinearly."""
     rng = np.random.default_rng(seed)
     maps = {}
-    for label in LABELS:
+    for i in range(labels):
         coarse = cv2.GaussianBlur(rng.random((grid, grid)).astype(np.float32), (0, 0), 1.5)
         coarse = (coarse - coarse.min()) / (coarse.max() - coarse.min() + 1e-9)
-        maps[label] = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
+        maps[f"label{i}"] = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
     return maps
+
+
+def anchor(kind: str, maps: dict[str, np.ndarray], threshold: float, min_area: float) -> int:
+    """The plain OpenCV conversion of the same maps; returns the number of regions."""
+    stack = np.stack(list(maps.values()))
+    best, index = stack.max(axis=0), stack.argmax(axis=0)
+    foreground = best >= threshold
+    regions = 0
+    for i in range(len(maps)):
+        mask = (foreground & (index == i)).astype(np.uint8)
+        if kind == "PolygonLabels":
+            contours, _ = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+            for c in contours:
+                if cv2.contourArea(c) >= min_area:
+                    cv2.approxPolyDP(c, 1.0, True)
+                    regions += 1
+            continue
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        kept = [k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] >= min_area]
+        if kind == "RectangleLabels":
+            regions += len(kept)
+        elif kind == "BrushLabels" and kept:
+            brush_rle_encode(mask)
+            regions += 1
+        elif kind == "KeyPointLabels" and kept:
+            int(np.argmax(np.where(mask > 0, best, -np.inf)))
+            regions += 1
+    return regions
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--sizes", nargs="+", default=["1000x1000", "2000x1500", "2000x2000"], help="image sizes WxH"
-    )
+    parser.add_argument("--sizes", nargs="+", default=["1000x1000", "2000x2000"], help="image sizes WxH")
+    parser.add_argument("--labels", nargs="+", type=int, default=[5, 20], help="labels per control")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
@@ -56,44 +95,52 @@ def main() -> int:
     rows = []
     for size in args.sizes:
         width, height = (int(v) for v in size.lower().split("x"))
-        maps = score_maps(width, height, args.seed)
-        for kind in CONTROLS:
-            control = ControlSpec("c", kind, "image", LABELS, {lab: [lab] for lab in LABELS}, {})
-            spec = LabelingSpec("image", "image", [control])
-            times = []
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                results, _ = regions_from_scores(
-                    spec, maps, width=width, height=height, threshold=args.threshold
+        for n_labels in args.labels:
+            maps = score_maps(width, height, n_labels, args.seed)
+            names = list(maps)
+            for kind in CONTROLS:
+                control = ControlSpec("c", kind, "image", names, {lab: [lab] for lab in names}, {})
+                spec = LabelingSpec("image", "image", [control])
+                min_area = 0.0001 * width * height
+                regions_from_scores(spec, maps, width=width, height=height, threshold=args.threshold)  # warm
+                ours, (results, _) = timed(
+                    lambda spec=spec, maps=maps, w=width, h=height: regions_from_scores(
+                        spec, maps, width=w, height=h, threshold=args.threshold
+                    ),
+                    args.repeat,
                 )
-                times.append(time.perf_counter() - t0)
-            med = statistics.median(times)
-            vertices = sum(len(r["value"].get("points", [])) for r in results)
-            rows.append(
-                {
-                    "size": f"{width}x{height}",
-                    "megapixels": round(width * height / 1e6, 2),
-                    "control": kind,
-                    "median_s": round(med, 4),
-                    "images_per_s": round(1.0 / med, 2),
-                    "regions": len(results),
-                    "regions_per_s": round(len(results) / med, 1),
-                    "polygon_vertices": vertices,
-                }
-            )
+                base, base_regions = timed(
+                    lambda kind=kind, maps=maps, a=min_area: anchor(kind, maps, args.threshold, a),
+                    args.repeat,
+                )
+                rows.append(
+                    {
+                        "size": f"{width}x{height}",
+                        "megapixels": round(width * height / 1e6, 2),
+                        "labels": n_labels,
+                        "control": kind,
+                        "median_s": round(ours, 4),
+                        "anchor_s": round(base, 4),
+                        "ratio": round(ours / base, 2),
+                        "regions": len(results),
+                        "anchor_regions": base_regions,
+                        "polygon_vertices": sum(len(r["value"].get("points", [])) for r in results),
+                    }
+                )
 
     header = (
-        f"{'size':>10} {'Mpx':>5} {'control':<16} {'median s':>9} {'img/s':>7} {'regions':>8} "
-        f"{'regions/s':>10} {'vertices':>9}"
+        f"{'size':>10} {'Mpx':>5} {'labels':>6} {'control':<16} {'ours ms':>8} {'anchor ms':>10} "
+        f"{'ratio':>6} {'regions':>8} {'anchor':>7} {'vertices':>9}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['size']:>10} {r['megapixels']:>5} {r['control']:<16} {r['median_s']:>9.4f} "
-            f"{r['images_per_s']:>7.2f} {r['regions']:>8} {r['regions_per_s']:>10.1f} "
-            f"{r['polygon_vertices']:>9}"
+            f"{r['size']:>10} {r['megapixels']:>5} {r['labels']:>6} {r['control']:<16} "
+            f"{1000 * r['median_s']:>8.1f} {1000 * r['anchor_s']:>10.1f} {r['ratio']:>6.2f} "
+            f"{r['regions']:>8} {r['anchor_regions']:>7} {r['polygon_vertices']:>9}"
         )
+    print(f"worst ratio: {max(r['ratio'] for r in rows):.2f}")
 
     out = Path(__file__).resolve().parent / "results" / "regions_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +150,7 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "opencv_threads": cv2.getNumThreads(),
-        "labels": LABELS,
+        "labels": args.labels,
         "threshold": args.threshold,
         "repeat": args.repeat,
     }

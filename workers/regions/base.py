@@ -12,7 +12,7 @@ import numpy as np
 from groundlabel.errors import UserError
 from groundlabel.ls_format import make_result
 from groundlabel.spec import ControlSpec
-from workers.regions.geometry import Components, find_components
+from workers.regions.geometry import Components, find_components, label_windows, mask_window, update_best
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.5
 #: Components smaller than this are dropped: pixels when >= 1, a fraction of the image when < 1.
 DEFAULT_MIN_REGION_AREA = 0.0001
+#: Score maps become regions at the image's size up to this longer side, above it at this side (GEM's
+#: maps come from a grid of a few dozen tokens: a finer grid adds no detail, only memory).
+MAX_WORKING_SIDE = 2048
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -89,40 +92,45 @@ class ControlModel:
     def best_label(
         self, prompt_scores: Mapping[str, np.ndarray], *, width: int, height: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Per pixel: the best label's score (max over its prompts) and its index into ``labels``.
+        """Per pixel: the best label's score (max over its prompts) and its index into ``labels``
+        (float32 and int32 ``[height, width]``; maps of another size are resized bilinearly).
 
-        Ties go to the first label.
-        """
-        best: np.ndarray | None = None
+        Ties go to the first label; NaN and -inf scores count as 0, +inf as 1. One compiled pass per
+        prompt map."""
+        best = np.full((height, width), -np.inf, dtype=np.float32)
         index = np.zeros((height, width), dtype=np.int32)
+        flat_best, flat_index = best.reshape(-1), index.reshape(-1)
         for i, label in enumerate(self.control.labels):
-            label_score: np.ndarray | None = None
             for prompt in self.control.prompts.get(label) or [label]:
-                s = prompt_score_map(prompt_scores, prompt, width=width, height=height, control=self.control)
-                label_score = s if label_score is None else np.maximum(label_score, s)
-            assert label_score is not None
-            if best is None:
-                best = label_score.copy()
-                continue
-            better = label_score > best
-            np.copyto(index, i, where=better)
-            np.maximum(best, label_score, out=best)
-        assert best is not None
+                raw = prompt_map(prompt_scores, prompt, width=width, height=height, control=self.control)
+                update_best(raw.reshape(-1), flat_best, flat_index, i)
         return best, index
 
     def predict(
         self, prompt_scores: Mapping[str, np.ndarray], *, width: int, height: int
     ) -> list[dict[str, Any]]:
-        """All regions of this control from per-prompt score maps (at the original size)."""
+        """All regions of this control from per-prompt score maps.
+
+        The maps are read at :func:`working_size` (the image's size up to :data:`MAX_WORKING_SIDE`):
+        maps of another size are resized to it bilinearly. Each label is then converted inside the
+        window of the pixels it wins, so the cost grows with the regions, not labels x image size."""
         if self.skip or not self.control.labels:
             return []
-        best, index = self.best_label(prompt_scores, width=width, height=height)
-        foreground = best >= self.threshold
+        gw, gh = working_size(width, height)
+        best, index = self.best_label(prompt_scores, width=gw, height=gh)
+        windows = label_windows(best, index, np.float32(self.threshold), len(self.control.labels))
+        min_area = self.min_area_pixels(width, height) * (gw * gh) / (width * height)
         results: list[dict[str, Any]] = []
         for i, label in enumerate(self.control.labels):
-            mask = foreground & (index == i)
-            if mask.any():
-                results.extend(self.regions(label, mask, best, width=width, height=height))
+            x0, y0, x1, y1, pixels = (int(v) for v in windows[i])
+            if pixels == 0:
+                continue
+            window = index[y0:y1, x0:x1] == i
+            comps = find_components(window, best[y0:y1, x0:x1], min_area, offset=(x0, y0), shape=(gh, gw))
+            if len(comps):
+                results.extend(
+                    self.component_regions(label, comps, best[y0:y1, x0:x1], width=width, height=height)
+                )
         return results
 
     def regions(
@@ -143,15 +151,28 @@ class ControlModel:
         mask = mask > 0
         if score_map is not None:
             score_map = resize_score_map(np.asarray(score_map, dtype=np.float32), width, height)
-        comps = find_components(mask, score_map, self.min_area_pixels(width, height))
+        window = mask_window(mask)
+        if window is None:
+            return []
+        x0, y0, x1, y1 = window
+        scores = score_map[y0:y1, x0:x1] if score_map is not None else None
+        comps = find_components(
+            mask[y0:y1, x0:x1],
+            scores,
+            self.min_area_pixels(width, height),
+            offset=(x0, y0),
+            shape=(height, width),
+        )
         if len(comps) == 0:
             return []
-        return self.component_regions(label, comps, score_map, width=width, height=height)
+        return self.component_regions(label, comps, scores, width=width, height=height)
 
     def component_regions(
         self, label: str, comps: Components, score_map: np.ndarray | None, *, width: int, height: int
     ) -> list[dict[str, Any]]:
-        """The control-specific conversion of the kept components of one label."""
+        """The control-specific conversion of the kept components of one label: ``comps`` lie on a grid
+        of ``comps.image_shape`` (the working size: percent coordinates come from it), ``score_map`` is
+        the scores of the components' window, ``width``/``height`` the original image's size."""
         raise NotImplementedError
 
     def result(self, value: dict[str, Any], label: str, score: float, *, width: int, height: int) -> dict:
@@ -181,10 +202,22 @@ def resize_score_map(score: np.ndarray, width: int, height: int) -> np.ndarray:
     return score
 
 
-def prompt_score_map(
+def working_size(width: int, height: int) -> tuple[int, int]:
+    """``(width, height)`` at which score maps become regions: the image's own size, or scaled down (aspect
+    kept) so that its longer side is :data:`MAX_WORKING_SIDE`. Percent coordinates do not depend on it;
+    brush masks are scaled back to the original size (nearest)."""
+    side = max(width, height)
+    if side <= MAX_WORKING_SIDE:
+        return int(width), int(height)
+    scale = MAX_WORKING_SIDE / side
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def prompt_map(
     prompt_scores: Mapping[str, np.ndarray], prompt: str, *, width: int, height: int, control: ControlSpec
 ) -> np.ndarray:
-    """The score map of one prompt, checked and at the original size."""
+    """The float32 score map of one prompt at ``(height, width)`` (bilinear when it has another size),
+    not checked for NaN (:meth:`ControlModel.best_label` treats them)."""
     try:
         raw = prompt_scores[prompt]
     except KeyError:
@@ -192,4 +225,10 @@ def prompt_score_map(
             f"no score map for prompt {prompt!r} of control {control.name!r} "
             f"(maps given for {sorted(prompt_scores)[:10]})"
         ) from None
-    return resize_score_map(np.asarray(raw, dtype=np.float32), width, height)
+    score = np.asarray(raw, dtype=np.float32)
+    if score.ndim != 2:
+        raise ValueError(f"a score map must be 2-D, got shape {score.shape}")
+    if score.shape != (height, width):
+        log.debug("resizing a score map from %s to %dx%d", score.shape, width, height)
+        score = cv2.resize(score, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(score)

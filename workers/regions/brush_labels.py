@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
 import numpy as np
 
 from groundlabel.ls_format import brush_rle_encode
@@ -32,7 +33,7 @@ class BrushLabelsModel(ControlModel):
         if self.per_region:
             results = []
             for k in range(len(comps)):
-                mask = comps.labels == comps.ids[k]
+                mask = comps.in_image(comps.labels == comps.ids[k])
                 results.append(self._brush(mask, label, comps.scores[k], width, height))
             return results
         mask = comps.kept_mask()
@@ -40,5 +41,7 @@ class BrushLabelsModel(ControlModel):
         return [self._brush(mask, label, score, width, height)]
 
     def _brush(self, mask: np.ndarray, label: str, score: float, width: int, height: int) -> dict[str, Any]:
+        if mask.shape != (height, width):  # a coarser working grid: back to the original size
+            mask = cv2.resize(mask.view(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
         value = {"format": "rle", "rle": brush_rle_encode(mask)}
         return self.result(value, label, score, width=width, height=height)

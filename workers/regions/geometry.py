@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from groundlabel.jit import compiled
+
 #: The simplification tolerance is capped at this fraction of a region's "thickness" (area / perimeter,
 #: holes included), which bounds the relative area error whatever tolerance the user sets.
 THICKNESS_FRACTION = 0.1
@@ -32,36 +34,73 @@ MIN_TOLERANCE = 0.05
 
 @dataclass
 class Components:
-    """The 8-connected components of a mask that survived the minimum-area filter."""
+    """The 8-connected components of a mask that survived the minimum-area filter.
 
-    labels: np.ndarray  # int32 [H, W]: component id per pixel, 0 = background
+    ``labels`` covers a window of the image (the mask's bounding box): its pixel ``(r, c)`` is the
+    image's ``(y0 + r, x0 + c)``; ``boxes`` are in image pixels. ``shape`` is the image's ``(H, W)``.
+    """
+
+    labels: np.ndarray  # int32 [h, w] of the window: component id per pixel, 0 = background
     ids: np.ndarray  # ids of the kept components, largest first
-    boxes: np.ndarray  # [len(ids), 4] x, y, w, h in pixels
+    boxes: np.ndarray  # [len(ids), 4] x, y, w, h in image pixels
     areas: np.ndarray  # [len(ids)] pixel counts
     scores: np.ndarray  # [len(ids)] mean score inside each component (1.0 without a score map)
+    x0: int = 0
+    y0: int = 0
+    shape: tuple[int, int] | None = None  # the image's (H, W); None: the window is the image
 
     def __len__(self) -> int:
         return int(self.ids.size)
 
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the image the components lie in."""
+        h, w = self.labels.shape
+        return self.shape if self.shape is not None else (int(h), int(w))
+
     def mask(self, k: int) -> tuple[np.ndarray, int, int]:
-        """The k-th kept component as a cropped uint8 mask and the crop's (x, y) offset."""
+        """The k-th kept component as a cropped uint8 mask and the crop's (x, y) offset in the image."""
         x, y, w, h = (int(v) for v in self.boxes[k])
-        crop = (self.labels[y : y + h, x : x + w] == self.ids[k]).astype(np.uint8)
+        rx, ry = x - self.x0, y - self.y0
+        crop = (self.labels[ry : ry + h, rx : rx + w] == self.ids[k]).astype(np.uint8)
         return crop, x, y
 
-    def kept_mask(self) -> np.ndarray:
-        """All kept components as one boolean mask."""
+    def kept_window(self) -> np.ndarray:
+        """All kept components as one boolean mask of the window."""
         if len(self) == 0:
             return np.zeros(self.labels.shape, dtype=bool)
         keep = np.zeros(int(self.labels.max()) + 1, dtype=bool)
         keep[self.ids] = True
         return keep[self.labels]
 
+    def in_image(self, window: np.ndarray) -> np.ndarray:
+        """A boolean mask of the window placed in an image-sized mask."""
+        if self.shape is None:
+            return window
+        out = np.zeros(self.shape, dtype=bool)
+        out[self.y0 : self.y0 + window.shape[0], self.x0 : self.x0 + window.shape[1]] = window
+        return out
 
-def find_components(mask: np.ndarray, score_map: np.ndarray | None, min_area: float) -> Components:
-    """Label the 8-connected components of ``mask``; drop those smaller than ``min_area`` pixels."""
+    def kept_mask(self) -> np.ndarray:
+        """All kept components as one boolean mask of the image."""
+        return self.in_image(self.kept_window())
+
+
+def find_components(
+    mask: np.ndarray,
+    score_map: np.ndarray | None,
+    min_area: float,
+    *,
+    offset: tuple[int, int] = (0, 0),
+    shape: tuple[int, int] | None = None,
+) -> Components:
+    """Label the 8-connected components of ``mask``; drop those smaller than ``min_area`` pixels.
+
+    ``mask`` (and ``score_map``, same shape) may be a window of a larger image: ``offset`` is the
+    window's ``(x, y)`` in the image and ``shape`` the image's ``(H, W)``; the work grows with the window.
+    """
     mask = np.ascontiguousarray(mask)
-    m = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
+    m = mask.view(np.uint8) if mask.dtype == bool else (mask != 0).view(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8, ltype=cv2.CV_32S)
     areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
     ids = np.arange(1, n, dtype=np.int64)
@@ -70,12 +109,67 @@ def find_components(mask: np.ndarray, score_map: np.ndarray | None, min_area: fl
     order = np.argsort(-areas, kind="stable")
     ids, areas = ids[order], areas[order]
     boxes = stats[ids, :4].astype(np.int64) if ids.size else np.zeros((0, 4), dtype=np.int64)
+    x0, y0 = (int(v) for v in offset)
+    if ids.size:
+        boxes[:, 0] += x0
+        boxes[:, 1] += y0
     if score_map is not None and ids.size:
         sums = np.bincount(labels.ravel(), weights=score_map.ravel(), minlength=n)
         scores = sums[ids] / areas
     else:
         scores = np.ones(ids.size, dtype=np.float64)
-    return Components(labels, ids, boxes, areas, scores)
+    return Components(labels, ids, boxes, areas, scores, x0, y0, shape)
+
+
+def mask_window(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` (end-exclusive) of a mask's nonzero pixels, None when it is empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+@compiled
+def update_best(score: np.ndarray, best: np.ndarray, index: np.ndarray, label: int) -> None:
+    """One prompt's map into the running best score and best label (flat float32 / int32 arrays):
+    where ``score`` beats ``best`` (strictly, so ties stay with the earlier label) it becomes the best
+    and ``label`` the index. NaN and -inf count as 0, +inf as 1."""
+    for p in range(score.size):
+        v = score[p]
+        if v != v or v == -np.inf:
+            v = 0.0
+        elif v == np.inf:
+            v = 1.0
+        if v > best[p]:
+            best[p] = v
+            index[p] = label
+
+
+@compiled
+def label_windows(best: np.ndarray, index: np.ndarray, threshold: np.float32, labels: int) -> np.ndarray:
+    """One pass over ``best``/``index`` (``[H, W]``): index set to -1 where ``best`` is below ``threshold``
+    (background), and per label the window ``[x0, y0, x1, y1, pixels]`` of its pixels (end-exclusive)."""
+    width = index.shape[1]
+    out = np.zeros((labels, 5), np.int64)
+    for i in range(labels):
+        out[i, 0] = width
+        out[i, 1] = index.shape[0]
+    for r in range(index.shape[0]):
+        for c in range(width):
+            if best[r, c] >= threshold:
+                i = index[r, c]
+                if c < out[i, 0]:
+                    out[i, 0] = c
+                if c + 1 > out[i, 2]:
+                    out[i, 2] = c + 1
+                if r < out[i, 1]:
+                    out[i, 1] = r
+                out[i, 3] = r + 1
+                out[i, 4] += 1
+            else:
+                index[r, c] = -1
+    return out
 
 
 def ring_area(ring: np.ndarray) -> float:

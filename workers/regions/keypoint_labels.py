@@ -38,13 +38,14 @@ class KeyPointLabelsModel(ControlModel):
         if self.per_region:
             groups = [(comps.labels == comps.ids[k], comps.scores[k]) for k in range(len(comps))]
         else:
-            groups = [(comps.kept_mask(), float(np.average(comps.scores, weights=comps.areas)))]
+            groups = [(comps.kept_window(), float(np.average(comps.scores, weights=comps.areas)))]
+        gh, gw = comps.image_shape  # the window (and score_map) lie at (x0, y0) of this grid
         results = []
         for mask, mean_score in groups:
             row, col = peak(mask, score_map)
             value = {
-                "x": round(100.0 * (col + 0.5) / width, 4),
-                "y": round(100.0 * (row + 0.5) / height, 4),
+                "x": round(100.0 * (comps.x0 + col + 0.5) / gw, 4),
+                "y": round(100.0 * (comps.y0 + row + 0.5) / gh, 4),
                 "width": self.point_width,
             }
             score = float(score_map[row, col]) if score_map is not None else mean_score

@@ -47,14 +47,18 @@ class PolygonLabelsModel(ControlModel):
         self, label: str, comps: Components, score_map: np.ndarray | None, *, width: int, height: int
     ) -> list[dict[str, Any]]:
         min_hole = self.min_hole_area if self.min_hole_area >= 1 else self.min_hole_area * width * height
+        gh, gw = comps.image_shape
+        scale = (gw * gh) / (width * height)  # options are in original pixels, the grid may be coarser
+        min_hole *= scale
+        tolerance = self.tolerance * np.sqrt(scale)
         results = []
         for k in range(len(comps)):
             crop, x0, y0 = comps.mask(k)
             for outer, holes in mask_rings(crop):
-                ring = component_polygon(outer, holes, self.tolerance, min_hole)
+                ring = component_polygon(outer, holes, tolerance, min_hole)
                 if len(ring) < 3:
                     continue
-                points = pixels_to_percent(ring + np.array([x0, y0]), width, height)
+                points = pixels_to_percent(ring + np.array([x0, y0]), gw, gh)
                 value = {"points": points, "closed": True}
                 results.append(self.result(value, label, comps.scores[k], width=width, height=height))
         return results

@@ -22,14 +22,15 @@ class RectangleLabelsModel(ControlModel):
     def component_regions(
         self, label: str, comps: Components, score_map: np.ndarray | None, *, width: int, height: int
     ) -> list[dict[str, Any]]:
+        gh, gw = comps.image_shape  # percent of the grid the components lie on
         results = []
         for k in range(len(comps)):
             x, y, w, h = (int(v) for v in comps.boxes[k])
             value = {
-                "x": _pct(x, width),
-                "y": _pct(y, height),
-                "width": _pct(w, width),
-                "height": _pct(h, height),
+                "x": _pct(x, gw),
+                "y": _pct(y, gh),
+                "width": _pct(w, gw),
+                "height": _pct(h, gh),
                 "rotation": 0,
             }
             results.append(self.result(value, label, comps.scores[k], width=width, height=height))
