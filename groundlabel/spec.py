@@ -7,6 +7,10 @@ Per-label prompts: a ``<Label value="Car" predicted_values="car,automobile"/>`` 
 comma-separated value (the best-scoring one wins per pixel); without ``predicted_values`` the label's
 own value is its prompt. Per-control options are read from the control tag's attributes, e.g.
 ``<PolygonLabels name="poly" toName="image" model_score_threshold="0.5" polygon_tolerance="1.5">``.
+
+Engines: ``engine="sam3"`` on a control has SAM 3 answer its class prompts and typed phrases with one
+region per instance; ``engine="gem"`` (or no attribute: the deployment's ``GROUNDLABEL_ENGINE``, GEM by
+default) keeps GEM's score maps (docs/sam3.md).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ SUPPORTED_CONTROLS: dict[str, str] = {
     "RectangleLabels": "rectanglelabels",
     "KeyPointLabels": "keypointlabels",
 }
+
+#: The engines that answer class prompts and typed phrases (a control's ``engine`` attribute).
+CLASS_ENGINES = ("gem", "sam3")
 
 #: Control tags that may be present but that groundlabel neither fills nor complains about.
 PASSIVE_CONTROLS = {"TextArea", "Choices", "Labels", "Number", "Rating", "Taxonomy", "Relations"}
@@ -53,6 +60,15 @@ class ControlSpec:
             return float(raw)
         except ValueError as exc:
             raise UserError(f"control {self.name!r}: attribute {key}={raw!r} is not a number") from exc
+
+    def engine(self, default: str = "gem") -> str:
+        """The engine of this control's class prompts: its ``engine`` attribute, else ``default``."""
+        name = (self.options.get("engine") or default).strip().lower()
+        if name not in CLASS_ENGINES:
+            raise UserError(
+                f"control {self.name!r}: engine={name!r} is not one of {', '.join(CLASS_ENGINES)}"
+            )
+        return name
 
 
 @dataclass
@@ -132,7 +148,9 @@ def parse_label_config(xml: str) -> LabelingSpec:
                 attrs = getattr(label_attrs.get(label), "attr", None) or {}
                 prompts[label] = _split_values(attrs.get("predicted_values")) or [label]
             options = {k: str(v) for k, v in control.attr.items() if k not in ("name", "toName")}
-            controls.append(ControlSpec(control.name, control.tag, image.name, labels, prompts, options))
+            spec_control = ControlSpec(control.name, control.tag, image.name, labels, prompts, options)
+            spec_control.engine()  # an unknown engine is refused at /setup, not in a job
+            controls.append(spec_control)
         elif control.tag == "TextArea":
             if text_name is None:
                 text_name = control.name

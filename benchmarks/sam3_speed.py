@@ -1,0 +1,154 @@
+"""SAM 3 speed through the engine: images/s at batch 1 and 8, and the cost of each extra label.
+
+Random weights of the real architecture (``transformers``' default ``Sam3Config``, which is
+``facebook/sam3``'s: ViT 32 layers × 1024 at 1008×1008, CLIP text tower 24 × 1024, DETR 6 + 6 layers,
+200 queries; about 840 M parameters); speed does not depend on the weights. Timed: the whole
+``Sam3Engine.instances`` call (resizing, vision tower, text tower on a cache miss only, one detector and
+mask-decoder pass per (image, label) pair, instances scored and upsampled), on 640×480 images, at the
+default score floor of 0.5 (random weights find no instance above it; trained ones a few, whose
+upsampling adds little).
+
+"Extra label" is the time one more label adds per image: (t(L labels) − t(1 label)) / (L − 1) / batch.
+
+    .venv/bin/python benchmarks/sam3_speed.py [--device auto] [--batches 1,8] [--labels 4] [--repeats N]
+        [--precision auto|fp32|bf16]
+
+GPU defaults: 5 timed repeats after a warm-up. CPU defaults: one timed call per row and a warm-up at
+batch 1 only (a real-size forward takes tens of seconds there). Writes ``benchmarks/results/sam3_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+LABELS = ("car", "person", "dog", "traffic light", "bicycle", "bus", "tree", "building")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from workers.models.sam3 import Sam3Config, Sam3Engine
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--labels", type=int, default=4, help="labels of the multi-label rows (default 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (5 GPU, 1 CPU)")
+    parser.add_argument("--precision", default="auto", help="auto (bf16 on GPU), fp32 or bf16")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sam3_speed.json"))
+    args = parser.parse_args()
+    if not 2 <= args.labels <= len(LABELS):
+        parser.error(f"--labels must lie in 2..{len(LABELS)}")
+
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    engine = Sam3Engine(Sam3Config(model=None, device=args.device, precision=args.precision, batch_size=8))
+    build_s = time.perf_counter() - start
+    device = engine.device
+    gpu = device.type == "cuda"
+    repeats = args.repeats or (5 if gpu else 1)
+    params = sum(p.numel() for p in engine.model.parameters()) / 1e6
+    size = engine.model.config.vision_config.backbone_config.image_size
+    print(f"SAM 3, random weights, {params:.0f} M parameters, input {size}x{size}, built in {build_s:.0f} s",
+          flush=True)  # fmt: skip
+
+    rng = np.random.default_rng(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    pool = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(max(batches))]
+
+    def timed(images: list, prompts: list[str], warm: bool) -> float:
+        if warm:
+            engine.instances(images, prompts)
+        if gpu:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            engine.instances(images, prompts)
+        if gpu:
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / repeats
+
+    rows = []
+    for batch in batches:
+        images = pool[:batch]
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        one = timed(images, list(LABELS[:1]), warm=gpu or batch == batches[0])
+        many = timed(images, list(LABELS[: args.labels]), warm=gpu)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if gpu else peak_rss_mib()
+        extra = (many - one) / (args.labels - 1) / batch
+        row = {
+            "batch": batch,
+            "s_per_call_1_label": round(one, 3),
+            f"s_per_call_{args.labels}_labels": round(many, 3),
+            "images_per_s_1_label": round(batch / one, 3),
+            f"images_per_s_{args.labels}_labels": round(batch / many, 3),
+            "extra_label_ms_per_image": round(1000 * extra, 1),
+            "peak_MiB": round(peak),
+            "peak_kind": "cuda allocated" if gpu else "process RSS, peak so far",
+        }
+        rows.append(row)
+        print(
+            f"batch {batch}: {row['images_per_s_1_label']} images/s with 1 label, "
+            f"{row[f'images_per_s_{args.labels}_labels']} with {args.labels}; "
+            f"+{row['extra_label_ms_per_image']} ms per image per extra label; peak {row['peak_MiB']} MiB",
+            flush=True,
+        )
+
+    cpu = platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU ({cpu})"
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and gpu)
+    precision = "bf16 autocast" if bf16 else "fp32"
+    print(f"\nSAM 3 engine, 640x480 images, {name}, {precision}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {repeats} timed call(s) per row")  # fmt: skip
+    n = args.labels
+    print(f"| batch | images/s, 1 label | images/s, {n} labels | extra label (ms / image) | peak (MiB) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['images_per_s_1_label']} | {r[f'images_per_s_{n}_labels']} | "
+            f"{r['extra_label_ms_per_image']} | {r['peak_MiB']} ({r['peak_kind']}) |"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "device": name,
+                "precision": precision,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "params_M": round(params, 1),
+                "input_size": size,
+                "image_size": [640, 480],
+                "repeats": repeats,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
