@@ -125,7 +125,8 @@ def register(subparsers: Any) -> None:
     ref.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     ref.add_argument(
         "--text-from",
-        help="TextArea control holding expressions (default: the label config's, else every TextArea)",
+        help="the one TextArea whose texts are expressions (default: per-region texts of every TextArea "
+        "and per-task texts of the label config's first one; every TextArea without a config)",
     )
     ref.add_argument(
         "--expression-key", help="task data field with an expression, used when the annotation has none"

@@ -69,6 +69,8 @@ class ImageRecord:
     regions: list[Region] = field(default_factory=list)
     region_texts: dict[str, list[str]] = field(default_factory=dict)  # region id -> sentences
     task_texts: list[str] = field(default_factory=list)  # expressions for the whole task
+    #: texts read but not taken as expressions: (TextArea name, where, lines); the ref writers report them
+    unused_texts: list[tuple[str, str, list[str]]] = field(default_factory=list)
     skipped_regions: int = 0  # region results of this annotation that could not be exported
 
 
@@ -274,7 +276,8 @@ class _Reader:
         self.spec = spec
         self.summary = summary
         self.controls = {c.name: c for c in spec.controls} if spec else {}
-        self.text_from = text_from or (spec.text_name if spec else None)
+        self.only_text_from = text_from  # --text-from: this TextArea's texts alone
+        self.task_text_from = spec.text_name if spec else None  # per-task expressions: the config's TextArea
         self.config_labels = set(config_categories(spec)) if spec else None
 
     def region(
@@ -345,8 +348,7 @@ class _Reader:
             here = f"{where} region {rid}" if rid else where
             from_name = str(res.get("from_name") or "")
             if rtype == "textarea":
-                if self.text_from is None or from_name == self.text_from:
-                    texts.append(res)
+                texts.append(res)
                 continue
             if rtype == "labels":
                 continue
@@ -395,14 +397,25 @@ class _Reader:
                 record.regions.append(region)
         region_ids = {str(r.get("id")) for r in results if str(r.get("type") or "") not in ("textarea",)}
         for res in texts:
-            lines = _texts(res.get("value") or {})
-            if not lines:
-                continue
-            rid = str(res.get("id") or "")
-            if rid and rid in region_ids:
-                record.region_texts.setdefault(rid, []).extend(lines)
-            else:
-                record.task_texts.extend(lines)
+            self._text(record, res, region_ids, where)
+
+    def _text(self, record: ImageRecord, res: dict[str, Any], region_ids: set[str], where: str) -> None:
+        """One TextArea result: a region's expression (per-region text, from any TextArea unless
+        ``--text-from`` names one), the task's (the config's TextArea, or ``--text-from``'s), or unused."""
+        lines = _texts(res.get("value") or {})
+        if not lines:
+            return
+        name = str(res.get("from_name") or "")
+        rid = str(res.get("id") or "")
+        per_region = bool(rid) and rid in region_ids
+        wanted = self.only_text_from or (None if per_region else self.task_text_from)
+        if wanted is not None and name != wanted:
+            here = f"{where} region {rid}" if per_region else where
+            record.unused_texts.append((name, here, lines))
+        elif per_region:
+            record.region_texts.setdefault(rid, []).extend(lines)
+        else:
+            record.task_texts.extend(lines)
 
 
 def _size_from_results(results: Sequence[Any]) -> tuple[int, int] | None:

@@ -114,6 +114,13 @@ def build_refs(
         ]
         by_region = dict(exported)
         texted: dict[str, list[str]] = {}
+        for name, here, lines in rec.unused_texts:
+            summary.skip(
+                "text from another TextArea",
+                here,
+                f"{name!r}: {' / '.join(lines)[:60]!r}; the expressions are another TextArea's "
+                f"(pass --text-from {name} to use these)",
+            )
         for rid, lines in rec.region_texts.items():
             if rid in by_region:
                 texted[rid] = list(lines)
