@@ -19,7 +19,9 @@ from groundlabel.ls_client import (
     iter_tasks,
     make_client,
 )
+from groundlabel.protocol import versioned
 from groundlabel.settings import Settings
+from groundlabel.spec import parse_label_config
 from labeling_backend.prelabel import PrelabelReport, chunked, plan_tasks, run_prelabel
 from workers.engines import announced_version, model_versions
 
@@ -145,11 +147,13 @@ def test_prelabel_run_resume_and_force(label_studio, job_env, runner):
         )
 
     report = prelabel(chunk_size=2, progress=False)
+    tagged = versioned(mv, parse_label_config(PROJECT_CONFIG))  # the label config's options are in it
+    assert report.plan.model_version == tagged
     assert sorted(report.done) == ids[:3]
     assert list(report.failed) == [ids[3]] and "not found (HTTP 404)" in report.failed[ids[3]]
     for task_id in ids[:3]:
         (prediction,) = label_studio.predictions(task_id)
-        assert prediction["model_version"] == mv
+        assert prediction["model_version"] == tagged
         types = {(r["from_name"], r["type"]) for r in prediction["result"]}
         assert types <= {("poly", "polygonlabels"), ("mask", "brushlabels")} and types
         for region in prediction["result"]:
@@ -170,7 +174,7 @@ def test_prelabel_run_resume_and_force(label_studio, job_env, runner):
         assert prediction["id"] != before[task_id]
 
     tasks = list(iter_tasks(client, project))
-    assert [has_prediction_version(t, mv) for t in tasks] == [True, True, True, False]
+    assert [has_prediction_version(t, tagged) for t in tasks] == [True, True, True, False]
 
 
 @pytest.mark.slow
