@@ -168,6 +168,7 @@ class JobState:
     error: str | None = None
     detail: str = ""
     latency: float | None = None  # enqueue → end, seconds, for finished or failed jobs
+    run_seconds: float | None = None  # the job function's own time on its worker, when known
 
 
 class JobRunner(Protocol):

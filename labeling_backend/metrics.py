@@ -66,6 +66,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.job_run_seconds = Histogram(
+            "groundlabel_job_run_seconds",
+            "Time the job function itself took on its worker (the model's share of job_seconds), by queue",
+            ["queue"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.tasks = Counter(
             "groundlabel_tasks",
             "Tasks answered, by where the answer came from",

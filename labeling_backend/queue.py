@@ -219,14 +219,16 @@ class RedisJobQueue:
                 return JobState("pending", detail="being enqueued")
             return JobState("failed", error=f"job {job_id} is gone from the queue (expired or deleted)")
         status = job.get_status(refresh=False)
-        latency = None
+        latency = run = None
         if job.enqueued_at and job.ended_at:
             latency = max(0.0, (job.ended_at - job.enqueued_at).total_seconds())
+        if job.started_at and job.ended_at:
+            run = max(0.0, (job.ended_at - job.started_at).total_seconds())
         if status == JobStatus.FINISHED:
             value = job.return_value()
             if not isinstance(value, list):
                 return JobState("failed", error=f"job {job_id} returned no prediction list", latency=latency)
-            return JobState("finished", results=value, latency=latency)
+            return JobState("finished", results=value, latency=latency, run_seconds=run)
         if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
             result = job.latest_result()
             text = getattr(result, "exc_string", None) or job.exc_info

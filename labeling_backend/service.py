@@ -280,6 +280,8 @@ class Dispatcher:
                     open_jobs.discard(job_id)
                     if state.latency is not None:
                         self.metrics.job_seconds.labels(queue_name).observe(state.latency)
+                    if state.run_seconds is not None:
+                        self.metrics.job_run_seconds.labels(queue_name).observe(state.run_seconds)
             now = time.monotonic()
             if not open_jobs or now >= deadline:
                 break

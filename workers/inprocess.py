@@ -173,15 +173,15 @@ class InProcessRunner:
         return job_id, taken
 
     def _submit(self, text: str) -> Future:
-        from workers.jobs import run_json
+        from workers.jobs import run_json_timed
 
         try:
-            return self._pool.submit(run_json, text)
+            return self._pool.submit(run_json_timed, text)
         except BrokenProcessPool:
             log.warning("the in-process worker pool broke (a child died); starting a new one")
             _stop_pool(self._pool)
             self._pool = self._new_pool()
-            return self._pool.submit(run_json, text)
+            return self._pool.submit(run_json_timed, text)
 
     def _done(self, job_id: str) -> None:
         job = self._jobs.get(job_id)
@@ -190,7 +190,7 @@ class InProcessRunner:
         job.ended = time.monotonic()
         results = None
         if not job.future.cancelled() and job.future.exception() is None:
-            results = json.loads(job.future.result())
+            results = json.loads(job.future.result()[0])
             for key, prediction in zip(job.keys, results, strict=False):
                 if isinstance(prediction, dict) and not prediction.get("error"):
                     self._cache.set(result_key(key, str(prediction.get("model_version") or "")), prediction)
@@ -219,7 +219,10 @@ class InProcessRunner:
                 reason = "the worker process died" if isinstance(exc, BrokenProcessPool) else str(exc)
                 states[job_id] = JobState("failed", error=f"job failed: {reason}", latency=latency)
             else:
-                states[job_id] = JobState("finished", results=json.loads(future.result()), latency=latency)
+                text, seconds = future.result()
+                states[job_id] = JobState(
+                    "finished", results=json.loads(text), latency=latency, run_seconds=seconds
+                )
         return states
 
     async def wait(self, job_ids: Sequence[str], timeout: float) -> None:

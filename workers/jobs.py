@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -136,6 +137,13 @@ def run_job(payload: dict[str, Any]) -> list[dict[str, Any]]:
 def run_json(text: str) -> str:
     """:func:`run_prediction_job` with the payload and the result as JSON text (the in-process runner)."""
     return json.dumps(run_job(json.loads(text)))
+
+
+def run_json_timed(text: str) -> tuple[str, float]:
+    """:func:`run_json` and the seconds the job itself took (the in-process runner reports them)."""
+    start = time.perf_counter()
+    out = run_json(text)
+    return out, time.perf_counter() - start
 
 
 def init_process(settings: Settings) -> None:

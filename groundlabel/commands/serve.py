@@ -48,7 +48,8 @@ def build_app(settings: Settings, *, warm_up: bool = True) -> FastAPI:
     from workers.engines import announced_version, model_versions
 
     version = announced_version(settings)  # an invalid engine setting is refused here, at start-up
-    versions = list(model_versions(settings.engines).values())
+    named = settings.backend.model_version  # the operator's one name: no engine names to look up
+    versions = [] if named else list(model_versions(settings.engines).values())
     runner = make_runner(settings, warm_up=warm_up)
     return create_app(settings, runner=runner, model_version=version, versions=versions)
 
