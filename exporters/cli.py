@@ -79,7 +79,9 @@ def register(subparsers: Any) -> None:
     sel.add_argument(
         "--include-predictions",
         action="store_true",
-        help="use a task's predictions when it has no annotation (all of them with --annotations all)",
+        help="use a task's predictions when it has no annotation (all of them with --annotations all); "
+        "predictions that a JSON export lists by id are read through the API (--project, or --url and "
+        "--api-key)",
     )
     sel.add_argument(
         "--image-key",
@@ -179,7 +181,12 @@ def run_export(args: argparse.Namespace) -> int:
     from exporters import coco as coco_mod
     from exporters import refcoco as ref_mod
     from exporters.images import ImageResolver
-    from exporters.labelstudio import fetch_project, load_labelstudio_export
+    from exporters.labelstudio import (
+        fetch_project,
+        fill_predictions,
+        has_prediction_ids,
+        load_labelstudio_export,
+    )
     from groundlabel.settings import Settings
 
     if (args.input is None) == (args.project is None):
@@ -195,11 +202,22 @@ def run_export(args: argparse.Namespace) -> int:
             config = Path(args.label_config).read_text(encoding="utf-8")
         except OSError as exc:
             raise UserError(f"cannot read --label-config {args.label_config}: {exc}") from exc
+    client = None
     if args.project is not None:
-        tasks, project_config, _ = fetch_project(args.project, url=args.url, api_key=args.api_key)
+        tasks, project_config, client = fetch_project(args.project, url=args.url, api_key=args.api_key)
         config = config or project_config
     else:
         tasks = load_labelstudio_export(args.input)
+    if args.include_predictions and has_prediction_ids(tasks):
+        from groundlabel.redaction import redact
+
+        if client is None and args.url and args.api_key:
+            from groundlabel.ls_client import make_client
+
+            client = make_client(args.url, args.api_key)
+        if client is not None:
+            filled = fill_predictions(tasks, client, args.project)
+            print(f"read {filled} prediction(s) listed by id through the API of {redact(args.url)}")
     resolver = ImageResolver(
         images_root=args.images_root,
         label_studio_url=args.url,

@@ -152,6 +152,40 @@ def fetch_project(
     return validate_tasks(tasks, f"project {project}"), info.label_config or "", client
 
 
+def _listed_ids(task: dict[str, Any]) -> list[int]:
+    return [p for p in task.get("predictions") or [] if isinstance(p, int) and not isinstance(p, bool)]
+
+
+def has_prediction_ids(tasks: Sequence[dict[str, Any]]) -> bool:
+    """Whether some task lists its predictions by id only, as Label Studio 1.23's JSON export does."""
+    return any(_listed_ids(t) for t in tasks)
+
+
+def fill_predictions(tasks: Sequence[dict[str, Any]], client: Any, project: int | None = None) -> int:
+    """Replace predictions listed by id with the predictions themselves, read through the API (one
+    request per project, or per task when a task does not name its project); the number filled in."""
+    from groundlabel.ls_client import list_predictions
+
+    listed = [t for t in tasks if _listed_ids(t)]
+    by_id: dict[int, dict[str, Any]] = {}
+    projects = {project} if project is not None else {t.get("project") for t in listed}
+    for pid in sorted(p for p in projects if isinstance(p, int)):
+        by_id.update({int(p["id"]): p for p in list_predictions(client, project_id=pid)})
+    filled = 0
+    for task in listed:
+        if any(i not in by_id for i in _listed_ids(task)) and isinstance(task.get("id"), int):
+            by_id.update({int(p["id"]): p for p in list_predictions(client, task_id=task["id"])})
+        items = []
+        for item in task["predictions"]:
+            if isinstance(item, int) and item in by_id:
+                items.append(by_id[item])
+                filled += 1
+            else:
+                items.append(item)
+        task["predictions"] = items
+    return filled
+
+
 def spec_from_config(label_config: str | None) -> LabelingSpec | None:
     """Parse a label config (XML text) when one is given."""
     return parse_label_config(label_config) if label_config and label_config.strip() else None
@@ -215,6 +249,13 @@ def select_sources(
         chosen = [max(usable, key=_when)] if usable else []
     picked = [(f"annotation {a.get('id')}", a) for a in chosen]
     if include_predictions and (mode == "all" or not usable):
+        if _listed_ids(task):
+            summary.skip(
+                "prediction listed by id only",
+                where,
+                "the JSON export lists predictions by id: read the project with --project, or give "
+                "--url and --api-key (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY) to fetch them",
+            )
         predictions = [p for p in task.get("predictions") or [] if isinstance(p, dict)]
         if mode != "all" and predictions:
             predictions = [max(predictions, key=_when)]

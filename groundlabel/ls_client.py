@@ -194,6 +194,17 @@ def prediction_ids(client: LabelStudio, task_id: int, model_version: str) -> lis
     return [int(p.id) for p in predictions if p.model_version == model_version and p.id is not None]
 
 
+def list_predictions(
+    client: LabelStudio, *, project_id: int | None = None, task_id: int | None = None
+) -> list[dict[str, Any]]:
+    """The predictions (with their regions) of a project or of one task, as plain dicts, in one request."""
+    if (project_id is None) == (task_id is None):
+        raise ValueError("list_predictions needs exactly one of project_id and task_id")
+    what = f"listing the predictions of {'project' if task_id is None else 'task'} {project_id or task_id}"
+    predictions = api_call(what, client.predictions.list, project=project_id, task=task_id)
+    return [p.dict() if hasattr(p, "dict") else dict(p) for p in predictions]
+
+
 def delete_predictions(client: LabelStudio, ids: Sequence[int]) -> None:
     """Delete predictions by id."""
     for prediction_id in ids:
