@@ -13,8 +13,8 @@ stored then; a worker that Redis forgot (restarted without its data) registers i
 backend counts it. It never quits because Redis went away.
 
 **Only groundlabel's jobs.** RQ would run any function a job names; this worker runs only the job
-functions of :mod:`groundlabel.protocol` (its ``*_FUNCTION`` constants), with callbacks from
-:mod:`groundlabel.redis_queue` only. Any other job is marked failed ("refused: ...") without being
+functions of :mod:`groundlabel.protocol` (its ``*_FUNCTION`` constants), with callbacks from the
+kernel's queue modules only (:data:`CALLBACK_MODULES`). Any other job is marked failed ("refused: ...") without being
 run nor retried, so that write access to Redis is not a way to run code on the workers.
 """
 
