@@ -194,6 +194,15 @@ def test_method_variants(method):
     assert eng.model_version == f"gem-tiny-custom-{method}-48"
 
 
+def test_image_and_text_forwards_run_in_inference_mode():
+    eng = engine()
+    feats = eng.patch_features(preprocess(IMAGES[:1], (48, 48)))
+    assert feats.is_inference() and not torch.is_inference_mode_enabled()
+    assert eng._encode_sentences(["a photo of a cat."]).is_inference()
+    maps = eng.heatmaps(IMAGES[:1], ["cat"])  # the maps are computed from inference tensors
+    assert maps[0].shape == (1, 37, 53)
+
+
 def test_preprocess_matches_gem_recipe():
     im = random_image(10, 30, 4)
     x = preprocess([im], (16, 8))

@@ -217,6 +217,42 @@ def test_gem_variants_match_reference(gem_depth, iters, temp, ls):
             assert rel_diff(ori[i], ref_o) < 1e-4
 
 
+def test_blocks_run_on_sdpa_and_gem_skips_the_unread_last_block_work():
+    """No block calls ``nn.MultiheadAttention`` (every attention is q/k/v from ``BlockAttention`` and SDPA),
+    and method ``gem`` runs neither the last block's original attention nor its MLP: nothing reads them."""
+    model = tiny_clip(7, layers=4)
+    tower = GemVisionTower(model.visual, gem_depth=3)
+    blocks = model.visual.transformer.resblocks
+    calls: list[tuple[str, int]] = []
+    handles = []
+    for n, block in enumerate(blocks):
+        handles.append(block.attn.register_forward_hook(lambda *_, n=n: calls.append(("attn", n))))
+        handles.append(block.mlp.register_forward_hook(lambda *_, n=n: calls.append(("mlp", n))))
+    torch.manual_seed(3)
+    pixels = torch.randn(2, 3, 40, 48)
+    try:
+        with torch.inference_mode():
+            gem, _ = tower(pixels)
+            assert calls == [("mlp", n) for n in range(4)]
+            calls.clear()
+            dense = tower.dense_features(pixels, "gem")
+            assert calls == [("mlp", n) for n in range(3)], "gem must skip the last block's MLP"
+            for method in DENSE_METHODS:
+                calls.clear()
+                tower.dense_features(pixels, method)
+                assert not [c for c in calls if c[0] == "attn"], method
+        with torch.inference_mode():  # open_clip's own forward calls the modules: the hooks work
+            model.visual(torch.randn(1, 3, 32, 32))
+        assert ("attn", 0) in calls
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert rel_diff(dense, gem) < 1e-6
+    with torch.no_grad():
+        for i in range(2):
+            assert rel_diff(dense[i], ref_gem(model.visual, pixels[i], gem_depth=3)[0]) < 1e-4
+
+
 def test_self_self_attention_per_image_temperature():
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 7, 5) for _ in range(3))

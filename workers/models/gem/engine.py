@@ -133,7 +133,7 @@ class GemEngine:
         """The LRU cache of prompt embeddings (``hits``/``misses`` counters included)."""
         return self._text_cache
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _encode_sentences(self, sentences: list[str]) -> torch.Tensor:
         outs = []
         for i in range(0, len(sentences), _TEXT_BATCH):
@@ -169,9 +169,10 @@ class GemEngine:
         return torch.from_numpy(np.stack([vectors[k] for k in keys])).to(self.device)
 
     # ------------------------------------------------------------------ image
-    @torch.no_grad()
+    @torch.inference_mode()
     def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Unit-norm dense features ``[B, gh, gw, D]`` (float32) of preprocessed ``pixels [B, 3, H, W]``."""
+        """Unit-norm dense features ``[B, gh, gw, D]`` (float32) of preprocessed ``pixels [B, 3, H, W]``,
+        computed under ``torch.inference_mode`` (an inference tensor: read it, do not modify it in place)."""
         gh, gw = self.tower.grid_for(pixels.shape[-2], pixels.shape[-1])
         with autocast_context(self.device):
             tokens = self.tower.dense_features(

@@ -29,6 +29,11 @@ every method gives the same numbers on either layout. ``Attention`` options that
 are refused, not emulated, with an error naming the option: ``qk_norm``, ``scaled_cosine`` (learned logit
 scale), ``scale_heads``, ``inner_norm`` and a ``scale`` other than ``head_dim ** -0.5``; so are
 ``nn.MultiheadAttention``'s ``add_bias_kv`` and ``add_zero_attn``. Dropout is not applied (inference only).
+
+Every block, the unchanged ones before GEM's path included, runs its attention as q/k/v from
+:class:`BlockAttention` and fused ``scaled_dot_product_attention``, never through the attention module's own
+forward (``nn.MultiheadAttention``'s CPU fast path materialises the N×N attention matrix). For ``gem`` the
+last block's original attention, MLP and head, which nothing reads, are not computed.
 """
 
 from __future__ import annotations
@@ -231,23 +236,21 @@ class GemVisionTower(nn.Module):
             x = x @ self.visual.proj
         return x
 
-    def _dual_step(
-        self,
-        block: nn.Module,
-        attn: BlockAttention,
-        x_ori: torch.Tensor,
-        x_side: torch.Tensor,
-        side_attention,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block of the dual path: the original block unchanged, and the side path (no MLP) adding
-        ``out_proj(side_attention(q, k, v, h, head_dim))`` computed from the original path's tokens."""
-        h = block.ln_1(x_ori)
-        q, k, v = attn.qkv(h)
-        ori = attn.out(F.scaled_dot_product_attention(q, k, v))
-        side = attn.out(side_attention(q, k, v, h, attn.head_dim))
-        x_new = x_ori + block.ls_1(ori)
-        x_new = x_new + block.ls_2(block.mlp(block.ln_2(x_new)))
-        return x_new, x_side + block.ls_1(side)
+    @staticmethod
+    def _block(block: nn.Module, attn: BlockAttention, x: torch.Tensor) -> torch.Tensor:
+        """One unchanged ViT block, its attention on q/k/v from :class:`BlockAttention` and fused
+        ``scaled_dot_product_attention`` (no N×N attention matrix, unlike ``nn.MultiheadAttention``'s CPU
+        fast path); the same numbers as ``block(x)``."""
+        q, k, v = attn.qkv(block.ln_1(x))
+        x = x + block.ls_1(attn.out(F.scaled_dot_product_attention(q, k, v)))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def _blocks(self, x: torch.Tensor, stop: int) -> torch.Tensor:
+        """The unchanged blocks ``[0, stop)`` applied to tokens ``x``."""
+        blocks = self.visual.transformer.resblocks
+        for block, attn in zip(blocks[:stop], self._attentions[:stop], strict=True):
+            x = self._block(block, attn, x)
+        return x
 
     def _gem_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, head_dim: int
@@ -268,31 +271,46 @@ class GemVisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GEM's forward: ``(gem_tokens, original_tokens)``, each ``[B, 1 + gh*gw, D]`` after ln_post/proj."""
-        return self._dual(pixels, self._gem_attention)
+        gem, ori = self._dual(pixels, self._gem_attention)
+        assert ori is not None
+        return gem, ori
 
-    def _dual(self, pixels: torch.Tensor, side_attention) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dual(
+        self, pixels: torch.Tensor, side_attention, *, original: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dual path over the last ``gem_depth - 1`` blocks: the original blocks unchanged, and the
+        side path (no MLP) adding ``out_proj(side_attention(q, k, v, h, head_dim))`` computed from the
+        original path's tokens ``h = ln_1(x)``. Returns ``(side_tokens, original_tokens)``; with
+        ``original=False`` the last block's original attention, MLP and head (which nothing reads) are
+        skipped and ``None`` takes the original tokens' place."""
         x, _ = self.embed(pixels)
         blocks = self.visual.transformer.resblocks
         start = len(blocks) - (self.gem_depth - 1)
-        for block in blocks[:start]:
-            x = block(x)
+        x = self._blocks(x, start)
         x_side = x
-        for block, attn in zip(blocks[start:], self._attentions[start:], strict=True):
-            x, x_side = self._dual_step(block, attn, x, x_side, side_attention)
+        last = len(blocks) - 1
+        for i in range(start, len(blocks)):
+            block, attn = blocks[i], self._attentions[i]
+            h = block.ln_1(x)
+            q, k, v = attn.qkv(h)
+            x_side = x_side + block.ls_1(attn.out(side_attention(q, k, v, h, attn.head_dim)))
+            if i == last and not original:
+                return self._head(x_side), None
+            x = x + block.ls_1(attn.out(F.scaled_dot_product_attention(q, k, v)))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return self._head(x_side), self._head(x)
 
     def clip_surgery(self, pixels: torch.Tensor) -> torch.Tensor:
         """CLIP Surgery's tokens ``[B, 1 + gh*gw, D]``: v-v dual path, class token from the original path."""
         sur, ori = self._dual(pixels, self._surgery_attention)
+        assert ori is not None
         return torch.cat([ori[:, :1], sur[:, 1:]], dim=1)
 
     def _up_to_last_block(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], nn.Module]:
         """The tokens entering the last block (every block before it run unchanged), the grid, that block."""
         x, grid = self.embed(pixels)
         blocks = self.visual.transformer.resblocks
-        for block in blocks[:-1]:
-            x = block(x)
-        return x, grid, blocks[-1]
+        return self._blocks(x, len(blocks) - 1), grid, blocks[-1]
 
     def last_block_variant(self, pixels: torch.Tensor, method: str, naclip_std: float = 5.0) -> torch.Tensor:
         """Tokens ``[B, 1 + gh*gw, D]`` of a method that changes only the last block's attention
@@ -318,9 +336,7 @@ class GemVisionTower(nn.Module):
     def original(self, pixels: torch.Tensor) -> torch.Tensor:
         """CLIP's ordinary tokens ``[B, 1 + gh*gw, D]`` (the unchanged blocks), after ln_post/proj."""
         x, _ = self.embed(pixels)
-        for block in self.visual.transformer.resblocks:
-            x = block(x)
-        return self._head(x)
+        return self._head(self._blocks(x, len(self.visual.transformer.resblocks)))
 
     def maskclip(self, pixels: torch.Tensor) -> torch.Tensor:
         """MaskCLIP tokens ``[B, 1 + gh*gw, D]``: the last block's ``out_proj(v)``, then ln_post/proj."""
@@ -333,7 +349,7 @@ class GemVisionTower(nn.Module):
     ) -> torch.Tensor:
         """Tokens ``[B, 1 + gh*gw, D]`` of the chosen method (class token first)."""
         if method == "gem":
-            return self.forward(pixels)[0]
+            return self._dual(pixels, self._gem_attention, original=False)[0]
         if method == "maskclip":
             return self.maskclip(pixels)
         if method == "original":
