@@ -279,4 +279,3 @@ def version_summary(version: ModelVersion, promoted: str | None) -> dict[str, An
         "parent_heldout_oIoU": base.get("oIoU"),
         "promoted": version.name == promoted,
     }
-

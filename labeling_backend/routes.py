@@ -99,7 +99,10 @@ def _dispatcher(state: BackendState, project: str | None = None) -> Dispatcher:
     looked up first (the store is read on every request, so a promotion shows at once)."""
     trained = state.training.promoted(project)
     version = trained or state.model_version
-    versions = [trained, *state.versions] if trained else state.versions
+    versions = state.versions
+    if trained:  # the trained LAVT answers the project's expressions, not the base one nor GEM's stand-in
+        base_lavt = [v for v in versions if v.startswith("lavt-") or v.endswith("-expressions")]
+        versions = [trained, *(v for v in versions if v not in base_lavt)]
     return Dispatcher(state.settings, state.runner, state.metrics, version, versions, project=project or None)
 
 

@@ -134,6 +134,7 @@ class Training:
 
     def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
         """Gauges per project from the training statuses on Redis."""
+
         def gauge(name: str, text: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"groundlabel_training_{name}", text, labels=["project"])
 

@@ -57,7 +57,9 @@ def test_start_training_enqueues_one_job_per_project_and_reports_it(redis_url, t
         assert first.json()["result"]["training"] == {"job": job, "created": True, "project": "5"}
         again = webhook(client, "START_TRAINING", 5)
         assert again.json()["job"] == job and again.json()["result"]["training"]["created"] is False
-        legacy = client.post("/train", json={"project": "5.1700000000", "annotations": [], "label_config": CONFIG})
+        legacy = client.post(
+            "/train", json={"project": "5.1700000000", "annotations": [], "label_config": CONFIG}
+        )
         assert legacy.status_code == 201 and legacy.json()["job"] == job
         other = webhook(client, "START_TRAINING", 6).json()["job"]
         assert other != job
@@ -139,7 +141,9 @@ def test_versions_are_immutable_and_rollback_steps_back(tmp_path):
     store = ModelStore(tmp_path)
     v1, v2 = add_version(store, "3", tmp_path), add_version(store, "3", tmp_path)
     assert (v1.name, v2.name) == ("lavt-tiny-p3-v1", "lavt-tiny-p3-v2")
-    assert store.get("3", v1.name).annotation_count == 12 and store.weights_path(v2).read_bytes() == b"weights"
+    assert (
+        store.get("3", v1.name).annotation_count == 12 and store.weights_path(v2).read_bytes() == b"weights"
+    )
     store.promote("3", v1.name, "better")
     store.promote("3", v2.name, "better")
     assert store.rollback("3") == v1.name and store.promoted_name("3") == v1.name

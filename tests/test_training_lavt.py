@@ -44,7 +44,9 @@ def test_current_model_is_the_promoted_version_else_the_workers_checkpoint(tmp_p
     engines = EngineSettings(lavt_enabled=True, lavt_checkpoint=str(base), device="cpu")
     checkpoint, parent, _ = current_model(store, "3", engines)
     assert checkpoint == str(base) and parent == "lavt-swin_b-base"  # the configured variant names it
-    version = store.add(project="3", kind="lavt", variant="tiny", weights=base, parent=parent, annotation_count=1)
+    version = store.add(
+        project="3", kind="lavt", variant="tiny", weights=base, parent=parent, annotation_count=1
+    )
     assert current_model(store, "3", engines)[0] == str(base)  # stored but not promoted
     store.promote("3", version.name, "test")
     checkpoint, parent, _ = current_model(store, "3", engines)

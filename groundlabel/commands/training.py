@@ -31,9 +31,7 @@ DATASET_DIR = "dataset"
 
 def annotation_count(tasks: list[dict[str, Any]]) -> int:
     """Annotations of the export that count for training (cancelled ones do not)."""
-    return sum(
-        1 for task in tasks for a in task.get("annotations") or [] if not a.get("was_cancelled")
-    )
+    return sum(1 for task in tasks for a in task.get("annotations") or [] if not a.get("was_cancelled"))
 
 
 def export_project(
