@@ -48,7 +48,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server process (no persistence unless ``extra_args`` asks for it, e.g. ``--appendonly yes``)."""
+    """A redis-server process, without persistence unless ``extra_args`` asks (``--appendonly yes``)."""
 
     def __init__(self, port: int | None = None, extra_args: list[str] | None = None) -> None:
         exe = shutil.which("redis-server")
