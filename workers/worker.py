@@ -14,8 +14,8 @@ backend counts it. It never quits because Redis went away.
 
 **Only groundlabel's jobs.** RQ would run any function a job names; this worker runs only the job
 functions of :mod:`groundlabel.protocol` (its ``*_FUNCTION`` constants), with callbacks from the
-kernel's queue modules only (:data:`CALLBACK_MODULES`). Any other job is marked failed ("refused: ...") without being
-run nor retried, so that write access to Redis is not a way to run code on the workers.
+kernel's queue modules only (:data:`CALLBACK_MODULES`). Any other job is marked failed ("refused: ...")
+without being run nor retried, so that write access to Redis is not a way to run code on the workers.
 """
 
 from __future__ import annotations
