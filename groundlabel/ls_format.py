@@ -43,14 +43,23 @@ def brush_rle_encode(mask: np.ndarray) -> list[int]:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"a brush mask must be 2-D, got shape {mask.shape}")
-    pixels = np.where(mask.ravel() > 0, 255, 0).astype(np.int64)
-    num = pixels.size * 4  # every pixel is repeated for R, G, B and alpha
+    flat = mask.reshape(-1)
+    inside = flat if flat.dtype == np.bool_ else flat > 0  # a byte a pixel, no full-size integer arrays
+    num = inside.size * 4  # every pixel is repeated for R, G, B and alpha
     # Runs over the RGBA stream: each pixel run of length n is a run of 4n equal bytes.
-    if pixels.size:
-        change = np.flatnonzero(pixels[1:] != pixels[:-1])
-        ends = np.append(change, pixels.size - 1)
+    if inside.size:
+        step = 1 << 23  # where the value changes, found a few megapixels at a time
+        change = np.concatenate(
+            [np.zeros(0, np.int64)]
+            + [
+                np.flatnonzero(inside[s + 1 : e + 1] != inside[s:e]) + s
+                for s in range(0, inside.size - 1, step)
+                for e in [min(s + step, inside.size - 1)]
+            ]
+        )
+        ends = np.append(change, inside.size - 1)
         lengths = np.diff(np.append(-1, ends)) * 4
-        values = pixels[ends]
+        values = np.where(inside[ends], 255, 0).astype(np.int64)
     else:
         lengths = values = np.zeros(0, dtype=np.int64)
     # Runs longer than 2**16 are split into full 2**16 chunks and a remainder, all in size class 3.

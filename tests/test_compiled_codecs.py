@@ -174,3 +174,14 @@ def test_polygon_from_percent_checks() -> None:
     ):
         with pytest.raises(GeometryError, match=reason):
             polygon_from_percent(bad, 640, 480)
+
+
+def test_brush_encode_of_a_large_mask_with_changes_at_the_chunk_edges() -> None:
+    """The encoder finds value changes a few megapixels at a time: changes at those edges survive."""
+    step = 1 << 23
+    mask = np.zeros(4000 * 5000, bool)
+    for at in (0, 5, step - 1, step + 1, 2 * step - 2, 2 * step, mask.size - 1):
+        mask[at] = True
+    mask[step - 1 : step + 3] = True
+    mask = mask.reshape(4000, 5000)
+    assert np.array_equal(brush_rle_decode(brush_rle_encode(mask), 4000, 5000), mask)

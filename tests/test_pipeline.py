@@ -93,10 +93,10 @@ def test_one_bad_image_fails_alone(tiny_engine):
 
         model_version = tiny_engine.model_version
 
-        def heatmaps(self, images, prompts, groups=None):
+        def heatmaps(self, images, prompts, groups=None, sizes=None, lazy=False):
             if any(im.width == 13 for im in images):
                 raise RuntimeError("poisoned")
-            return tiny_engine.heatmaps(images, prompts, groups=groups)
+            return tiny_engine.heatmaps(images, prompts, groups=groups, sizes=sizes, lazy=lazy)
 
     spec = parse_label_config(CONFIG)
     images = [Image.new("RGB", (32, 32), "red"), Image.new("RGB", (13, 20)), Image.new("RGB", (24, 24))]

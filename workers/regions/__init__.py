@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from groundlabel.spec import ControlSpec, LabelingSpec
-from workers.regions.base import DEFAULT_MIN_REGION_AREA, DEFAULT_THRESHOLD, ControlModel, control_threshold
+from workers.regions.base import (
+    DEFAULT_MIN_REGION_AREA,
+    DEFAULT_THRESHOLD,
+    MAX_WORKING_SIDE,
+    ControlModel,
+    control_threshold,
+    working_size,
+)
 from workers.regions.brush_labels import BrushLabelsModel
 from workers.regions.geometry import polygon_to_mask
 from workers.regions.keypoint_labels import KeyPointLabelsModel
@@ -34,6 +41,7 @@ __all__ = [
     "CONTROL_MODELS",
     "DEFAULT_MIN_REGION_AREA",
     "DEFAULT_THRESHOLD",
+    "MAX_WORKING_SIDE",
     "ControlModel",
     "control_model",
     "control_threshold",
@@ -41,6 +49,7 @@ __all__ = [
     "regions_from_scores",
     "prediction_score",
     "regions_from_mask",
+    "working_size",
 ]
 
 
@@ -67,10 +76,11 @@ def regions_from_scores(
     height: int,
     threshold: float | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Every control's Label Studio results from per-prompt score maps at the original size.
+    """Every control's Label Studio results from per-prompt score maps.
 
-    ``prompt_scores`` maps each prompt of ``spec.all_prompts()`` to a float ``[height, width]`` map of
-    calibrated scores in [0, 1] (maps of another size are resized bilinearly). Returns the results and
+    ``prompt_scores`` maps each prompt of ``spec.all_prompts()`` to a float map of calibrated scores in
+    [0, 1] at :func:`working_size` ``(width, height)`` (the image's size up to 2048 px a side; maps of
+    another size are resized bilinearly to it). Returns the results and
     the prediction's score (mean of the region scores, 0 when empty).
     """
     _check_size(width, height)

@@ -42,6 +42,7 @@ class BrushLabelsModel(ControlModel):
 
     def _brush(self, mask: np.ndarray, label: str, score: float, width: int, height: int) -> dict[str, Any]:
         if mask.shape != (height, width):  # a coarser working grid: back to the original size
-            mask = cv2.resize(mask.view(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+            small = mask.view(np.uint8)
+            mask = cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST).view(bool)
         value = {"format": "rle", "rle": brush_rle_encode(mask)}
         return self.result(value, label, score, width=width, height=height)

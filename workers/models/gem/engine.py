@@ -34,7 +34,7 @@ def preprocess(images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Te
     h, w = size
     arrays = []
     for im in images:
-        rgb = im.convert("RGB").resize((w, h), Image.BICUBIC)
+        rgb = (im if im.mode == "RGB" else im.convert("RGB")).resize((w, h), Image.BICUBIC)  # no full copy
         arrays.append(np.asarray(rgb, dtype=np.float32))
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
     mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
@@ -77,6 +77,38 @@ def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     lo = flat.min(dim=1).values.view(-1, 1, 1)
     hi = flat.max(dim=1).values.view(-1, 1, 1)
     return ((maps - lo) / (hi - lo).clamp_min(eps)).clamp_(0.0, 1.0)
+
+
+class UpsampledMaps(Sequence[np.ndarray]):
+    """One image's calibrated score maps, kept at token resolution and upsampled (bilinear, then min-max
+    normalised when that is the calibration, clamped to [0, 1]) to ``size`` one prompt at a time when
+    read: the same values as :meth:`GemEngine.heatmaps` without ``lazy``, without ever holding the stack
+    of a large image's maps."""
+
+    def __init__(
+        self, scores: torch.Tensor, index: Sequence[int], size: tuple[int, int], minmax: bool
+    ) -> None:
+        self._scores = scores  # [unique prompts, gh, gw]
+        self._index = list(index)
+        self.size = size  # (width, height)
+        self._minmax = minmax
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(prompts, height, width)`` of the maps when read."""
+        return len(self._index), self.size[1], self.size[0]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, k: int) -> np.ndarray:  # type: ignore[override]
+        u = self._index[k]
+        w, h = self.size
+        one = self._scores[u : u + 1][None]
+        up = F.interpolate(one, size=(h, w), mode="bilinear", align_corners=False)[0]
+        if self._minmax:
+            up = minmax_normalize(up)
+        return up.clamp_(0.0, 1.0)[0].cpu().numpy().astype(np.float32, copy=False)
 
 
 class GemEngine:
@@ -203,17 +235,24 @@ class GemEngine:
         prompts: Sequence[str],
         *,
         groups: Sequence[Hashable] | None = None,
-    ) -> list[np.ndarray]:
+        sizes: Sequence[tuple[int, int]] | None = None,
+        lazy: bool = False,
+    ) -> list[np.ndarray] | list[UpsampledMaps]:
         """Calibrated scores in [0, 1], one float32 ``[len(prompts), H, W]`` array per image at its original
         size. ``groups`` (one key per prompt) marks synonyms of one label: they share the label's probability
-        instead of competing with each other."""
+        instead of competing with each other. ``sizes``: one ``(width, height)`` per image to upsample to
+        instead of the original size (a bounded size keeps memory independent of the image's). ``lazy``: each
+        image's maps as :class:`UpsampledMaps`, upsampled one prompt at a time when read."""
         images, prompts = self._check_inputs(images, prompts)
         if groups is not None and len(groups) != len(prompts):
             raise UserError(f"groups has {len(groups)} entries for {len(prompts)} prompts")
+        if sizes is not None and len(sizes) != len(images):
+            raise UserError(f"sizes has {len(sizes)} entries for {len(images)} images")
+        sizes = list(sizes) if sizes is not None else [(im.width, im.height) for im in images]
         if not images:
             return []
         if not prompts:
-            return [np.zeros((0, im.height, im.width), np.float32) for im in images]
+            return [np.zeros((0, h, w), np.float32) for w, h in sizes]
         cfg = self.config
 
         # Unique prompts (a repeated prompt must not split its probability with itself).
@@ -242,6 +281,7 @@ class GemEngine:
                     background.append(b)
         text = self.text_embeddings(uniq + background)
         index_t = torch.as_tensor(index, device=self.device)
+        identity = index == list(range(len(uniq)))
 
         out: list[np.ndarray] = []
         with self._lock:
@@ -249,7 +289,7 @@ class GemEngine:
                 chunk = images[start : start + cfg.batch_size]
                 feats = self.patch_features(preprocess(chunk, cfg.input_size))
                 cos = torch.einsum("bhwd,kd->bkhw", feats, text)
-                for im, c in zip(chunk, cos, strict=True):
+                for im, c, (out_w, out_h) in zip(chunk, cos, sizes[start : start + len(chunk)], strict=True):
                     if cfg.calibration == "softmax":
                         scores = calibrate_softmax(
                             c, len(uniq), cfg.logit_scale, null_cosine=cfg.null_cosine, group_of=group_of
@@ -258,13 +298,19 @@ class GemEngine:
                         scores = c
                     if cfg.refine == "pamr":
                         scores = self._pamr(im, scores)
+                    if lazy:
+                        out.append(UpsampledMaps(scores, index, (out_w, out_h), cfg.calibration == "minmax"))
+                        continue
                     up = F.interpolate(
-                        scores[None], size=(im.height, im.width), mode="bilinear", align_corners=False
+                        scores[None], size=(out_h, out_w), mode="bilinear", align_corners=False
                     )[0]
                     if cfg.calibration == "minmax":
                         up = minmax_normalize(up)
-                    up = up.clamp_(0.0, 1.0).index_select(0, index_t)
+                    up = up.clamp_(0.0, 1.0)
+                    if not identity:  # repeated prompts: copy their rows
+                        up = up.index_select(0, index_t)
                     out.append(up.cpu().numpy().astype(np.float32, copy=False))
+                    del up
         return out
 
     def _pamr(self, image: Image.Image, scores: torch.Tensor) -> torch.Tensor:
