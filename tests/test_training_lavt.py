@@ -118,3 +118,33 @@ def test_a_dataset_without_a_held_out_part_is_refused(tmp_path):
             progress_bar=False,
         )
     assert store.versions("1") == [] and store.promoted_name("1") is None
+
+
+def test_workers_serve_the_promoted_version_per_project_without_a_restart(tmp_path):
+    from groundlabel.settings import Settings
+    from workers import engines
+
+    base = tiny_base_checkpoint(tmp_path / "base.pth")
+    store = ModelStore(tmp_path / "store")
+    settings = Settings().with_(
+        model_store=str(store.root), lavt_enabled=True, lavt_checkpoint=str(base), device="cpu"
+    )
+    engines.configure(settings)
+    try:
+        assert engines.get_lavt_engine("7").model_version == "lavt-tiny-base"  # nothing trained yet
+        version = store.add(
+            project="7", kind="lavt", variant="tiny", weights=base, parent=None, annotation_count=3
+        )
+        store.promote("7", version.name, "test")
+        assert engines.lavt_enabled("7")
+        assert engines.get_lavt_engine("7").model_version == "lavt-tiny-p7-v1"
+        assert engines.get_lavt_engine("8").model_version == "lavt-tiny-base"  # other projects: the base
+        assert engines.get_lavt_engine("7") is engines.get_lavt_engine("7")  # loaded once
+        store.rollback("7")
+        assert engines.get_lavt_engine("7").model_version == "lavt-tiny-base"
+        without_lavt = Settings().with_(model_store=str(store.root))
+        engines.configure(without_lavt)
+        store.promote("7", version.name, "again")
+        assert not engines.lavt_enabled("8") and engines.lavt_enabled("7")
+    finally:
+        engines.configure(Settings())
