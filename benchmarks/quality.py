@@ -9,6 +9,7 @@ and writes benchmarks/results/quality.json.
     .venv/bin/python benchmarks/quality.py --scenes 100 --quick
     .venv/bin/python benchmarks/quality.py --target shape  # shapes as the classes
     .venv/bin/python benchmarks/quality.py --methods --distill-steps 300 --scenes 150
+    .venv/bin/python benchmarks/quality.py --sam             # GEM, +PAMR, +tiny SAM; clicks → SAM vs GEM
 """
 
 from __future__ import annotations
@@ -56,8 +57,16 @@ def main() -> int:
         help="also distil the tiny CLIP (CLIPSelf) on training scenes for N steps and "
         "evaluate the distilled model",
     )
+    parser.add_argument(
+        "--sam",
+        action="store_true",
+        help="refine=sam and clicks with the tiny SAM (tests/assets/tiny_sam.pt): mIoU and boundary F",
+    )
+    parser.add_argument("--sam-checkpoint", default=str(ROOT / "tests" / "assets" / "tiny_sam.pt"))
     args = parser.parse_args()
 
+    if args.sam:
+        return sam_table(args)
     if args.methods or args.distill_steps:
         return methods_table(args)
     _, _, cfg = load_tiny_clip(args.checkpoint)
@@ -196,6 +205,44 @@ def methods_table(args: argparse.Namespace) -> int:
     out = Path(args.out).with_name("quality_methods.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"scenes": args.scenes, "target": args.target, "results": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def sam_table(args: argparse.Namespace) -> int:
+    """GEM, GEM + PAMR, GEM + tiny SAM (and + PAMR + SAM), and a click at each object's centre → tiny SAM
+    vs → GEM's component, on the held-out scenes; GEM's temperature is chosen on validation scenes."""
+    import torch
+
+    from workers.evaluation.sam_quality import evaluate_clicks, evaluate_refinement, format_rows
+
+    torch.set_num_threads(args.threads)
+    temp, _ = select_gem_temperature(args.checkpoint, scenes=min(args.scenes, 150), target="colour")
+    start = time.perf_counter()
+    rows = evaluate_refinement(args.checkpoint, args.sam_checkpoint, scenes=args.scenes, temperature=temp)
+    clicks = evaluate_clicks(args.checkpoint, args.sam_checkpoint, scenes=args.scenes, temperature=temp)
+    print(
+        f"{args.scenes} held-out scenes, classes: colours; GEM inverse temperature "
+        f"{'adaptive' if temp is None else temp} (validated); tiny SAM {Path(args.sam_checkpoint).name}"
+    )
+    print(format_rows(rows))
+    print()
+    print(format_rows(clicks).replace("mIoU ", "IoU  "))
+    print(f"total {time.perf_counter() - start:.1f} s")
+    out = Path(args.out).with_name("quality_sam.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "scenes": args.scenes,
+                "gem_inverse_temperature": temp,
+                "sam_checkpoint": Path(args.sam_checkpoint).name,
+                "label_maps": [r.as_dict() for r in rows],
+                "clicks": [r.as_dict() for r in clicks],
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -20,6 +20,7 @@ COMMAND_MODULES: list[str] = [
     "workers.evaluation.cli",
     "workers.models.lavt.cli",
     "workers.models.clipself.cli",
+    "workers.models.sam.tiny",
     "exporters.cli",
     "groundlabel.commands.serve",
     "groundlabel.commands.prelabel",

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from groundlabel.errors import UserError
-from groundlabel.settings import Settings
+from groundlabel.settings import Settings, split_refine
 from workers.evaluation import tiny_clip
 from workers.evaluation.datasets import ALIASES, DATASETS, get_dataset
 from workers.evaluation.inference import MODES
-from workers.models.gem.config import METHODS, REFINES
+from workers.models.gem.config import METHODS
+from workers.models.sam.cli import REFINE_CHOICES, add_sam_arguments, sam_engine_from_args
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -44,11 +45,12 @@ def run_eval(args: argparse.Namespace) -> dict:
         image_size=size,
         gem_depth=args.gem_depth,
         method=args.method,
-        refine=args.refine,
+        refine=split_refine(args.refine)[0],
         templates=args.templates,
         device=args.device,
     )
     engine = getattr(args, "engine", None) or GemEngine(config)
+    sam = getattr(args, "sam_engine", None) or sam_engine_from_args(args, engines)
     matrix = ConfusionMatrix(spec.num_classes)
     start = time.perf_counter()
     for sample in tqdm(samples, desc=f"eval-gem {spec.name}", unit="img", disable=args.no_progress):
@@ -66,8 +68,18 @@ def run_eval(args: argparse.Namespace) -> dict:
             out_size=gt.shape,
         )
         pred = predict_labels(scores, background=spec.background, bg_threshold=bg_threshold)
+        if sam is not None:
+            from workers.models.sam.refine import refine_label_map
+
+            at_gt = image if image.size == gt.shape[::-1] else image.resize(gt.shape[::-1], Image.BILINEAR)
+            pred = refine_label_map(sam, at_gt, pred, scores, background=0 if spec.background else None)
         matrix.update(np.asarray(pred), gt)
     seconds = time.perf_counter() - start
+    version = getattr(engine, "model_version", None)
+    if sam is not None and version is not None:
+        from workers.models.sam.config import refined_version
+
+        version = refined_version(version, sam.model_version)
     return {
         "dataset": spec.name,
         "title": spec.title,
@@ -77,7 +89,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         "crop": args.crop if args.mode == "slide" else None,
         "stride": args.stride if args.mode == "slide" else None,
         "bg_threshold": bg_threshold,
-        "model_version": getattr(engine, "model_version", None),
+        "model_version": version,
         "config": config.to_dict(),
         "seconds": seconds,
         "metrics": matrix.summary(spec.class_names),
@@ -99,7 +111,8 @@ def _eval_command(args: argparse.Namespace) -> int:
     )
     title = (
         f"{result['title']}: {result['images']} images, {result['model_version']}, "
-        f"{args.method}{', pamr' if args.refine == 'pamr' else ''}, {protocol}, templates {args.templates}"
+        f"{args.method}{'' if args.refine == 'none' else ', ' + args.refine}, {protocol}, "
+        f"templates {args.templates}"
         + (f", background threshold {result['bg_threshold']}" if result["bg_threshold"] is not None else "")
     )
     print(format_table(result["metrics"], title))
@@ -157,7 +170,13 @@ def register(subparsers: Any) -> None:
         default="gem",
         help="dense features (docs/methods.md); EVA02 backbones (CLIPSelf) take clipself or maskclip",
     )
-    p.add_argument("--refine", choices=REFINES, default="none", help="pamr: refine the score maps (TCL)")
+    p.add_argument(
+        "--refine",
+        choices=REFINE_CHOICES,
+        default="none",
+        help="pamr: refine the score maps (TCL); sam: sharpen each class's parts with a promptable SAM "
+        "(--sam-model, docs/sam.md)",
+    )
     p.add_argument("--gem-depth", type=int, default=7)
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (ViT-B/16 accepted)")
     p.add_argument("--pretrained", default="openai", help="open_clip tag or a local weights file")
@@ -168,5 +187,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_sam_arguments(p)
     p.set_defaults(handler=_eval_command)
     tiny_clip.register(subparsers)

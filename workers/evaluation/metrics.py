@@ -81,3 +81,55 @@ def format_table(summary: dict, title: str = "") -> str:
         f"{'aAcc':<{width}} | {summary['aAcc']:6.2f} |",
     ]
     return "\n".join(lines)
+
+
+def mask_boundary(mask: np.ndarray) -> np.ndarray:
+    """The pixels of ``mask`` with a 4-neighbour outside it (the image border counts as outside)."""
+    m = np.pad(np.asarray(mask, dtype=bool), 1)
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return np.asarray(mask, dtype=bool) & ~inner
+
+
+def boundary_f(pred: np.ndarray, gt: np.ndarray, tolerance: float = 2.0) -> float | None:
+    """The boundary F-score of two binary masks (Perazzi et al., DAVIS): the harmonic mean of the fraction
+    of predicted boundary pixels within ``tolerance`` pixels of the true boundary and the converse; None
+    when both masks are empty, 0 when only one is."""
+    import cv2
+
+    bp, bg = mask_boundary(pred), mask_boundary(gt)
+    if not bp.any() and not bg.any():
+        return None
+    if not bp.any() or not bg.any():
+        return 0.0
+    to_gt = cv2.distanceTransform((~bg).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    to_pred = cv2.distanceTransform((~bp).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    precision = float((to_gt[bp] <= tolerance).mean())
+    recall = float((to_pred[bg] <= tolerance).mean())
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+class BoundaryF:
+    """Mean boundary F-score per class over images (a class counts in an image where it occurs in the
+    ground truth or the prediction), and their mean over classes (in percent)."""
+
+    def __init__(self, num_classes: int, tolerance: float = 2.0, ignore: Sequence[int] = ()) -> None:
+        self.num_classes = num_classes
+        self.tolerance = tolerance
+        self.ignore = set(ignore)
+        self.sums = np.zeros(num_classes)
+        self.counts = np.zeros(num_classes, dtype=np.int64)
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        """Add one image's label maps."""
+        for c in range(self.num_classes):
+            if c in self.ignore:
+                continue
+            f = boundary_f(pred == c, gt == c, self.tolerance)
+            if f is not None:
+                self.sums[c] += f
+                self.counts[c] += 1
+
+    def mean(self) -> float:
+        """Mean over the classes seen of their mean F-score, in percent."""
+        seen = self.counts > 0
+        return float((self.sums[seen] / self.counts[seen]).mean() * 100) if seen.any() else float("nan")
