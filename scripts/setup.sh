@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian machine: redis-server, a virtual environment in .venv with
 # groundlabel and all its extras, and (with `test`) Label Studio in its own environment, .ls-venv,
-# for the end-to-end tests. Re-running it only installs what changed.
+# for the end-to-end tests, and Chromium for the browser tests. Re-running it only installs what changed.
 #   bash scripts/setup.sh          # backend + workers + exporters
 #   bash scripts/setup.sh test     # the same, plus what the test suite needs
 set -euo pipefail
@@ -12,10 +12,17 @@ command -v "$PY" >/dev/null || PY=python3
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if [ "$mode" = test ] && ! command -v redis-server >/dev/null; then
-  echo "setup: installing redis-server" >&2
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
+# test: redis-server for the queue tests, Debian's Chromium for the browser tests (tests/browser/;
+# Playwright drives /usr/bin/chromium and never downloads a browser of its own).
+if [ "$mode" = test ]; then
+  missing=()
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -7,6 +7,8 @@
 - ``make_tiny_gem_engine()``: the same engine in the test process.
 - ``start_worker``: real ``groundlabel worker`` subprocesses, killed at the end of the test.
 - ``png_data_uri`` / ``png_header_only``: images inside task data, no HTTP server needed.
+- ``label_studio_session`` / ``serve_backend``: the session's real Label Studio and one ``groundlabel serve``
+  on the tiny model connected to it, shared by the end-to-end and the browser tests.
 """
 
 from __future__ import annotations
@@ -302,3 +304,75 @@ INTERACTIVE_CONFIG = """
   <BrushLabels name="mask" toName="image" model_score_threshold="0.0"><Label value="Thing"/></BrushLabels>
 </View>
 """
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without groundlabel's connection settings, plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "GROUNDLABEL_MODEL_VERSION")
+    }
+    env.update(extra)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@pytest.fixture(scope="session")
+def label_studio_session():
+    """The session's real Label Studio (``tests/labelstudio_server.py``); skipped when not installed."""
+    from labelstudio_server import require_label_studio, shared_label_studio
+
+    require_label_studio()
+    return shared_label_studio()
+
+
+@pytest.fixture(scope="session")
+def serve_backend(label_studio_session, tiny_gem_env, tmp_path_factory) -> Iterator[str]:
+    """``groundlabel serve`` on a free port with GEM on the tiny random CLIP (jobs in-process), downloading
+    images from the session's Label Studio with a personal access token; yields its URL once the engines
+    are loaded. One per session: the end-to-end and the browser tests share it."""
+    import httpx
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("backend") / "serve.log"
+    env = clean_env(
+        {
+            **tiny_gem_env,
+            "LABEL_STUDIO_URL": label_studio_session.url,
+            "LABEL_STUDIO_API_KEY": label_studio_session.personal_access_token(),
+        }
+    )
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "groundlabel", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"groundlabel serve exited: {log_path.read_text()[-3000:]}")
+            try:
+                health = httpx.get(url + "/health", timeout=2).json()
+                if health.get("engines") == "ready":
+                    break
+                if str(health.get("engines", "")).startswith("failed"):
+                    raise RuntimeError(f"engines failed: {health}")
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"backend not ready: {log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -7,16 +7,13 @@ Studio with a personal access token; ``groundlabel prelabel`` runs as a subproce
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import REPO, free_port, png_bytes
-from labelstudio_server import PROJECT_CONFIG, require_label_studio, shared_label_studio
+from conftest import REPO, clean_env, png_bytes
+from labelstudio_server import PROJECT_CONFIG
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -24,68 +21,15 @@ LABELS = {("poly", "polygonlabels"): {"Thing", "Other"}, ("mask", "brushlabels")
 MODEL_VERSION = "gem-tinyclip-random-64"  # the tiny model runs at 64 px
 
 
-def _clean_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "GROUNDLABEL_MODEL_VERSION")
-    }
-    env.update(extra)
-    env["PYTHONPATH"] = str(REPO)
-    return env
+@pytest.fixture(scope="module")
+def label_studio(label_studio_session):
+    return label_studio_session
 
 
 @pytest.fixture(scope="module")
-def label_studio():
-    require_label_studio()
-    return shared_label_studio()
-
-
-@pytest.fixture(scope="module")
-def backend(label_studio, tiny_gem_env, tmp_path_factory):
-    """``groundlabel serve`` on a free port; yields its URL once its engines are loaded."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("backend") / "serve.log"
-    env = _clean_env(
-        {
-            **tiny_gem_env,
-            "LABEL_STUDIO_URL": label_studio.url,
-            "LABEL_STUDIO_API_KEY": label_studio.personal_access_token(),
-        }
-    )
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "groundlabel", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"groundlabel serve exited: {log_path.read_text()[-3000:]}")
-            try:
-                health = httpx.get(url + "/health", timeout=2).json()
-                if health.get("engines") == "ready":
-                    break
-                if str(health.get("engines", "")).startswith("failed"):
-                    raise RuntimeError(f"engines failed: {health}")
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"backend not ready: {log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+def backend(serve_backend):
+    """``groundlabel serve`` on the tiny model, connected to the session's Label Studio."""
+    return serve_backend
 
 
 def _make_project(label_studio, title: str, n: int) -> tuple[int, list[int]]:
@@ -151,7 +95,7 @@ def test_backend_connected_to_label_studio(label_studio, backend):
 
 def test_prelabel_command_and_resume(label_studio, tiny_gem_env):
     project, ids = _make_project(label_studio, "e2e prelabel", 3)
-    env = _clean_env({**tiny_gem_env, "LABEL_STUDIO_API_KEY": label_studio.legacy_token})
+    env = clean_env({**tiny_gem_env, "LABEL_STUDIO_API_KEY": label_studio.legacy_token})
     argv = [
         sys.executable,
         "-m",
