@@ -1,8 +1,8 @@
 """The engines' model forwards on a GPU: images/s, latency p50/p99 and peak GPU memory, batch × precision.
 
 One command on a CUDA machine measures every registered engine (GEM's dense ViT-B/16 forward at 448,
-LAVT Swin-B at 480; random weights: speed does not depend on them) at batch 1, 8 and 32 under bf16
-autocast and fp32, inputs already on the device, and writes one JSON:
+LAVT Swin-B at 480, SAM 3 at 1008; random weights: speed does not depend on them) at batch 1, 8 and 32
+under bf16 autocast and fp32, inputs already on the device, and writes one JSON:
 
     .venv/bin/python benchmarks/gpu.py                      # CUDA; skips cleanly (exit 0) without it
     .venv/bin/python benchmarks/gpu.py --device cpu --quick  # tiny models on the CPU (what the test runs)
@@ -146,6 +146,67 @@ def _lavt(device: Any, quick: bool) -> Case:
     )
 
 
+@register("sam3", requires=("transformers", "workers.models.sam3.engine"))
+def _sam3(device: Any, quick: bool) -> Case:
+    """SAM 3's whole forward (vision tower, text tower, detector, mask decoder) at 1008×1008, one noun
+    phrase per image (``benchmarks/sam3_speed.py`` times the engine end to end, with more labels)."""
+    import torch
+    from transformers import Sam3Config, Sam3Model
+
+    from workers.models.sam3.processor import MAX_TEXT_TOKENS, clip_tokenizer
+    from workers.models.sam3.tiny import tiny_sam3_model
+
+    torch.manual_seed(0)
+    model = (tiny_sam3_model() if quick else Sam3Model(Sam3Config())).to(device).eval()
+    size = model.config.vision_config.backbone_config.image_size
+    text = clip_tokenizer()("car", padding="max_length", max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+
+    def inputs(batch: int) -> tuple[Any, Any, Any]:
+        ids = text["input_ids"].repeat(batch, 1).to(device)
+        mask = text["attention_mask"].repeat(batch, 1).to(device)
+        return torch.randn(batch, 3, size, size, device=device), ids, mask
+
+    return Case(
+        f"SAM 3 {'tiny' if quick else 'facebook/sam3 architecture'}, {size}x{size}, one phrase per image",
+        inputs=inputs,
+        forward=lambda x: model(pixel_values=x[0], input_ids=x[1], attention_mask=x[2]),
+    )
+
+
+def _promptable_sam(name: str) -> Callable[[Any, bool], Case]:
+    """A promptable SAM family's whole forward (image encoder, prompt encoder, mask decoder) for one
+    click per image, at the family's smallest published architecture (``real_config``)."""
+
+    def build(device: Any, quick: bool) -> Case:
+        import torch
+
+        from workers.models.sam import family, real_config, tiny_config
+
+        fam = family(name)
+        torch.manual_seed(0)
+        model = fam.model_cls()(tiny_config(name) if quick else real_config(name)).to(device).eval()
+        size = int(model.config.prompt_encoder_config.image_size)
+
+        def inputs(batch: int) -> dict[str, Any]:
+            return {
+                "pixel_values": torch.randn(batch, 3, size, size, device=device),
+                "input_points": torch.full((batch, 1, 1, 2), size / 2, device=device),
+                "input_labels": torch.ones((batch, 1, 1), dtype=torch.long, device=device),
+                "multimask_output": True,
+            }
+
+        label = f"tiny {fam.model_class}" if quick else fam.model_class
+        return Case(f"{label}, {size}x{size}, one click per image", inputs, lambda x: model(**x))
+
+    return build
+
+
+for _family in ("sam", "sam_hq", "sam2", "edgetam", "sam3_tracker"):
+    register(f"sam-{_family}", requires=("transformers", "workers.models.sam.families"))(
+        _promptable_sam(_family)
+    )
+
+
 # ----------------------------------------------------------------------------- measurement
 def percentile(values: list[float], q: float) -> float:
     """The ``q``-th percentile (0-100) of ``values``, linearly interpolated between order statistics."""
@@ -220,7 +281,12 @@ def run_engine(bench: EngineBenchmark, device: Any, args: argparse.Namespace) ->
         reason = f"module {missing!r} is not installed"
         print(f"{bench.name}: skipped ({reason})", flush=True)
         return {"skipped": True, "reason": reason}, []
-    case = bench.build(device, args.quick)
+    try:
+        case = bench.build(device, args.quick)
+    except ImportError as exc:
+        reason = f"cannot import what it needs: {exc}"
+        print(f"{bench.name}: skipped ({reason})", flush=True)
+        return {"skipped": True, "reason": reason}, []
     entry: dict[str, Any] = {"skipped": False, "description": case.description}
     if device.type == "cuda":
         entry["model_mib"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)

@@ -166,3 +166,14 @@ def test_missing_weights_say_what_to_put_where(tmp_path):
         Sam3Engine(Sam3Config(model="facebook/sam3", weights_dir=str(tmp_path), offline=True, device="cpu"))
     text = str(err.value)
     assert "HF_TOKEN" in text and "GROUNDLABEL_WEIGHTS_DIR" in text and "facebook/sam3" in text
+
+
+def test_bf16_autocast_gives_the_same_instances():
+    """The GPU default (bf16 autocast) exercised on the CPU: same instances, nearly the same masks."""
+    im = image(64, 48, 9)
+    (fp32,) = tiny_sam3_engine(merge_iou=1.0).instances([im], ["cat", "dog"])
+    (bf16,) = tiny_sam3_engine(merge_iou=1.0, precision="bf16").instances([im], ["cat", "dog"])
+    assert len(fp32) == len(bf16) > 0
+    for a, b in zip(fp32, bf16, strict=True):
+        assert a.score == pytest.approx(b.score, abs=0.01)
+        assert np.mean(a.mask != b.mask) < 0.05
