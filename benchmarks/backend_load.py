@@ -6,6 +6,11 @@ number of requests in flight. GEM runs with random weights (``--model tiny``: a 
 measures the service around the model; ``--model ViT-B-16`` for the real architecture).
 
 Scenarios:
+- ``overhead``: ``--overhead`` single-task interactive requests one at a time (concurrency 1), each task new,
+  first on RQ/Redis, then on the in-process runner (``groundlabel serve`` without ``REDIS_URL``); for each
+  request the backend's overhead is its latency minus the job function's own time on the worker (read
+  from ``groundlabel_job_run_seconds`` in ``/metrics`` before and after it): HTTP, enqueueing, the
+  worker picking the job up, and the backend seeing it finish;
 - ``interactive``: single-task requests with a typed text prompt (interactive queue), each task new, so
   every request is a job on the warm worker;
 - ``cached``: the same requests again, answered from the result cache;
@@ -13,7 +18,9 @@ Scenarios:
   throughput with one and two workers.
 
     .venv/bin/python benchmarks/backend_load.py [--requests 200] [--concurrency 16] [--tasks 96]
-Writes ``benchmarks/results/backend_load.json``.
+        [--overhead 200] [--scenarios overhead,interactive,cached,batch] [--repo PATH]
+Writes ``benchmarks/results/backend_load.json``. ``--repo`` runs the services of another checkout (for
+before/after figures); a checkout without ``groundlabel_job_run_seconds`` reports latency only.
 """
 
 from __future__ import annotations
@@ -74,14 +81,14 @@ def image_uri(width: int, height: int) -> str:
 class Stack:
     """redis-server, the backend and workers as subprocesses."""
 
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs = env, logs
+    def __init__(self, env: dict[str, str], logs: Path, repo: Path = REPO) -> None:
+        self.env, self.logs, self.repo = env, logs, repo
         self.procs: list[subprocess.Popen] = []
         self.workers: list[subprocess.Popen] = []
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(args, env=self.env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, env=self.env, cwd=str(self.repo), stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
@@ -114,12 +121,17 @@ class Stack:
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
-    def start_backend(self) -> str:
+    def start_backend(self, *, inprocess: bool = False) -> str:
         port = free_port()
-        self._spawn(
+        env = dict(self.env)
+        if inprocess:
+            self.env.pop("REDIS_URL", None)
+        proc = self._spawn(
             [sys.executable, "-m", "groundlabel", "serve", "--port", str(port), "--log-level", "warning"],
-            "backend",
+            "backend-inprocess" if inprocess else "backend",
         )
+        self.env = env
+        self.backend = proc
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
             try:
@@ -154,6 +166,49 @@ class Stack:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _run_seconds(client: httpx.Client) -> float | None:
+    """``groundlabel_job_run_seconds``' sum over the queues; None when the backend has no such metric."""
+    text = client.get("/metrics").text
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("groundlabel_job_run_seconds_sum")
+    ]
+    return sum(values) if "groundlabel_job_run_seconds" in text else None
+
+
+def overhead(url: str, bodies: list[dict]) -> dict:
+    """Requests one at a time: latency, model time (the job's own run time) and the difference."""
+    latency, model, failures = [], [], 0
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for body in bodies:
+            before = _run_seconds(client)
+            start = time.perf_counter()
+            r = client.post("/predict", json=body)
+            latency.append(time.perf_counter() - start)
+            after = _run_seconds(client)
+            if r.status_code != 200 or r.json().get("errors"):
+                failures += 1
+            if before is not None and after is not None:
+                model.append(after - before)
+    lat = np.array(latency) * 1000
+    row = {
+        "requests": len(bodies),
+        "concurrency": 1,
+        "failed_requests": failures,
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+    }
+    if model:
+        over = lat - np.array(model) * 1000
+        row.update(
+            model_p50_ms=round(float(np.percentile(np.array(model) * 1000, 50)), 1),
+            overhead_p50_ms=round(float(np.percentile(over, 50)), 1),
+            overhead_p99_ms=round(float(np.percentile(over, 99)), 1),
+        )
+    return row
 
 
 async def drive(url: str, bodies: list[dict], concurrency: int) -> dict:
@@ -204,12 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny", help="'tiny' or an open_clip ViT name (random weights)")
     parser.add_argument("--image-size", type=int, default=64, help="GEM input size")
     parser.add_argument("--image", type=int, default=320, help="task image width (height = 3/4 of it)")
+    parser.add_argument("--overhead", type=int, default=200, help="requests of the overhead scenario")
+    parser.add_argument("--scenarios", default="overhead,interactive,cached,batch")
+    parser.add_argument("--repo", type=Path, default=REPO, help="checkout whose services are run")
     args = parser.parse_args(argv)
+    scenarios = set(args.scenarios.split(","))
 
     tmp = Path(tempfile.mkdtemp(prefix="groundlabel-bench-"))
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(args.repo),
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "GROUNDLABEL_GEM_PRETRAINED": "none",
@@ -227,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         env["GROUNDLABEL_GEM_MODEL"] = args.model
     image = image_uri(args.image, args.image * 3 // 4)
-    stack = Stack(env, tmp)
+    stack = Stack(env, tmp, args.repo.resolve())
     rows: list[dict] = []
+    overhead_rows: list[dict] = []
     try:
         stack.start_redis()
         url = stack.start_backend()
@@ -252,11 +312,27 @@ def main(argv: list[str] | None = None) -> int:
             }
 
         asyncio.run(drive(url, [interactive(10_000_000 + i) for i in range(4)], 2))  # warm the text cache
+        if "overhead" in scenarios:
+            bodies = [interactive(20_000_000 + i) for i in range(args.overhead)]
+            overhead_rows.append({"runner": "redis", **overhead(url, bodies)})
+            local = stack.start_backend(inprocess=True)
+            for _ in range(3000):  # the child loads the engines
+                if httpx.get(local + "/health", timeout=2).json().get("engines") in ("ready", None):
+                    break
+                time.sleep(0.1)
+            overhead(local, [interactive(30_000_000 + i) for i in range(4)])  # warm the child
+            bodies = [interactive(40_000_000 + i) for i in range(args.overhead)]
+            overhead_rows.append({"runner": "in-process", **overhead(local, bodies)})
+            stack.backend.send_signal(signal.SIGTERM)
         bodies = [interactive(i) for i in range(args.requests)]
-        rows.append(
-            {"scenario": "interactive", "workers": 1, **asyncio.run(drive(url, bodies, args.concurrency))}
-        )
-        rows.append({"scenario": "cached", "workers": 1, **asyncio.run(drive(url, bodies, args.concurrency))})
+        if "interactive" in scenarios:
+            rows.append(
+                {"scenario": "interactive", "workers": 1, **asyncio.run(drive(url, bodies, args.concurrency))}
+            )
+        if "cached" in scenarios:
+            rows.append(
+                {"scenario": "cached", "workers": 1, **asyncio.run(drive(url, bodies, args.concurrency))}
+            )
 
         def batches(offset: int) -> list[dict]:
             ids = list(range(offset, offset + args.tasks))
@@ -268,21 +344,22 @@ def main(argv: list[str] | None = None) -> int:
                 for s in range(0, len(ids), args.chunk)
             ]
 
-        rows.append(
-            {
-                "scenario": "batch",
-                "workers": 1,
-                **asyncio.run(drive(url, batches(1_000_000), args.concurrency)),
-            }
-        )
-        stack.start_worker(url)
-        rows.append(
-            {
-                "scenario": "batch",
-                "workers": 2,
-                **asyncio.run(drive(url, batches(2_000_000), args.concurrency)),
-            }
-        )
+        if "batch" in scenarios:
+            rows.append(
+                {
+                    "scenario": "batch",
+                    "workers": 1,
+                    **asyncio.run(drive(url, batches(1_000_000), args.concurrency)),
+                }
+            )
+            stack.start_worker(url)
+            rows.append(
+                {
+                    "scenario": "batch",
+                    "workers": 2,
+                    **asyncio.run(drive(url, batches(2_000_000), args.concurrency)),
+                }
+            )
     finally:
         stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -304,17 +381,27 @@ def main(argv: list[str] | None = None) -> int:
         f"model={args.model} gem_input={args.image_size} image={args.image}x{args.image * 3 // 4} "
         f"chunk={args.chunk} cpu_count={os.cpu_count()}"
     )
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(str(row[h]) for h in header) + " |")
+    if rows:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(str(row[h]) for h in header) + " |")
+    if overhead_rows:
+        columns = ["runner", "requests", "failed_requests", "p50_ms", "p99_ms", "model_p50_ms",
+                   "overhead_p50_ms", "overhead_p99_ms"]  # fmt: skip
+        print("\n/predict at concurrency 1: latency, model time and the backend's overhead over it")
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for row in overhead_rows:
+            print("| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {"args": vars(args), "machine": platform.platform(), "cpu_count": os.cpu_count(), "rows": rows},
-            indent=2,
-        )
-    )
+    report = {
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "rows": rows,
+        "overhead": overhead_rows,
+    }
+    RESULTS.write_text(json.dumps({"args": {**vars(args), "repo": str(args.repo)}, **report}, indent=2))
     print(f"wrote {RESULTS.relative_to(REPO)}")
     return 0
 
