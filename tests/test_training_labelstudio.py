@@ -1,0 +1,282 @@
+"""The loop closed inside a real Label Studio: annotate referring expressions, press Start Training, and the
+better model serves the next Retrieve Predictions.
+
+Label Studio 1.23 (``tests/labelstudio_server.py``), a real ``redis-server``, ``groundlabel serve`` on Redis,
+one prediction worker and one training worker (``--queues train``), all as subprocesses. The project has a
+TextArea and polygon and brush controls; its tasks are generated scenes (coloured shapes with expressions
+such as "the red circle on the left", ``workers/models/lavt/synthetic.py``), annotated through Label
+Studio's API (most imported with their annotations, the last ones submitted one by one as the editor does;
+half of the regions are polygons, half brush masks). *Start Training* is pressed through
+the API call of the button (``POST /api/ml/<id>/train``, which makes Label Studio call the backend's
+``/webhook`` with ``START_TRAINING``). The base model is a tiny LAVT with random weights, so the trained
+version's held-out gain is large and cannot flake.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, free_port
+from labelstudio_server import require_label_studio, shared_label_studio
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("pycocotools")
+
+from exporters.synthetic import brush_result, polygon_result, text_result  # noqa: E402
+from groundlabel.ls_format import brush_rle_encode  # noqa: E402
+from groundlabel.model_store import ModelStore  # noqa: E402
+from groundlabel.training_queue import read_status  # noqa: E402
+from workers.models.lavt.data import Refer  # noqa: E402
+from workers.models.lavt.synthetic import make_dataset  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <TextArea name="expr" toName="image" value="$text" rows="2"/>
+  <PolygonLabels name="poly" toName="image" model_score_threshold="0.0"><Label value="Thing"/></PolygonLabels>
+  <BrushLabels name="mask" toName="image" model_score_threshold="0.0"><Label value="Thing"/></BrushLabels>
+</View>"""
+IMAGES = 40  # generated scenes, two objects (two tasks) each
+SIZE = 64
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "GROUNDLABEL_"))}
+    env.pop("REDIS_URL", None)
+    env.update(extra, PYTHONPATH=str(REPO))
+    return env
+
+
+def _tasks(label_studio, scenes: Path, folder: str) -> tuple[list[dict], list[list[dict]]]:
+    """Task data and one annotation result per generated ref (polygon or brush, and its expressions)."""
+    from PIL import Image, ImageDraw
+
+    refer = Refer(scenes)
+    target = Path(label_studio.files_root, folder)
+    target.mkdir(parents=True, exist_ok=True)
+    data, results = [], []
+    for n, ref in enumerate(refer.refs):
+        image = refer.images[ref["image_id"]]
+        shutil.copyfile(refer.image_dir / image["file_name"], target / image["file_name"])
+        w, h = image["width"], image["height"]
+        flat = refer.anns[ref["ann_id"]]["segmentation"][0]
+        if n % 2 == 0:
+            points = [[100 * flat[k] / w, 100 * flat[k + 1] / h] for k in range(0, len(flat), 2)]
+            region = polygon_result(points, "Thing", w, h, from_name="poly")
+        else:
+            canvas = Image.new("L", (w, h), 0)
+            ImageDraw.Draw(canvas).polygon([(flat[k], flat[k + 1]) for k in range(0, len(flat), 2)], fill=1)
+            region = brush_result(brush_rle_encode(np.asarray(canvas) > 0), "Thing", w, h, from_name="mask")
+        sentences = [s["raw"] for s in ref["sentences"]]
+        data.append({"image": f"/data/local-files/?d={folder}/{image['file_name']}", "text": sentences[0]})
+        results.append([region, text_result(sentences, from_name="expr")])
+    return data, results
+
+
+class Processes:
+    """Subprocesses of the test, stopped at the end; their logs for failure messages."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.running: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        with open(self.folder / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "groundlabel", *argv],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.running.append((name, proc))
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {name}:\n" + (self.folder / f"{name}.log").read_text(errors="replace")[-2500:]
+            for name, _ in self.running
+        )
+
+    def stop(self) -> None:
+        for _, proc in self.running:
+            proc.terminate()
+        for _, proc in self.running:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _retrieve(label_studio, project: int, ids: list[int]) -> None:
+    response = label_studio.api(
+        "POST",
+        "/api/dm/actions",
+        params={"id": "retrieve_tasks_predictions", "project": project},
+        json={"selectedItems": {"all": False, "included": ids}},
+    )
+    assert response.status_code == 200, response.text[:500]
+
+
+def test_start_training_in_label_studio_promotes_a_better_model_that_serves_the_next_predictions(
+    redis_url, tmp_path
+):
+    import httpx
+
+    from workers.models.lavt.config import LavtConfig
+    from workers.models.lavt.model import LavtNetwork
+    from workers.models.lavt.synthetic import vocabulary
+    from workers.models.lavt.weights import save_checkpoint
+
+    started = time.monotonic()
+    phases: list[str] = []
+
+    def phase(name: str) -> None:  # printed with the test's output: where the minutes went
+        phases.append(f"{name} {time.monotonic() - started:.0f}s")
+        print("phase:", phases[-1], flush=True)
+
+    require_label_studio()
+    label_studio = shared_label_studio()
+    phase("label studio up")
+    scenes = make_dataset(tmp_path / "scenes", images=IMAGES, val_images=0, size=SIZE, seed=21)
+    torch.manual_seed(21)
+    base = tmp_path / "base.pth"
+    save_checkpoint(
+        base, LavtNetwork(LavtConfig(variant="tiny", image_size=SIZE)), tokenizer_vocab=vocabulary()
+    )
+    store = ModelStore(tmp_path / "store")
+    common = {
+        "REDIS_URL": redis_url,
+        "GROUNDLABEL_MODEL_STORE": str(store.root),
+        "GROUNDLABEL_LAVT_CHECKPOINT": str(base),
+        "GROUNDLABEL_LAVT_VARIANT": "tiny",
+        "GROUNDLABEL_GEM_MODEL_CONFIG": str(tmp_path / "tinyclip.json"),
+        "GROUNDLABEL_GEM_PRETRAINED": "none",
+        "GROUNDLABEL_GEM_IMAGE_SIZE": "64",
+        "GROUNDLABEL_DEVICE": "cpu",
+        "GROUNDLABEL_WORKER_HEARTBEAT": "1",
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.legacy_token,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    from conftest import TINY_GEM_CONFIG
+
+    (tmp_path / "tinyclip.json").write_text(__import__("json").dumps(TINY_GEM_CONFIG))
+    training = {
+        "GROUNDLABEL_TRAIN_EPOCHS": "10",
+        "GROUNDLABEL_TRAIN_BATCH": "8",
+        "GROUNDLABEL_TRAIN_LR": "1e-3",
+        "GROUNDLABEL_TRAIN_HOLDOUT": "0.25",
+        "GROUNDLABEL_TRAIN_SEED": "3",
+        "GROUNDLABEL_TRAIN_LOADERS": "0",
+    }
+    port = free_port()
+    backend = f"http://127.0.0.1:{port}"
+    procs = Processes(tmp_path)
+    try:
+        procs.start("serve", ["serve", "--host", "127.0.0.1", "--port", str(port)], _env(common))
+        procs.start("worker", ["worker", "--heartbeat", "1"], _env(common))
+        procs.start(
+            "trainer", ["worker", "--queues", "train", "--heartbeat", "1"], _env({**common, **training})
+        )
+
+        project = label_studio.create_project("training loop", CONFIG)
+        folder = f"train{project}"
+        label_studio.add_local_storage(project, folder)
+        data, results = _tasks(label_studio, scenes, folder)
+        # Most tasks arrive annotated (one import), the last few are annotated as the editor submits them.
+        by_hand = 6
+        annotated = [{"data": d, "annotations": [{"result": r}]} for d, r in zip(data, results, strict=True)]
+        ids = label_studio.import_tasks(project, annotated[:-by_hand] + data[-by_hand:])
+        assert len(ids) == 2 * IMAGES
+        for task_id, result in zip(ids[-by_hand:], results[-by_hand:], strict=True):
+            label_studio.api_json("POST", f"/api/tasks/{task_id}/annotations/", json={"result": result})
+
+        phase("annotated")
+        import redis
+        from rq import Worker
+
+        connection = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 120
+        while True:  # the backend answers, the prediction worker and the training worker are registered
+            try:
+                up = httpx.get(backend + "/health", timeout=2).json().get("status") == "UP"
+            except (httpx.HTTPError, ValueError):
+                up = False
+            if up and len(Worker.all(connection=connection)) >= 2:
+                break
+            assert time.monotonic() < deadline, procs.logs()
+            time.sleep(0.5)
+        ml = label_studio.api_json(
+            "POST",
+            "/api/ml",
+            json={"url": backend, "project": project, "title": "groundlabel", "auto_update": True},
+        )
+        phase("processes up")
+        sample = ids[:6]
+        _retrieve(label_studio, project, sample)
+        before = {p["model_version"] for t in sample for p in label_studio.predictions(t)}
+        assert len(before) == 1 and before.pop().startswith("lavt-tiny-base-cfg"), procs.logs()
+
+        phase("predicted with the base model")
+        # Start Training, twice: one job.
+        for _ in range(2):
+            pressed = label_studio.api("POST", f"/api/ml/{ml['id']}/train")
+            assert pressed.status_code == 200, pressed.text[:500]
+        job = read_status(connection, str(project))["job"]
+        deadline = time.monotonic() + 240
+        while True:
+            status = httpx.post(backend + "/job_status", json={"job": job}, timeout=10).json()
+            if status["job_status"] in ("finished", "failed"):
+                break
+            assert time.monotonic() < deadline, (status, procs.logs())
+            time.sleep(1)
+        phase("trained")
+        assert status["job_status"] == "finished", (status, procs.logs())
+        assert read_status(connection, str(project))["job"] == job  # the second press joined the first job
+        version = status["version"]
+        assert status["promoted"] and version == f"lavt-tiny-p{project}-v1", status
+        assert status["epoch"] == status["epochs"] == 10
+
+        # The promoted version's held-out metrics beat the base model's by a wide margin.
+        record = store.get(str(project), version)
+        new, old = record.metrics["new"], record.metrics["base"]
+        print(f"held-out oIoU/mIoU: base {old['oIoU']:.3f}/{old['mIoU']:.3f}", end=", ")
+        print(f"trained {new['oIoU']:.3f}/{new['mIoU']:.3f}")
+        assert new["mIoU"] >= old["mIoU"] + 0.15 and new["oIoU"] >= old["oIoU"] + 0.1, (old, new)
+        assert record.parent == "lavt-tiny-base" and record.annotation_count == 2 * IMAGES
+        assert (
+            record.metrics["heldout_refs"] > 0
+            and record.metrics["train_refs"] > record.metrics["heldout_refs"]
+        )
+
+        listed = httpx.get(backend + "/versions", params={"project": project}, timeout=10).json()
+        assert version in listed["versions"] and listed["details"][-1]["promoted"]
+        assert version in label_studio.api_json("GET", f"/api/ml/{ml['id']}/versions")["versions"]
+        setup = httpx.post(
+            backend + "/setup", json={"project": f"{project}.1", "schema": CONFIG}, timeout=10
+        ).json()
+        assert setup["model_version"].startswith(version + "-cfg")
+        metrics = httpx.get(backend + "/metrics", timeout=10).text
+        assert f'groundlabel_training_promoted{{project="{project}"}} 1.0' in metrics
+
+        # The next Retrieve Predictions stores predictions under the new version (workers not restarted).
+        _retrieve(label_studio, project, sample)
+        for task_id in sample:
+            versions = {p["model_version"] for p in label_studio.predictions(task_id)}
+            assert any(v.startswith(version + "-cfg") for v in versions), versions
+        assert label_studio.api_json("GET", f"/api/ml/{ml['id']}")["model_version"].startswith(version)
+        phase("predicted with the trained version")
+    finally:
+        procs.stop()
