@@ -6,7 +6,8 @@ fragments. Each row times ``regions_from_scores`` for one control type (N labels
 median of ``--repeat`` runs, next to its anchor on the same maps in the same run: the plain OpenCV way
 to the same output (best label by ``np.argmax`` over the stacked maps, then per label the mask, and
 ``findContours`` + ``approxPolyDP`` for polygons, ``connectedComponentsWithStats`` for boxes and brush
-masks (plus the RLE encoding), a masked argmax for key points). ``ratio`` is ours / anchor.
+masks (plus the RLE encoding), a masked argmax for key points). The two run in turn; ``ratio`` is ours /
+anchor in CPU seconds (wall seconds, also shown, swing with whatever else runs on the machine).
 
     .venv/bin/python benchmarks/regions_speed.py                 # 1 and 4 Mpx, 5 and 20 labels
     .venv/bin/python benchmarks/regions_speed.py --sizes 1000x1000 --labels 5 --repeat 3
@@ -74,13 +75,20 @@ def anchor(kind: str, maps: dict[str, np.ndarray], threshold: float, min_area: f
     return regions
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:
-    times, out = [], None
+def timed_pair(ours, base, repeat: int) -> tuple[float, float, float, float, object, object]:
+    """Median wall and CPU seconds of ``ours`` and ``base``, run in turn (so that both see the same load):
+    ``(ours wall, ours CPU, base wall, base CPU, ours' output, base's output)``."""
+    times: dict[str, list[tuple[float, float]]] = {"ours": [], "base": []}
+    outs: dict[str, object] = {}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for name, fn in (("ours", ours), ("base", base)):
+            w0, c0 = time.perf_counter(), time.process_time()
+            outs[name] = fn()
+            times[name].append((time.perf_counter() - w0, time.process_time() - c0))
+    med = {
+        k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()
+    }
+    return (*med["ours"], *med["base"], outs["ours"], outs["base"])
 
 
 def main() -> int:
@@ -103,13 +111,10 @@ def main() -> int:
                 spec = LabelingSpec("image", "image", [control])
                 min_area = 0.0001 * width * height
                 regions_from_scores(spec, maps, width=width, height=height, threshold=args.threshold)  # warm
-                ours, (results, _) = timed(
+                ours, ours_cpu, base, base_cpu, (results, _), base_regions = timed_pair(
                     lambda spec=spec, maps=maps, w=width, h=height: regions_from_scores(
                         spec, maps, width=w, height=h, threshold=args.threshold
                     ),
-                    args.repeat,
-                )
-                base, base_regions = timed(
                     lambda kind=kind, maps=maps, a=min_area: anchor(kind, maps, args.threshold, a),
                     args.repeat,
                 )
@@ -121,7 +126,9 @@ def main() -> int:
                         "control": kind,
                         "median_s": round(ours, 4),
                         "anchor_s": round(base, 4),
-                        "ratio": round(ours / base, 2),
+                        "cpu_s": round(ours_cpu, 4),
+                        "anchor_cpu_s": round(base_cpu, 4),
+                        "ratio": round(ours_cpu / base_cpu, 2),
                         "regions": len(results),
                         "anchor_regions": base_regions,
                         "polygon_vertices": sum(len(r["value"].get("points", [])) for r in results),
@@ -130,14 +137,15 @@ def main() -> int:
 
     header = (
         f"{'size':>10} {'Mpx':>5} {'labels':>6} {'control':<16} {'ours ms':>8} {'anchor ms':>10} "
-        f"{'ratio':>6} {'regions':>8} {'anchor':>7} {'vertices':>9}"
+        f"{'CPU ms':>7} {'anchor CPU':>10} {'ratio':>6} {'regions':>8} {'anchor':>7} {'vertices':>9}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
             f"{r['size']:>10} {r['megapixels']:>5} {r['labels']:>6} {r['control']:<16} "
-            f"{1000 * r['median_s']:>8.1f} {1000 * r['anchor_s']:>10.1f} {r['ratio']:>6.2f} "
+            f"{1000 * r['median_s']:>8.1f} {1000 * r['anchor_s']:>10.1f} {1000 * r['cpu_s']:>7.1f} "
+            f"{1000 * r['anchor_cpu_s']:>10.1f} {r['ratio']:>6.2f} "
             f"{r['regions']:>8} {r['anchor_regions']:>7} {r['polygon_vertices']:>9}"
         )
     print(f"worst ratio: {max(r['ratio'] for r in rows):.2f}")

@@ -208,7 +208,7 @@ def pixels_to_percent(points: Any, width: int, height: int) -> list[list[float]]
     """A ``(N, 2)`` array of pixel coordinates to ``[[x%, y%], ...]``, clipped to 0..100."""
     arr = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     pct = np.clip(arr * np.array([100.0 / width, 100.0 / height]), 0.0, 100.0)
-    return [[round(float(x), 4), round(float(y), 4)] for x, y in pct]
+    return [[round(x, 4), round(y, 4)] for x, y in pct.tolist()]
 
 
 def make_result(

@@ -48,6 +48,7 @@ class Components:
     x0: int = 0
     y0: int = 0
     shape: tuple[int, int] | None = None  # the image's (H, W); None: the window is the image
+    found: int | None = None  # components found before the area filter (None: unknown)
 
     def __len__(self) -> int:
         return int(self.ids.size)
@@ -62,16 +63,18 @@ class Components:
         """The k-th kept component as a cropped uint8 mask and the crop's (x, y) offset in the image."""
         x, y, w, h = (int(v) for v in self.boxes[k])
         rx, ry = x - self.x0, y - self.y0
-        crop = (self.labels[ry : ry + h, rx : rx + w] == self.ids[k]).astype(np.uint8)
+        crop = (self.labels[ry : ry + h, rx : rx + w] == self.ids[k]).view(np.uint8)
         return crop, x, y
 
     def kept_window(self) -> np.ndarray:
         """All kept components as one boolean mask of the window."""
         if len(self) == 0:
             return np.zeros(self.labels.shape, dtype=bool)
+        if self.found == len(self):  # every component was kept
+            return self.labels > 0
         keep = np.zeros(int(self.labels.max()) + 1, dtype=bool)
         keep[self.ids] = True
-        return keep[self.labels]
+        return keep.take(self.labels)
 
     def in_image(self, window: np.ndarray) -> np.ndarray:
         """A boolean mask of the window placed in an image-sized mask."""
@@ -114,11 +117,47 @@ def find_components(
         boxes[:, 0] += x0
         boxes[:, 1] += y0
     if score_map is not None and ids.size:
-        sums = np.bincount(labels.ravel(), weights=score_map.ravel(), minlength=n)
-        scores = sums[ids] / areas
+        scores = component_sums(labels, np.ascontiguousarray(score_map, dtype=np.float32), n)[ids] / areas
     else:
         scores = np.ones(ids.size, dtype=np.float64)
-    return Components(labels, ids, boxes, areas, scores, x0, y0, shape)
+    return Components(labels, ids, boxes, areas, scores, x0, y0, shape, n - 1)
+
+
+@compiled
+def component_sums(labels: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+    """Per component id (``0..n-1``) the float64 sum of ``scores`` over its pixels, in pixel order (the
+    same sums as ``np.bincount(labels, weights=scores)``, without its float64 copy of the scores)."""
+    out = np.zeros(n, np.float64)
+    for r in range(labels.shape[0]):
+        for c in range(labels.shape[1]):
+            out[labels[r, c]] += scores[r, c]
+    return out
+
+
+@compiled
+def masked_peak(mask: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``[row, col, ties]``: the first pixel (raster order) of ``mask`` with the highest score, and how
+    many pixels of ``mask`` share that score (``[-1, -1, 0]`` for an empty mask)."""
+    best = -np.inf
+    row = -1
+    col = -1
+    ties = 0
+    for r in range(mask.shape[0]):
+        for c in range(mask.shape[1]):
+            if mask[r, c]:
+                v = scores[r, c]
+                if row < 0 or v > best:
+                    best = v
+                    row = r
+                    col = c
+                    ties = 1
+                elif v == best:
+                    ties += 1
+    out = np.empty(3, np.int64)
+    out[0] = row
+    out[1] = col
+    out[2] = ties
+    return out
 
 
 def mask_window(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -172,30 +211,40 @@ def label_windows(best: np.ndarray, index: np.ndarray, threshold: np.float32, la
     return out
 
 
+def _next(a: np.ndarray) -> np.ndarray:
+    """``np.roll(a, -1, axis=0)``: each vertex's successor on a closed ring."""
+    return np.concatenate((a[1:], a[:1]))
+
+
+def _prev(a: np.ndarray) -> np.ndarray:
+    """``np.roll(a, 1, axis=0)``: each vertex's predecessor on a closed ring."""
+    return np.concatenate((a[-1:], a[:-1]))
+
+
 def ring_area(ring: np.ndarray) -> float:
     """Signed area of a closed ring ``(N, 2)`` (shoelace; positive = clockwise on screen)."""
     if len(ring) < 3:
         return 0.0
     x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+    return 0.5 * float(np.dot(x, _next(y)) - np.dot(_next(x), y))
 
 
 def ring_perimeter(ring: np.ndarray) -> float:
     """Perimeter of a closed ring."""
     if len(ring) < 2:
         return 0.0
-    return float(np.linalg.norm(np.roll(ring, -1, axis=0) - ring, axis=1).sum())
+    return float(np.linalg.norm(_next(ring) - ring, axis=1).sum())
 
 
 def clean_ring(points: np.ndarray) -> np.ndarray:
     """Drop repeated and collinear vertices of a closed ring (lossless)."""
     if len(points) == 0:
         return points
-    keep = np.any(points != np.roll(points, 1, axis=0), axis=1)
+    keep = np.any(points != _prev(points), axis=1)
     pts = points[keep] if keep.any() else points[:1]
     if len(pts) < 3:
         return pts
-    prev, nxt = np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0)
+    prev, nxt = _prev(pts), _next(pts)
     d1, d2 = pts - prev, nxt - pts
     cross = d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]
     dot = d1[:, 0] * d2[:, 0] + d1[:, 1] * d2[:, 1]
@@ -220,7 +269,7 @@ def mask_rings(crop: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
     for c in contours:
         sub = c.reshape(-1, 2).astype(np.float64) - 1.0  # undo the border
         corners = np.rint((sub + 0.5) / 2.0)
-        keep = np.any(corners != np.roll(corners, 1, axis=0), axis=1)
+        keep = np.any(corners != _prev(corners), axis=1)
         rings.append(corners[keep] if keep.any() else corners[:1])
     out: list[tuple[np.ndarray, list[np.ndarray]]] = []
     for i, (_, _, child, parent) in enumerate(hierarchy):
@@ -243,7 +292,7 @@ def mask_rings(crop: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
 
 def midpoint_ring(ring: np.ndarray) -> np.ndarray:
     """The ring through the midpoints of a unit-step pixel-edge ring's edges (same orientation)."""
-    return (ring + np.roll(ring, -1, axis=0)) / 2.0
+    return (ring + _next(ring)) / 2.0
 
 
 def region_tolerance(rings: list[np.ndarray], tolerance: float) -> float:

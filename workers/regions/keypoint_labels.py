@@ -17,7 +17,7 @@ import numpy as np
 
 from groundlabel.spec import ControlSpec
 from workers.regions.base import ControlModel
-from workers.regions.geometry import Components
+from workers.regions.geometry import Components, masked_peak
 
 DEFAULT_POINT_WIDTH = 1.0
 
@@ -59,6 +59,9 @@ def peak(mask: np.ndarray, score_map: np.ndarray | None) -> tuple[int, int]:
     Ties go to the pixel nearest the mask's centroid.
     """
     if score_map is not None:
+        row, col, ties = (int(v) for v in masked_peak(np.ascontiguousarray(mask), score_map))
+        if ties == 1:
+            return row, col
         inside = np.where(mask, score_map, -np.inf)
         flat = int(np.argmax(inside))
         row, col = divmod(flat, mask.shape[1])
