@@ -23,7 +23,9 @@ from typing import Any
 import redis
 from rq import Callback, Queue
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
 
 from groundlabel.protocol import QUEUE_TRAIN, TRAIN_FUNCTION, TrainPayload
 
@@ -72,7 +74,19 @@ def all_statuses(connection: redis.Redis) -> dict[str, dict[str, Any]]:
     return out
 
 
+def reap_abandoned(connection: redis.Redis) -> None:
+    """Fail training jobs whose worker stopped renewing their lease (killed, lost machine): their failure
+    callback records why and releases the project's lock."""
+    StartedJobRegistry(
+        QUEUE_TRAIN,
+        connection=connection,
+        serializer=JSONSerializer,
+        death_penalty_class=TimerDeathPenalty,  # the callback may run off the main thread (the backend)
+    ).cleanup()
+
+
 def _active_job(connection: redis.Redis, job_id: str) -> bool:
+    reap_abandoned(connection)
     job = Job.fetch_many([job_id], connection=connection, serializer=JSONSerializer)[0]
     return job is not None and job.get_status(refresh=False) in ACTIVE
 
@@ -155,7 +169,9 @@ def training_failed(job: Any, connection: redis.Redis, exc_type: Any, exc: Any, 
     if not project:
         return
     reason = str(exc) if exc is not None else "the training job failed"
-    if exc_type is not None and not _is_user_error(exc_type):
+    if getattr(exc_type, "__name__", "") == "AbandonedJobError":
+        reason = "the training worker running this job stopped (killed, or its machine was lost)"
+    elif exc_type is not None and not _is_user_error(exc_type):
         reason = f"{getattr(exc_type, '__name__', 'error')}: {reason}"
     write_status(connection, project, job=job.id, state="failed", reason=reason)
     _release(connection, project, job.id)
@@ -181,6 +197,7 @@ def count_annotation(connection: redis.Redis, project: str, every: int) -> bool:
 
 def job_status(connection: redis.Redis, job_id: str) -> dict[str, Any] | None:
     """A training job's state and progress for Label Studio's ``/job_status``; None when it is unknown."""
+    reap_abandoned(connection)
     job = Job.fetch_many([job_id], connection=connection, serializer=JSONSerializer)[0]
     if job is None or job.origin != QUEUE_TRAIN:
         return None
@@ -191,5 +208,7 @@ def job_status(connection: redis.Redis, job_id: str) -> dict[str, Any] | None:
     if status and status.get("job") == job_id:
         out.update({k: v for k, v in status.items() if k not in ("job", "state")})
     if state == JobStatus.FAILED and "reason" not in out:
-        out["reason"] = (job.exc_info or "the training job failed").strip().splitlines()[-1]
+        result = job.latest_result()
+        text = (getattr(result, "exc_string", None) or "the training job failed").strip()
+        out["reason"] = text.splitlines()[-1]
     return out

@@ -175,3 +175,46 @@ def test_models_cli_lists_promotes_and_rolls_back(tmp_path, capsys):
     assert main([*root, "rollback", "--project", "4"]) == 0 and store.promoted_name("4") is None
     assert main([*root, "promote", "--project", "4", "lavt-tiny-p4-v7"]) == 2
     assert "no version" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_training_worker_killed_mid_job_frees_the_project(redis_url, tmp_path, start_worker):
+    """Label Studio never answers, the training worker is killed mid-job: once its lease runs out the job
+    is failed with the reason, and the next Start Training queues a new job."""
+    import signal
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    threading.Thread(
+        target=lambda: held.extend(iter(lambda: listener.accept()[0], None)), daemon=True
+    ).start()
+    store = tmp_path / "store"
+    env = {
+        "GROUNDLABEL_MODEL_STORE": str(store),
+        "LABEL_STUDIO_URL": f"http://127.0.0.1:{listener.getsockname()[1]}",
+        "LABEL_STUDIO_API_KEY": "0" * 40,
+    }
+    worker = start_worker(redis_url, env, extra_args=["--queues", "train"])
+    worker.wait_ready(redis_url)
+    try:
+        with TestClient(create_app(settings_for(redis_url, store), model_version=BASE)) as client:
+            job = webhook(client, "START_TRAINING", 5).json()["job"]
+            deadline = time.monotonic() + 60
+            while client.post("/job_status", json={"job": job}).json()["job_status"] != "started":
+                assert time.monotonic() < deadline, worker.output()
+                time.sleep(0.1)
+            worker.kill(signal.SIGKILL)
+            while (status := client.post("/job_status", json={"job": job}).json())["job_status"] != "failed":
+                assert time.monotonic() < deadline, status
+                time.sleep(0.2)
+            assert "stopped" in status["reason"], status
+            again = webhook(client, "START_TRAINING", 5).json()
+            assert again["job"] != job and again["result"]["training"]["created"]
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
