@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             futures = [pool.submit(predict, i) for i in range(args.waiting)]
             time.sleep(2.0)
             probes = probe(args.probes)
+            print("probes (ms):", " ".join(f"{p:.0f}" for p in probes))
             waiting = sum(not f.done() for f in futures)
             for f in futures:
                 f.result()

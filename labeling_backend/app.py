@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -98,10 +99,16 @@ class BackendState:
         self.metrics.registry.register(self.training)
         self.started = time.time()
         self.health_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
+        self._spec_lock = threading.Lock()
 
     def spec(self, xml: str) -> LabelingSpec:
-        """The checked spec of a label config, with the configured default threshold."""
-        return parse_spec(xml, self.settings.backend.default_threshold)
+        """The checked spec of a label config, with the configured default threshold.
+
+        One thread parses at a time: many requests arriving with a new config wait for one parse instead
+        of parsing it side by side (the parse is CPU-bound and would starve the event loop of the GIL).
+        """
+        with self._spec_lock:
+            return parse_spec(xml, self.settings.backend.default_threshold)
 
     def close(self) -> None:
         """Close the runner and the health pool."""

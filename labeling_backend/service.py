@@ -5,7 +5,7 @@ Tasks found in the result cache are answered at once. The others are split into 
 ``interactive`` queue) unless a job already computes them. The request then waits for its jobs until its
 deadline without holding a thread: the runner's :meth:`~groundlabel.protocol.JobRunner.wait` returns as
 soon as a job ends (a blocking read on Redis, or the in-process job's future), and the states are read
-again at least once a second. Each job carries that deadline: the worker fetches no image after it, and
+again at least every 3 seconds. Each job carries that deadline: the worker fetches no image after it, and
 what it finished by then fills the cache for a later request.
 
 Model versions: the result cache is keyed on the version each prediction was made with (the worker's
@@ -45,7 +45,7 @@ T = TypeVar("T")
 #: The fields of a context region that change a prediction; ids, scores and origins do not.
 CONTEXT_FIELDS = ("type", "from_name", "to_name", "value", "is_positive")
 #: The longest a request waits between two reads of its jobs' states (a missed notification, a reaped job).
-RECHECK_SECONDS = 1.0
+RECHECK_SECONDS = 3.0
 
 
 def context_for_key(context: dict[str, Any] | None) -> list[dict[str, Any]] | None:
@@ -273,6 +273,9 @@ class Dispatcher:
         open_jobs = {w.job_id for w in waiting if w.job_id}
         states: dict[str, JobState] = {}
         last_reap = time.monotonic()
+        # Wait first: a job that has already ended wakes the wait at once, and a job just enqueued is not
+        # done yet, so reading its state before waiting would only cost a round trip.
+        await self.runner.wait(sorted(open_jobs), min(RECHECK_SECONDS, max(0.0, deadline - time.monotonic())))
         while open_jobs:
             for job_id, state in (await self._call(self.runner.poll, sorted(open_jobs))).items():
                 states[job_id] = state

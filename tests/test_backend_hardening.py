@@ -77,7 +77,7 @@ class Server:
 
 @pytest.fixture
 def server(redis_url):
-    s = Server(settings_for(redis_url, predict_timeout=6.0, max_body_bytes=1024 * 1024))
+    s = Server(settings_for(redis_url, predict_timeout=8.0, max_body_bytes=1024 * 1024))
     yield s
     s.stop()
 
@@ -165,7 +165,7 @@ def test_health_answers_while_sixty_predicts_wait(server):
 
     with ThreadPoolExecutor(60) as pool:
         futures = [pool.submit(predict, i) for i in range(60)]
-        time.sleep(2.0)  # they are waiting now (predict_timeout is 6 s)
+        time.sleep(3.0)  # they are waiting now (predict_timeout is 8 s)
         start = time.monotonic()
         r = httpx.get(server.url + "/health", timeout=10)
         took = time.monotonic() - start
