@@ -78,7 +78,10 @@ def _run(args: argparse.Namespace) -> int:
         project = get_project(client, args.project)
         spec = parse_label_config(project.label_config or "")
         tasks = list(iter_tasks(client, args.project))
-        plan = plan_tasks(tasks, args.project, model_version, force=args.force, versions=versions)
+        tagged = None if settings.backend.model_version else spec  # as run_prelabel names them
+        plan = plan_tasks(
+            tasks, args.project, model_version, force=args.force, versions=versions, spec=tagged
+        )
         controls = ", ".join(f"{c.name} ({c.type}: {', '.join(c.labels)})" for c in spec.controls)
         print(f"project {args.project}: {plan.total} task(s); controls {controls}")
         print(f"model version {plan.model_version} (predictions named {', '.join(plan.versions)})")
