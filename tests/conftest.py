@@ -253,13 +253,13 @@ def start_worker(tmp_path) -> Iterator[Callable[..., WorkerProcess]]:
         worker.kill()
 
 
-def png_bytes(width: int = 40, height: int = 30, seed: int = 0) -> bytes:
-    """A small RGB PNG with a bright square on a dark background."""
+def png_bytes(width: int = 40, height: int = 30, seed: int = 0, noise: float = 40) -> bytes:
+    """A small RGB PNG with a bright square on a dark background (uniform noise up to ``noise``)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    pixels = (rng.random((height, width, 3)) * 40).astype(np.uint8)
+    pixels = (rng.random((height, width, 3)) * noise).astype(np.uint8)
     pixels[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = (220, 60, 40)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")

@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.integration]
 
 DOCS = REPO / "docs" / "labelstudio.md"
 WIDTH, HEIGHT = 320, 240  # the test image: a red square over the middle half on a dark background
+NOISE = 6  # a little texture for the model; little enough that the screenshots stay small
 
 
 def docs_config(name: str) -> str:
@@ -79,7 +80,7 @@ def make_project(
     folder = f"browser{project}"
     ls.add_local_storage(project, folder)
     for i in range(n_tasks):
-        Path(ls.files_root, folder, f"img{i}.png").write_bytes(png_bytes(WIDTH, HEIGHT, seed=i))
+        Path(ls.files_root, folder, f"img{i}.png").write_bytes(png_bytes(WIDTH, HEIGHT, seed=i, noise=NOISE))
     ids = ls.import_tasks(
         project, [{"image": f"/data/local-files/?d={folder}/img{i}.png"} for i in range(n_tasks)]
     )
@@ -206,6 +207,7 @@ def test_referring_expression_gets_one_region_labelled_by_the_rule(page, ls, ser
     # One region; "Car" is named in the sentence, although "Person" is the control's first label.
     assert [r["value"]["polygonlabels"] for r in polygons] == [["Car"]]
     assert page.region_list() == ["Car"]
+    page.page.locator(".lsf-outliner-item__title", has_text="Car").click()  # its details in the side panel
     page.screenshot("referring-expression")
 
 
