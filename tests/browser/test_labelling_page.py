@@ -47,9 +47,14 @@ def docs_config(name: str) -> str:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _chromium_installed() -> None:
+    """Skip (fail under CI=true) before anything starts when Chromium or Playwright is missing."""
+    require_browser()
+
+
 @pytest.fixture(scope="module")
 def ls(label_studio_session):
-    require_browser()
     return label_studio_session
 
 
