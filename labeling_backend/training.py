@@ -162,9 +162,9 @@ class Training:
             for family, key in ((epoch, "epoch"), (epochs, "epochs"), (loss, "loss")):
                 if isinstance(status.get(key), int | float):
                     family.add_metric([project], float(status[key]))
-            for model, key in (("current", "base"), ("new", "new")):
+            for model, key in (("current", "base"), ("new", "new" if "new" in status else "epoch_heldout")):
                 value = (status.get(key) or {}).get("oIoU") if isinstance(status.get(key), dict) else None
-                if value is not None:
+                if value is not None:  # "new" follows the epochs while the job trains
                     heldout.add_metric([project, model], float(value))
             if "promoted" in status:
                 promoted.add_metric([project], 1 if status["promoted"] else 0)

@@ -81,6 +81,9 @@ def test_fine_tuning_beats_the_base_and_is_promoted_then_a_smaller_gain_is_not(t
     assert store.weights_path(record).is_file() and record.config["variant"] == "tiny"
     epochs = [s["epoch"] for s in seen if s.get("stage") == "training" and "loss" in s]
     assert epochs == list(range(1, 9))
+    assert all("oIoU" in s["epoch_heldout"] for s in seen if "loss" in s)  # reported after every epoch
+    # ... but never used to pick one: the new version is the last epoch.
+    assert record.metrics["epochs"][-1]["val"]["oIoU"] == pytest.approx(outcome.new["oIoU"], abs=1e-6)
 
     # The next run starts from the promoted version; asked for a gain no model can reach (the whole
     # oIoU range), it is stored but not promoted, and the promoted version keeps serving.

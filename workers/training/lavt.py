@@ -154,13 +154,24 @@ def fine_tune_project(
 
     def epoch_done(entry: dict[str, Any]) -> None:
         epoch, epochs, loss = entry["epoch"] + 1, entry["epochs"], entry["loss"]
-        log.info("project %s: epoch %d/%d loss %.4f", project, epoch, epochs, loss)
-        report({"stage": "training", "epoch": epoch, "epochs": epochs, "loss": loss})
+        heldout = {k: entry["val"][k] for k in ("oIoU", "mIoU")} if "val" in entry else {}
+        log.info(
+            "project %s: epoch %d/%d loss %.4f held-out oIoU %.4f",
+            project,
+            epoch,
+            epochs,
+            loss,
+            heldout.get("oIoU", float("nan")),
+        )
+        report(
+            {"stage": "training", "epoch": epoch, "epochs": epochs, "loss": loss, "epoch_heldout": heldout}
+        )
 
     options = TrainOptions(
         data_root=str(data_root),
         train_split=TRAIN_SPLIT,
-        val_split=None,  # the held-out part is not used to pick an epoch: the comparison stays fair
+        val_split=HELDOUT_SPLIT,  # reported after every epoch, never used to pick one (pick_best=False):
+        pick_best=False,  # the last epoch is the new version, so the comparison stays fair
         eval_splits=[HELDOUT_SPLIT],
         output=str(Path(work_dir) / "run"),
         epochs=recipe.epochs,

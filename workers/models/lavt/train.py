@@ -68,6 +68,7 @@ class TrainOptions:
     seed: int = 0
     mask_rule: str = "lavt"
     limit_refs: int | None = None  # use only the first N training refs (quick trials)
+    pick_best: bool = True  # model_best.pth: the best val epoch; False: the last epoch (val is only reported)
     model: LavtConfig = field(default_factory=LavtConfig)
 
 
@@ -291,8 +292,9 @@ def train(
                 f"{format_metrics(options.val_split, metrics)}",
                 flush=True,
             )
-            if metrics["oIoU"] > best:
-                best = metrics["oIoU"]
+            improved = metrics["oIoU"] > best
+            best = max(best, metrics["oIoU"])
+            if improved and options.pick_best:
                 save_checkpoint(
                     out_dir / BEST_CHECKPOINT,
                     net,
@@ -317,7 +319,7 @@ def train(
             history=history,
             options=record,
         )
-    if val_set is None or not (out_dir / BEST_CHECKPOINT).exists():
+    if val_set is None or not options.pick_best or not (out_dir / BEST_CHECKPOINT).exists():
         save_checkpoint(
             out_dir / BEST_CHECKPOINT, net, tokenizer_vocab=vocab, epoch=options.epochs - 1, options=record
         )
