@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,13 @@ import numpy as np
 from groundlabel.errors import UserError
 from groundlabel.ls_format import Click
 from groundlabel.spec import ControlSpec, LabelingSpec
-from workers.regions import DEFAULT_THRESHOLD, control_threshold, regions_from_mask, regions_from_scores
+from workers.regions import (
+    DEFAULT_THRESHOLD,
+    control_threshold,
+    regions_from_mask,
+    regions_from_scores,
+    working_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +65,98 @@ def prompt_groups(spec: LabelingSpec) -> tuple[list[str], list[str]]:
 
 
 def class_prompt_regions(
-    gem: Any, spec: LabelingSpec, images: Sequence[Any], *, threshold: float | None = None
+    gem: Any,
+    spec: LabelingSpec,
+    images: Sequence[Any],
+    *,
+    threshold: float | None = None,
+    keep_maps: bool = False,
 ) -> list[ImageRegions | Exception]:
     """Regions of every control for each image from the spec's class prompts; an image that fails gets
-    its exception instead. ``threshold`` is the default for controls without ``model_score_threshold``."""
+    its exception instead. ``threshold`` is the default for controls without ``model_score_threshold``.
+
+    Memory stays bounded whatever the images' size: GEM's maps are upsampled only to the regions'
+    working size (:func:`workers.regions.working_size`, at most 2048 px a side), and the images go
+    through GEM in groups whose maps fit :data:`MAP_BUDGET_BYTES` (one image at a time when they are
+    large), each image's maps read one prompt at a time (:class:`PromptMaps`) and dropped once it has its
+    regions (kept on the result, for overlays, with ``keep_maps``)."""
     prompts, groups = prompt_groups(spec)
     images = list(images)
-    if not images:
-        return []
+    out: list[ImageRegions | Exception] = []
+    for group in _map_groups(images, len(prompts)):
+        out.extend(_class_prompt_group(gem, spec, group, prompts, groups, threshold, keep_maps))
+    return out
+
+
+class PromptMaps(Mapping[str, np.ndarray]):
+    """Prompt → score map over an engine's maps for one image (a sequence in prompt order); lazy maps
+    (:class:`workers.models.gem.engine.UpsampledMaps`) are upsampled when a map is read."""
+
+    def __init__(self, prompts: Sequence[str], maps: Sequence[np.ndarray]) -> None:
+        self._where = {p: i for i, p in enumerate(prompts)}
+        self._maps = maps
+
+    def __getitem__(self, prompt: str) -> np.ndarray:
+        return np.asarray(self._maps[self._where[prompt]], dtype=np.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+#: The most bytes of float32 score maps that :func:`class_prompt_regions` holds at once (one image's
+#: maps may exceed it alone: 20 prompts at 2048x2048 take 335 MB).
+MAP_BUDGET_BYTES = 256 * 2**20
+
+
+def _map_groups(images: list[Any], n_prompts: int) -> list[list[Any]]:
+    """Consecutive images in groups whose working-size maps fit :data:`MAP_BUDGET_BYTES` together."""
+    out: list[list[Any]] = []
+    used = 0
+    for image in images:
+        w, h = working_size(image.width, image.height)
+        cost = 4 * max(n_prompts, 1) * w * h
+        if out and used + cost <= MAP_BUDGET_BYTES:
+            out[-1].append(image)
+            used += cost
+        else:
+            out.append([image])
+            used = cost
+    return out
+
+
+def _class_prompt_group(
+    gem: Any,
+    spec: LabelingSpec,
+    images: list[Any],
+    prompts: list[str],
+    groups: list[str],
+    threshold: float | None,
+    keep_maps: bool,
+) -> list[ImageRegions | Exception]:
+    """:func:`class_prompt_regions` of one group of images (GEM runs them as one batch)."""
+    sizes = [working_size(im.width, im.height) for im in images]
     try:
-        maps: list[Any] = list(gem.heatmaps(images, prompts, groups=groups))
+        maps: list[Any] = list(gem.heatmaps(images, prompts, groups=groups, sizes=sizes, lazy=True))
     except Exception as exc:  # isolate the image that breaks the batch: run them one by one
         if len(images) == 1:
             return [exc]
         log.warning("batch of %d images failed (%s); running them one by one", len(images), exc)
         maps = []
-        for image in images:
+        for image, size in zip(images, sizes, strict=True):
             try:
-                maps.append(gem.heatmaps([image], prompts, groups=groups)[0])
+                maps.append(gem.heatmaps([image], prompts, groups=groups, sizes=[size], lazy=True)[0])
             except Exception as one_exc:
                 maps.append(one_exc)
     out: list[ImageRegions | Exception] = []
-    for image, image_maps in zip(images, maps, strict=True):
+    for k, image in enumerate(images):
+        image_maps, maps[k] = maps[k], None  # each image's maps are dropped once it has its regions
         if isinstance(image_maps, Exception):
             out.append(image_maps)
             continue
-        scores = dict(zip(prompts, image_maps, strict=True))
+        scores = PromptMaps(prompts, image_maps)
         try:
             results, score = regions_from_scores(
                 spec, scores, width=image.width, height=image.height, threshold=threshold
@@ -92,7 +164,7 @@ def class_prompt_regions(
         except Exception as exc:
             out.append(exc)
             continue
-        out.append(ImageRegions(results, score, gem.model_version, maps=scores))
+        out.append(ImageRegions(results, score, gem.model_version, maps=scores if keep_maps else None))
     return out
 
 

@@ -290,7 +290,10 @@ def run(args: argparse.Namespace) -> int:
             except UserError as exc:
                 item.error = str(exc)
         good = [it for it in batch if it.error is None]
-        found = class_prompt_regions(engine, spec, [it.image for it in good], threshold=args.threshold)
+        found = class_prompt_regions(
+            engine, spec, [it.image for it in good], threshold=args.threshold,
+            keep_maps=overlay_dir is not None,
+        )
         for item, regions in zip(good, found, strict=True):
             if isinstance(regions, UserError):
                 item.error = str(regions)
