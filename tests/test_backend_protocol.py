@@ -262,7 +262,7 @@ def test_webhook_events(client):
     assert r.status_code == 201
     assert r.json()["status"] == "ok" and r.json()["result"]["latest_prompt"] == "left dog"
     r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 4}})
-    assert r.status_code == 201 and r.json()["result"]["trained"] is False
+    assert r.status_code == 400 and "training" in r.json()["detail"].lower()  # no model store configured
     r = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 4}})
     assert r.status_code == 200 and r.json()["status"] == "Unknown event"
 
