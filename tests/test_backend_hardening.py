@@ -373,3 +373,35 @@ def test_default_threshold_setting_applies_to_controls_without_one(redis_url):
     with pytest.raises(Exception, match="GROUNDLABEL_DEFAULT_THRESHOLD"):
         Settings.from_env({"GROUNDLABEL_DEFAULT_THRESHOLD": "2"})
     app.state.backend.close()
+
+
+# -- item 16: small payloads ------------------------------------------------------------------------
+
+
+def test_failed_job_keeps_its_inline_images_only_while_it_may_be_retried(redis_url):
+    """The failure callback drops the data URIs of a job with no retry left, and keeps a retried one's."""
+    from groundlabel.redis_queue import forget_payload
+
+    settings = settings_for(redis_url)
+    queue = RedisJobQueue(settings.queue)
+    spec = parse_label_config(POLYGON_CONFIG)
+    image = png_data_uri(120, 90, seed=9)
+    job_id, _ = queue.submit(
+        JobPayload([{"id": 9, "data": {"image": image}}], spec), ["p9"], interactive=False
+    )
+    conn = redis.Redis.from_url(redis_url)
+
+    def stored() -> str:
+        return Job.fetch(job_id, connection=conn, serializer=JSONSerializer).args[0]["tasks"][0]["data"][
+            "image"
+        ]
+
+    job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    assert job.retries_left == settings.queue.job_retries > 0
+    forget_payload(job, conn)  # a retry will need the image
+    assert stored() == image
+    job.retries_left = 0
+    forget_payload(job, conn)  # the last attempt failed
+    assert image not in stored() and "dropped after the job" in stored()
+    assert Job.fetch(job_id, connection=conn, serializer=JSONSerializer).args[0]["tasks"][0]["id"] == 9
+    queue.close()
