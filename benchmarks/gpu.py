@@ -1,8 +1,9 @@
 """The engines' model forwards on a GPU: images/s, latency p50/p99 and peak GPU memory, batch × precision.
 
 One command on a CUDA machine measures every registered engine (GEM's dense ViT-B/16 forward at 448,
-LAVT Swin-B at 480, SAM 3 at 1008; random weights: speed does not depend on them) at batch 1, 8 and 32
-under bf16 autocast and fp32, inputs already on the device, and writes one JSON:
+LAVT Swin-B at 480, SAM 3 at 1008, each promptable SAM family at its smallest published size with one
+click per image; random weights: speed does not depend on them) at batch 1, 8 and 32 under bf16 autocast
+and fp32, inputs already on the device, and writes one JSON:
 
     .venv/bin/python benchmarks/gpu.py                      # CUDA; skips cleanly (exit 0) without it
     .venv/bin/python benchmarks/gpu.py --device cpu --quick  # tiny models on the CPU (what the test runs)

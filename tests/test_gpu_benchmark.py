@@ -51,19 +51,25 @@ def test_without_cuda_it_skips_cleanly_and_says_so(tmp_path):
     assert result["batches"] == [1, 8, 32] and result["precisions"] == ["bf16", "fp32"]
 
 
-def test_quick_cpu_run_measures_every_engine_at_every_batch_and_precision(tmp_path):
+QUICK_ENGINES = ("gem", "lavt", "sam-sam")
+
+
+def test_quick_cpu_run_measures_each_engine_at_every_batch_and_precision(tmp_path):
     bench = load_benchmark()
+    assert {"gem", "lavt", "sam-sam", "sam-sam2", "sam-sam_hq", "sam-edgetam", "sam-sam3_tracker"} <= set(
+        bench.ENGINES
+    )
     out = tmp_path / "quick.json"
-    assert bench.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    argv = ["--device", "cpu", "--quick", "--engines", ",".join(QUICK_ENGINES), "--out", str(out)]
+    assert bench.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["skipped"] is False and result["quick"] is True
-    assert set(result["engines"]) >= {"gem", "lavt"}
-    for name in ("gem", "lavt"):
+    assert set(result["engines"]) == set(QUICK_ENGINES)
+    for name in QUICK_ENGINES:
         assert result["engines"][name]["skipped"] is False
         assert result["engines"][name]["description"]
-    measured = {name for name, entry in result["engines"].items() if not entry["skipped"]}
     rows = result["rows"]
-    expected = {(e, p, b) for e in measured for p in ("bf16", "fp32") for b in (1, 2)}
+    expected = {(e, p, b) for e in QUICK_ENGINES for p in ("bf16", "fp32") for b in (1, 2)}
     assert {(r["engine"], r["precision"], r["batch"]) for r in rows} == expected
     assert len(rows) == len(expected)
     for r in rows:
@@ -72,6 +78,20 @@ def test_quick_cpu_run_measures_every_engine_at_every_batch_and_precision(tmp_pa
         assert 0 < r["latency_ms_p50"] <= r["latency_ms_p99"]
         assert r["images_per_s"] == pytest.approx(1000 * r["batch"] / r["latency_ms_p50"], rel=1e-2)
         assert r["peak_gpu_mib"] is None and r["peak_over_model_mib"] is None  # CPU: no GPU memory
+
+
+@pytest.mark.slow
+def test_quick_cpu_run_of_every_other_registered_engine(tmp_path):
+    bench = load_benchmark()
+    others = [name for name in bench.ENGINES if name not in QUICK_ENGINES]
+    out = tmp_path / "others.json"
+    argv = ["--device", "cpu", "--quick", "--engines", ",".join(others), "--batches", "1"]
+    assert (
+        bench.main([*argv, "--precisions", "fp32", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    )
+    result = json.loads(out.read_text())
+    assert [r["engine"] for r in result["rows"]] == others
+    assert all("error" not in r and r["images_per_s"] > 0 for r in result["rows"])
 
 
 def test_an_engine_is_a_few_lines_and_missing_modules_skip_it(tmp_path):
