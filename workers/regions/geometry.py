@@ -117,7 +117,7 @@ def find_components(
         boxes[:, 0] += x0
         boxes[:, 1] += y0
     if score_map is not None and ids.size:
-        scores = component_sums(labels, np.ascontiguousarray(score_map, dtype=np.float32), n)[ids] / areas
+        scores = component_sums(labels, np.asarray(score_map, dtype=np.float32), n)[ids] / areas
     else:
         scores = np.ones(ids.size, dtype=np.float64)
     return Components(labels, ids, boxes, areas, scores, x0, y0, shape, n - 1)
