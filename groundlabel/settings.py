@@ -36,6 +36,17 @@ def weights_source(text: str | None) -> str | None:
     return None if text.lower() in (*RANDOM_WEIGHTS, "") else text
 
 
+def split_refine(text: str | None) -> tuple[str, bool]:
+    """A refinement option (``none``, ``pamr``, ``sam``, ``pamr+sam``) → (GEM's own score-map refinement,
+    whether a promptable SAM then sharpens the masks)."""
+    steps = {s.strip().lower() for s in (text or "none").replace(",", "+").split("+") if s.strip()}
+    steps -= {"none", "off"}
+    unknown = steps - {"pamr", "sam"}
+    if unknown:
+        raise UserError(f"unknown refinement {text!r}: use none, pamr, sam or pamr+sam")
+    return ("pamr" if "pamr" in steps else "none"), "sam" in steps
+
+
 def parse_temperature(text: str) -> float | None:
     """GEM's inverse temperature option: ``adaptive`` (the paper's rule) → None, else a positive number."""
     if text.strip().lower() in ("adaptive", "auto", "none", ""):
@@ -216,7 +227,66 @@ class EngineSettings:
     lavt_checkpoint: str | None = None  # None with lavt_enabled: random weights
     lavt_variant: str | None = None
     lavt_tokenizer: str | None = None
+    engine: str = "gem"  # the engine of class prompts and typed phrases when the label config names none
+    sam3_model: str | None = "facebook/sam3"  # hub id or folder; None: random weights
+    sam3_batch: int | None = None
+    sam_enabled: bool = False  # a promptable SAM for clicks, boxes and refine=sam (GROUNDLABEL_SAM_MODEL)
+    sam_model: str | None = None  # hub id, folder or groundlabel checkpoint; None with sam_enabled: random
+    sam_family: str | None = None
+    sam_min_iou: float | None = None
+    sam_cache_mb: int | None = None
+    lavt_refine: str | None = None
     hub: HubSettings = field(default_factory=HubSettings)  # hub access for every engine's downloads
+
+    def validate(self) -> None:
+        """Refuse an unknown engine name with the choices."""
+        from groundlabel.spec import CLASS_ENGINES
+
+        if self.engine not in CLASS_ENGINES:
+            raise UserError(f"GROUNDLABEL_ENGINE={self.engine!r} must be one of {', '.join(CLASS_ENGINES)}")
+        for name, value in (
+            ("GROUNDLABEL_GEM_REFINE", self.gem_refine),
+            ("GROUNDLABEL_LAVT_REFINE", self.lavt_refine),
+        ):
+            try:
+                own, sam = split_refine(value)
+            except UserError as exc:
+                raise UserError(f"{name}: {exc}") from exc
+            if name == "GROUNDLABEL_LAVT_REFINE" and own != "none":
+                raise UserError(f"{name}={value!r}: LAVT's masks are refined by sam or not at all")
+            if sam and not self.sam_enabled:
+                raise UserError(f"{name}={value!r} needs a promptable SAM: set GROUNDLABEL_SAM_MODEL")
+
+    def sam3_options(self) -> dict[str, Any]:
+        """The SAM 3 engine's configuration keywords that these settings set."""
+        options: dict[str, Any] = {
+            "model": self.sam3_model,
+            "weights_dir": self.weights_dir,
+            "token": self.hub.token,
+            "offline": self.hub.offline,
+        }
+        for key, value in (("batch_size", self.sam3_batch), ("device", self.device)):
+            if value is not None:
+                options[key] = value
+        return options
+
+    def sam_options(self) -> dict[str, Any]:
+        """The promptable SAM engine's configuration keywords that these settings set."""
+        options: dict[str, Any] = {
+            "model": self.sam_model,
+            "family": self.sam_family,
+            "weights_dir": self.weights_dir,
+            "token": self.hub.token,
+            "offline": self.hub.offline,
+        }
+        if self.sam_model is None and self.sam_family is None:
+            options["family"] = "sam2"
+        for key, value in (("device", self.device), ("min_iou", self.sam_min_iou)):
+            if value is not None:
+                options[key] = value
+        if self.sam_cache_mb is not None:
+            options["cache_bytes"] = self.sam_cache_mb * 2**20
+        return options
 
     def gem_options(self) -> dict[str, Any]:
         """The GEM engine's configuration keywords that these settings set (the rest keep its defaults)."""
@@ -230,7 +300,7 @@ class EngineSettings:
             ("hub", self.hub),
             ("image_size", self.gem_image_size),
             ("method", self.gem_method),
-            ("refine", self.gem_refine),
+            ("refine", split_refine(self.gem_refine)[0] if self.gem_refine else None),
             ("templates", self.gem_templates),
             ("batch_size", self.gem_batch),
             ("gem_depth", self.gem_depth),
@@ -298,7 +368,9 @@ VARIABLES: tuple[str, ...] = (
     "GROUNDLABEL_WEIGHTS_DIR", "GROUNDLABEL_GEM_IMAGE_SIZE", "GROUNDLABEL_GEM_METHOD",
     "GROUNDLABEL_GEM_REFINE", "GROUNDLABEL_GEM_TEMPLATES", "GROUNDLABEL_GEM_BATCH", "GROUNDLABEL_GEM_DEPTH",
     "GROUNDLABEL_GEM_TEMPERATURE", "GROUNDLABEL_DEVICE", "GROUNDLABEL_LAVT_CHECKPOINT",
-    "GROUNDLABEL_LAVT_VARIANT", "GROUNDLABEL_LAVT_TOKENIZER", *OFFLINE_VARIABLES, "HF_ENDPOINT",
+    "GROUNDLABEL_LAVT_VARIANT", "GROUNDLABEL_LAVT_TOKENIZER", "GROUNDLABEL_ENGINE", "GROUNDLABEL_SAM3_MODEL",
+    "GROUNDLABEL_SAM3_BATCH", "GROUNDLABEL_SAM_MODEL", "GROUNDLABEL_SAM_FAMILY", "GROUNDLABEL_SAM_MIN_IOU",
+    "GROUNDLABEL_SAM_CACHE_MB", "GROUNDLABEL_LAVT_REFINE", *OFFLINE_VARIABLES, "HF_ENDPOINT",
     "HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_TOKEN",
     "GROUNDLABEL_MODEL_STORE", "GROUNDLABEL_TRAIN_EVERY", "GROUNDLABEL_TRAIN_TIMEOUT",
     "GROUNDLABEL_TRAIN_EPOCHS", "GROUNDLABEL_TRAIN_BATCH", "GROUNDLABEL_TRAIN_LR",
@@ -330,6 +402,7 @@ def _engine_settings(e: _Env) -> EngineSettings:
     except ValueError as exc:
         raise UserError(f"GROUNDLABEL_GEM_TEMPERATURE={temperature!r} is not valid: {exc}") from exc
     checkpoint = e.text("GROUNDLABEL_LAVT_CHECKPOINT")
+    sam_model = e.text("GROUNDLABEL_SAM_MODEL")
     pretrained = e.text("GROUNDLABEL_GEM_PRETRAINED")
     return EngineSettings(
         gem_model=e.text("GROUNDLABEL_GEM_MODEL"),
@@ -349,6 +422,15 @@ def _engine_settings(e: _Env) -> EngineSettings:
         lavt_checkpoint=weights_source(checkpoint),
         lavt_variant=e.text("GROUNDLABEL_LAVT_VARIANT"),
         lavt_tokenizer=e.text("GROUNDLABEL_LAVT_TOKENIZER"),
+        engine=(e.text("GROUNDLABEL_ENGINE") or "gem").lower(),
+        sam3_model=weights_source(e.text("GROUNDLABEL_SAM3_MODEL", "facebook/sam3")),
+        sam3_batch=e.number("GROUNDLABEL_SAM3_BATCH", None, int, minimum=1),
+        sam_enabled=sam_model is not None,
+        sam_model=weights_source(sam_model),
+        sam_family=e.text("GROUNDLABEL_SAM_FAMILY"),
+        sam_min_iou=e.number("GROUNDLABEL_SAM_MIN_IOU", None, float, minimum=0.0),
+        sam_cache_mb=e.number("GROUNDLABEL_SAM_CACHE_MB", None, int, minimum=0),
+        lavt_refine=e.text("GROUNDLABEL_LAVT_REFINE"),
         hub=hub_settings(e.env),
     )
 
@@ -440,6 +522,7 @@ class Settings:
         self.backend.validate()
         self.queue.validate()
         self.training.validate()
+        self.engines.validate()
         return self
 
     def secrets(self) -> list[str]:

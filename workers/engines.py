@@ -18,7 +18,7 @@ from typing import Any
 
 from groundlabel.errors import UserError
 from groundlabel.ls_access import FetchSettings
-from groundlabel.settings import EngineSettings, Settings
+from groundlabel.settings import EngineSettings, Settings, split_refine
 
 log = logging.getLogger(__name__)
 
@@ -76,30 +76,71 @@ def lavt_config(engines: EngineSettings) -> Any:
     return LavtConfig(**engines.lavt_options())
 
 
+def sam3_config(engines: EngineSettings) -> Any:
+    """The :class:`workers.models.sam3.Sam3Config` that ``engines`` asks for (validated; no torch)."""
+    from workers.models.sam3.config import Sam3Config
+
+    config = Sam3Config(**engines.sam3_options())
+    try:
+        config.validate()
+    except UserError as exc:
+        raise UserError(f"GROUNDLABEL_SAM3_* settings: {exc}") from exc
+    return config
+
+
+def sam_config(engines: EngineSettings) -> Any:
+    """The promptable SAM's :class:`workers.models.sam.SamConfig` (clicks, boxes, ``refine=sam``), or None
+    when ``GROUNDLABEL_SAM_MODEL`` is not set (no torch)."""
+    if not engines.sam_enabled:
+        return None
+    from workers.models.sam.config import SamConfig
+
+    try:
+        return SamConfig(**engines.sam_options())
+    except UserError as exc:
+        raise UserError(f"GROUNDLABEL_SAM_* settings: {exc}") from exc
+
+
+def sam_refines(engines: EngineSettings, kind: str) -> bool:
+    """Whether ``refine=sam`` applies to ``kind``'s masks (``"gem"`` or ``"lavt"``)."""
+    return split_refine(engines.gem_refine if kind == "gem" else engines.lavt_refine)[1]
+
+
 def model_versions(engines: EngineSettings) -> dict[str, str]:
-    """The name each configured engine gives its predictions: ``gem``, and ``lavt`` when configured,
-    else ``gem_for_lavt`` (GEM grounding expressions). Computed without loading any model or reading a
-    weight file (the backend's machine need not hold the weights)."""
+    """The name each configured engine gives its predictions: ``gem``, ``sam3`` (a label config may ask
+    for it), and ``lavt`` when configured, else ``gem_for_lavt`` (GEM grounding expressions). Computed
+    without loading any model or reading a weight file (the backend's machine need not hold the weights)."""
     from workers.models.gem.weights import weights_label
     from workers.models.lavt.config import lavt_model_version
 
     config = gem_config(engines)
     gem = config.model_version(weights_label(config.pretrained))
+    from workers.models.sam.config import refined_version
+
+    sam3 = sam3_config(engines).model_version()
+    sam = sam_config(engines)
+    extra = {"sam": sam.model_version()} if sam is not None else {}
+    if sam is not None and sam_refines(engines, "gem"):
+        gem = refined_version(gem, extra["sam"])
     lavt = lavt_config(engines)
     if lavt is None:
-        return {"gem": gem, "gem_for_lavt": gem + STAND_IN_SUFFIX}
-    return {"gem": gem, "lavt": lavt_model_version(lavt.variant, engines.lavt_checkpoint)}
+        return {"gem": gem, "gem_for_lavt": gem + STAND_IN_SUFFIX, "sam3": sam3, **extra}
+    lavt_version = lavt_model_version(lavt.variant, engines.lavt_checkpoint)
+    if sam is not None and sam_refines(engines, "lavt"):
+        lavt_version = refined_version(lavt_version, extra["sam"])
+    return {"gem": gem, "lavt": lavt_version, "sam3": sam3, **extra}
 
 
 def announced_version(settings: Settings) -> str:
-    """The model version the backend announces: the operator's ``GROUNDLABEL_MODEL_VERSION``, else GEM's
-    name, followed by ``+lavt-<checkpoint stem>`` when LAVT is configured (``gem-ViT-B-16-openai``,
+    """The model version the backend announces: the operator's ``GROUNDLABEL_MODEL_VERSION``, else the
+    name of the deployment's engine (``GROUNDLABEL_ENGINE``: GEM's, or SAM 3's), followed by
+    ``+lavt-<checkpoint stem>`` when LAVT is configured (``gem-ViT-B-16-openai``,
     ``gem-ViT-B-16-openai+lavt-refcoco``). Each prediction carries its own engine's name
     (:func:`model_versions`)."""
     if settings.backend.model_version:
         return settings.backend.model_version
     engines = settings.engines
-    version = model_versions(engines)["gem"]
+    version = model_versions(engines)[engines.engine]
     if engines.lavt_enabled:
         version += "+lavt-" + (Path(engines.lavt_checkpoint).stem if engines.lavt_checkpoint else "random")
     return version
@@ -116,6 +157,25 @@ def get_gem_engine() -> Any:
             log.info("loading GEM %s (weights %s)", config.model_name, config.pretrained)
             engine = GemEngine(config)
             _engines["gem"] = engine
+        return engine
+
+
+def default_engine() -> str:
+    """The engine of class prompts and typed phrases for controls whose tag names none."""
+    return _settings.engines.engine
+
+
+def get_sam3_engine() -> Any:
+    """The process's SAM 3 engine (built on first use)."""
+    with _lock:
+        engine = _engines.get("sam3")
+        if engine is None:
+            from workers.models.sam3 import Sam3Engine
+
+            config = sam3_config(_settings.engines)
+            log.info("loading SAM 3 (weights %s)", config.model or "random")
+            engine = Sam3Engine(config)
+            _engines["sam3"] = engine
         return engine
 
 
@@ -193,9 +253,37 @@ def get_lavt_engine(project: str | None = None) -> Any:
         return engine
 
 
+def sam_enabled() -> bool:
+    """Whether a promptable SAM is configured (``GROUNDLABEL_SAM_MODEL``) or installed."""
+    return _settings.engines.sam_enabled or "sam" in _engines
+
+
+def get_sam_engine() -> Any:
+    """The process's promptable SAM (built on first use); None when none is configured."""
+    with _lock:
+        engine = _engines.get("sam")
+        if engine is None:
+            config = sam_config(_settings.engines)
+            if config is None:
+                return None
+            from workers.models.sam import SamEngine
+
+            log.info("loading SAM %s", config.model or f"(random weights, {config.family})")
+            engine = SamEngine(config)
+            _engines["sam"] = engine
+        return engine
+
+
+def refiner(kind: str) -> Any:
+    """The SAM engine sharpening ``kind``'s masks (``"gem"``, ``"lavt"``); None without ``refine=sam``."""
+    if not sam_refines(_settings.engines, kind):
+        return None
+    return get_sam_engine()
+
+
 def set_engine(kind: str, engine: Any) -> None:
-    """Install an already-built engine (``"gem"`` or ``"lavt"``) for this process."""
-    if kind not in ("gem", "lavt"):
+    """Install an already-built engine (``"gem"``, ``"sam3"``, ``"lavt"`` or ``"sam"``) for this process."""
+    if kind not in ("gem", "sam3", "lavt", "sam"):
         raise ValueError(f"unknown engine kind {kind!r}")
     with _lock:
         _engines[kind] = engine
@@ -210,6 +298,10 @@ def clear_engines() -> None:
 def load_all() -> list[str]:
     """Load every configured engine now; returns their model versions."""
     versions = [get_gem_engine().model_version]
+    if default_engine() == "sam3":
+        versions.append(get_sam3_engine().model_version)
     if lavt_enabled():
         versions.append(get_lavt_engine().model_version)
+    if sam_enabled():
+        versions.append(get_sam_engine().model_version)
     return versions

@@ -10,12 +10,17 @@ What a task gets:
 
 - **Class prompts (GEM)**, the default: every label's prompts (``predicted_values`` synonyms) go through
   GEM as one batch for all the job's tasks; the score maps become regions for every control.
+- **SAM 3**, for the controls whose tag says ``engine="sam3"`` (or all, under ``GROUNDLABEL_ENGINE=sam3``):
+  every instance of each class prompt, and of a typed phrase, becomes its own region with its own score
+  (:func:`workers.pipeline.prompt_regions`, :func:`workers.pipeline.text_regions`).
 - **A referring expression (LAVT)**: when the request's context holds a TextArea text, or the task's data
   holds one under the TextArea's ``value="$key"``. Without a configured LAVT model
   (``GROUNDLABEL_LAVT_CHECKPOINT``), GEM grounds the expression instead, and the prediction says so in its
   model version (``gem-...-expressions``).
 - **Clicks and boxes** (interactive key points / rectangles with a label): see
   :func:`workers.pipeline.click_regions`. The controls the user clicked with get no regions of their own.
+  With a promptable SAM configured (``GROUNDLABEL_SAM_MODEL``) they are its point and box prompts;
+  ``refine=sam`` (``GROUNDLABEL_GEM_REFINE``, ``GROUNDLABEL_LAVT_REFINE``) sharpens GEM's and LAVT's masks.
 
 A job's ``deadline`` (Unix time, set by the backend: when its request stops waiting, and before RQ's job
 timeout) bounds every image download; a task whose image is not fetched by then fails alone (nothing is
@@ -105,6 +110,10 @@ def run_prediction_job(payload: JobPayload) -> list[dict[str, Any]]:
     lavt = engines.get_lavt_engine(project) if wants_lavt else None
     stand_in = gem.model_version + engines.STAND_IN_SUFFIX
     outputs = spec.without(excluded)
+    default = engines.default_engine()
+
+    def engine_for(name: str) -> Any:
+        return engines.get_sam3_engine() if name == "sam3" else gem
 
     batch = [i for i in images if not expressions[i] and not clicks]
     for i in images:
@@ -112,18 +121,23 @@ def run_prediction_job(payload: JobPayload) -> list[dict[str, Any]]:
             continue
         try:
             if expressions[i]:
-                regions = pipeline.expression_regions(
-                    outputs, images[i], expressions[i], lavt=lavt, gem=gem, stand_in_version=stand_in
+                regions = pipeline.text_regions(
+                    outputs, images[i], expressions[i], engine_for, default=default, lavt=lavt,
+                    stand_in_version=stand_in, sam=engines.refiner("lavt" if lavt is not None else "gem"),
                 )
             else:
-                regions = pipeline.click_regions(spec, images[i], clicks, gem=gem, excluded=excluded)
+                regions = pipeline.click_regions(
+                    spec, images[i], clicks, gem=gem, excluded=excluded, sam=engines.get_sam_engine()
+                )
             out[i] = answer(regions)
         except Exception as exc:
             log.warning("task %s failed: %s", tasks[i].get("id"), _describe(exc))
             out[i] = failed(exc)
 
     if batch:
-        found = pipeline.class_prompt_regions(gem, outputs, [images[i] for i in batch])
+        found = pipeline.prompt_regions(
+            outputs, [images[i] for i in batch], engine_for, default=default, sam=engines.refiner("gem")
+        )
         for i, item in zip(batch, found, strict=True):
             out[i] = failed(item) if isinstance(item, Exception) else answer(item)
     return [o if o is not None else failed(UserError("no prediction was made")) for o in out]

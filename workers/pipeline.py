@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +28,17 @@ import numpy as np
 from groundlabel.errors import UserError
 from groundlabel.ls_format import Click
 from groundlabel.spec import ControlSpec, LabelingSpec
+from workers.models.sam.config import refined_version
 from workers.regions import (
     DEFAULT_THRESHOLD,
+    control_model,
     control_threshold,
+    prediction_score,
     regions_from_mask,
     regions_from_scores,
     working_size,
 )
+from workers.regions.geometry import find_components
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +74,12 @@ def class_prompt_regions(
     images: Sequence[Any],
     *,
     threshold: float | None = None,
+    sam: Any = None,
     keep_maps: bool = False,
 ) -> list[ImageRegions | Exception]:
     """Regions of every control for each image from the spec's class prompts; an image that fails gets
     its exception instead. ``threshold`` is the default for controls without ``model_score_threshold``.
+    ``sam``: a promptable SAM that sharpens each label's mask first (``refine=sam``, :func:`sam_regions`).
 
     Memory stays bounded whatever the images' size: GEM's maps are upsampled only to the regions'
     working size (:func:`workers.regions.working_size`, at most 2048 px a side), and the images go
@@ -84,7 +90,7 @@ def class_prompt_regions(
     images = list(images)
     out: list[ImageRegions | Exception] = []
     for group in _map_groups(images, len(prompts)):
-        out.extend(_class_prompt_group(gem, spec, group, prompts, groups, threshold, keep_maps))
+        out.extend(_class_prompt_group(gem, spec, group, prompts, groups, threshold, sam, keep_maps))
     return out
 
 
@@ -134,6 +140,7 @@ def _class_prompt_group(
     prompts: list[str],
     groups: list[str],
     threshold: float | None,
+    sam: Any,
     keep_maps: bool,
 ) -> list[ImageRegions | Exception]:
     """:func:`class_prompt_regions` of one group of images (GEM runs them as one batch)."""
@@ -158,14 +165,41 @@ def _class_prompt_group(
             continue
         scores = PromptMaps(prompts, image_maps)
         try:
-            results, score = regions_from_scores(
-                spec, scores, width=image.width, height=image.height, threshold=threshold
-            )
+            if sam is None:
+                results, score = regions_from_scores(
+                    spec, scores, width=image.width, height=image.height, threshold=threshold
+                )
+            else:
+                results, score = sam_regions(spec, scores, image, sam, threshold=threshold)
         except Exception as exc:
             out.append(exc)
             continue
-        out.append(ImageRegions(results, score, gem.model_version, maps=scores if keep_maps else None))
+        version = gem.model_version if sam is None else refined_version(gem.model_version, sam.model_version)
+        out.append(ImageRegions(results, score, version, maps=scores if keep_maps else None))
     return out
+
+
+def sam_regions(
+    spec: LabelingSpec, scores: dict[str, np.ndarray], image: Any, sam: Any, *, threshold: float | None = None
+) -> tuple[list[dict[str, Any]], float]:
+    """Every control's regions from score maps with ``refine=sam``: per control, each label's thresholded
+    mask (the pixels where it is the best label, as :func:`~workers.regions.regions_from_scores` assigns
+    them) is sharpened by :func:`workers.models.sam.refine_mask` before it becomes regions."""
+    from workers.models.sam.refine import refine_mask
+
+    results: list[dict[str, Any]] = []
+    for control in spec.controls:
+        model = control_model(control, threshold=threshold)
+        if model.skip or not control.labels:
+            continue
+        best, index = model.best_label(scores, width=image.width, height=image.height)
+        foreground = best >= model.threshold
+        for i, label in enumerate(control.labels):
+            mask = foreground & (index == i)
+            if mask.any():
+                sharp, _ = refine_mask(sam, image, mask, np.where(mask, best, 0.0))
+                results.extend(model.regions(label, sharp, best, width=image.width, height=image.height))
+    return results, prediction_score(results)
 
 
 def label_for_expression(control: ControlSpec, expression: str) -> str:
@@ -194,10 +228,18 @@ def _mask_regions(spec: LabelingSpec, mask: Any, score_map: Any, image: Any, lab
 
 
 def expression_regions(
-    spec: LabelingSpec, image: Any, expression: str, *, lavt: Any, gem: Any, stand_in_version: str
+    spec: LabelingSpec,
+    image: Any,
+    expression: str,
+    *,
+    lavt: Any,
+    gem: Any,
+    stand_in_version: str,
+    sam: Any = None,
 ) -> ImageRegions:
     """One region per control for a referring expression: LAVT's mask, or GEM's map of the expression
-    thresholded at the lowest control threshold when ``lavt`` is None (named ``stand_in_version``)."""
+    thresholded at the lowest control threshold when ``lavt`` is None (named ``stand_in_version``).
+    ``sam``: a promptable SAM that sharpens the mask first (``refine=sam``)."""
     meta: dict[str, Any] = {}
     if lavt is not None:
         ((prob, lavt_meta),) = lavt.probabilities([image], [expression])
@@ -211,6 +253,11 @@ def expression_regions(
         prob = maps[0]
         mask = prob >= min((control_threshold(c) for c in spec.controls), default=DEFAULT_THRESHOLD)
         version = stand_in_version
+    if sam is not None and mask.any():
+        from workers.models.sam.refine import refine_mask
+
+        mask, _ = refine_mask(sam, image, mask, np.where(mask, prob, 0.0))
+        version = refined_version(version, sam.model_version)
     results, score = _mask_regions(spec, mask, prob, image, lambda c: label_for_expression(c, expression))
     return ImageRegions(results, score, version, meta)
 
@@ -295,12 +342,66 @@ def clicks_mask(score_map: np.ndarray, clicks: Sequence[Click], threshold: float
     return mask
 
 
+def sam_prompts(clicks: Sequence[Click], width: int, height: int) -> list[tuple[Any, bool]]:
+    """One label's clicks as SAM prompts, each with whether its mask is added (True) or removed.
+
+    Every box is one prompt, with the key points (positive and negative) that lie inside it; the key
+    points outside every box form one more prompt when one of them is positive. A negative box's mask is
+    removed from the others'. Coordinates are pixel centres in the image plane.
+    """
+    from workers.models.sam.engine import Prompt
+
+    points = [c for c in clicks if c.kind == "keypointlabels"]
+    boxes = [c.pixel_box(width, height) for c in clicks if c.kind != "keypointlabels"]
+    box_sign = [c.positive for c in clicks if c.kind != "keypointlabels"]
+    seeds = [(c.pixel_point(width, height), int(c.positive)) for c in points]
+    prompts: list[tuple[Any, bool]] = []
+    used: set[int] = set()
+    for (x0, y0, x1, y1), positive in zip(boxes, box_sign, strict=True):
+        inside = [i for i, ((px, py), _) in enumerate(seeds) if x0 <= px < x1 and y0 <= py < y1]
+        used.update(inside)
+        pts = [(seeds[i][0][0] + 0.5, seeds[i][0][1] + 0.5) for i in inside]
+        box = (float(x0), float(y0), float(x1), float(y1))
+        prompts.append((Prompt(pts, [seeds[i][1] for i in inside], box), positive))
+    rest = [i for i in range(len(seeds)) if i not in used]
+    if any(seeds[i][1] for i in rest):
+        pts = [(seeds[i][0][0] + 0.5, seeds[i][0][1] + 0.5) for i in rest]
+        prompts.append((Prompt(pts, [seeds[i][1] for i in rest]), True))
+    return prompts
+
+
+def sam_clicks_mask(sam: Any, image: Any, clicks: Sequence[Click]) -> tuple[np.ndarray, float]:
+    """One label's clicks through a promptable SAM (:func:`sam_prompts`): the union of the added masks
+    minus the removed ones, and the mean of SAM's predicted IoUs. One click alone takes the best of SAM's
+    three candidates (a click is ambiguous); more prompts take its single answer."""
+    mask = np.zeros((image.height, image.width), dtype=bool)
+    prompts = sam_prompts(clicks, image.width, image.height)
+    scores: list[float] = []
+    for prompt, positive in sorted(prompts, key=lambda p: not p[1]):  # added first, then removed
+        multimask = len(prompt.points) == 1 and prompt.box is None
+        ((candidates, predicted),) = sam.segment(image, [prompt], multimask=multimask)
+        if positive:
+            mask |= candidates[0]
+            scores.append(float(predicted[0]))
+        else:
+            mask &= ~candidates[0]
+    return mask, float(np.clip(np.mean(scores), 0.0, 1.0)) if scores else 0.0
+
+
 def click_regions(
-    spec: LabelingSpec, image: Any, clicks: Sequence[Click], *, gem: Any, excluded: set[str] = frozenset()
+    spec: LabelingSpec,
+    image: Any,
+    clicks: Sequence[Click],
+    *,
+    gem: Any,
+    excluded: set[str] = frozenset(),
+    sam: Any = None,
 ) -> ImageRegions:
     """Regions for each clicked label. Its prompts and threshold come from every control that carries the
     label; the regions go to the controls not in ``excluded`` (those clicked with) that carry the label,
-    or to all of them when none does."""
+    or to all of them when none does. With ``sam`` (a promptable SAM engine), the clicks and boxes are its
+    point and box prompts (:func:`sam_clicks_mask`) and GEM is not run; the regions' score is SAM's
+    predicted IoU."""
     by_label: dict[str, list[Click]] = {}
     for click in clicks:
         by_label.setdefault(click.label, []).append(click)
@@ -311,11 +412,15 @@ def click_regions(
         owners = [c for c in spec.controls if label in c.labels]
         if not owners:
             raise UserError(f"the clicked label {label!r} is not a label of any control in the label config")
-        prompts = list(dict.fromkeys(p for c in owners for p in c.prompts[label]))
-        threshold = min(control_threshold(c) for c in owners)
-        (maps,) = gem.heatmaps([image], prompts)
-        score_map = maps.max(axis=0)
-        mask = clicks_mask(score_map, label_clicks, threshold)
+        if sam is not None:
+            mask, predicted = sam_clicks_mask(sam, image, label_clicks)
+            score_map = np.full(mask.shape, predicted, dtype=np.float32)
+        else:
+            prompts = list(dict.fromkeys(p for c in owners for p in c.prompts[label]))
+            threshold = min(control_threshold(c) for c in owners)
+            (maps,) = gem.heatmaps([image], prompts)
+            score_map = maps.max(axis=0)
+            mask = clicks_mask(score_map, label_clicks, threshold)
         targets = [c for c in outputs if label in c.labels] or outputs
         target_spec = spec.without({c.name for c in spec.controls} - {c.name for c in targets})
         res, score = _mask_regions(
@@ -324,4 +429,179 @@ def click_regions(
         results.extend(res)
         if res:
             scores.append(score)
-    return ImageRegions(results, float(np.mean(scores)) if scores else 0.0, gem.model_version)
+    version = gem.model_version if sam is None else sam.model_version
+    return ImageRegions(results, float(np.mean(scores)) if scores else 0.0, version)
+
+
+# -- SAM 3: one region per instance -------------------------------------------------------------------
+
+
+def engine_specs(spec: LabelingSpec, default: str = "gem") -> dict[str, LabelingSpec]:
+    """The spec split by engine: each engine's controls (their ``engine`` attribute, else ``default``),
+    in config order; an engine with no control is absent."""
+    names = {c.name: c.engine(default) for c in spec.controls}
+    out: dict[str, LabelingSpec] = {}
+    for engine in dict.fromkeys(names.values()):
+        out[engine] = spec.without({n for n, e in names.items() if e != engine})
+    return out
+
+
+def combine_regions(parts: Sequence[ImageRegions]) -> ImageRegions:
+    """One image's regions from several engines: results concatenated, versions joined with ``+``."""
+    if len(parts) == 1:
+        return parts[0]
+    results = [r for p in parts for r in p.results]
+    versions = "+".join(dict.fromkeys(p.model_version for p in parts))
+    meta = {k: v for p in parts for k, v in p.meta.items()}
+    maps = {k: v for p in parts for k, v in (p.maps or {}).items()} or None
+    return ImageRegions(results, prediction_score(results), versions, meta, maps)
+
+
+def instance_results(control: ControlSpec, label: str, instance: Any, *, width: int, height: int) -> list:
+    """One instance's regions in one control, each scored with the instance's score: a polygon per
+    part of its mask (Label Studio polygons have one outline), one brush mask, one box around its kept
+    parts, one key point (the pixel deepest inside it)."""
+    model = control_model(control)
+    mask = instance.mask
+    if control.type == "RectangleLabels":  # one box per instance, around the parts that pass min_region_area
+        kept = find_components(mask, None, model.min_area_pixels(width, height)).kept_mask()
+        if not kept.any():
+            return []
+        rows, cols = np.flatnonzero(kept.any(axis=1)), np.flatnonzero(kept.any(axis=0))
+        mask = np.zeros_like(kept)
+        mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = True
+    results = model.regions(label, mask, None, width=width, height=height)
+    for result in results:
+        result["score"] = round(float(instance.score), 4)
+    return results
+
+
+def _instances_to_regions(
+    spec: LabelingSpec, instances: Sequence[Any], image: Any, label_of, threshold: float | None
+) -> list[dict[str, Any]]:
+    """Every control's regions for the instances it takes: those of its labels (``label_of(control,
+    instance)``, None: not this control's) scoring at least its threshold."""
+    results: list[dict[str, Any]] = []
+    for control in spec.controls:
+        cut = control_threshold(control, threshold)
+        for instance in instances:
+            label = label_of(control, instance)
+            if label is not None and instance.score >= cut:
+                size = {"width": image.width, "height": image.height}
+                results.extend(instance_results(control, label, instance, **size))
+    return results
+
+
+def _prompt_label(control: ControlSpec, instance: Any) -> str | None:
+    for label in control.labels:
+        if instance.prompt in control.prompts[label]:
+            return label
+    return None
+
+
+def instance_regions(
+    sam3: Any, spec: LabelingSpec, images: Sequence[Any], *, threshold: float | None = None
+) -> list[ImageRegions | Exception]:
+    """Regions of every control from SAM 3's instances of the spec's class prompts (synonyms of a label
+    merged when their masks coincide); an image that fails gets its exception instead. Each control keeps
+    the instances scoring at least its ``model_score_threshold`` (else ``threshold``, else 0.5)."""
+    prompts, groups = prompt_groups(spec)
+    images = list(images)
+    if not images:
+        return []
+    floor = min(control_threshold(c, threshold) for c in spec.controls)
+    try:
+        found: list[Any] = list(sam3.instances(images, prompts, groups=groups, min_score=floor))
+    except Exception as exc:  # isolate the image that breaks the batch
+        if len(images) == 1:
+            return [exc]
+        log.warning("SAM 3 batch of %d images failed (%s); running them one by one", len(images), exc)
+        found = []
+        for image in images:
+            try:
+                found.append(sam3.instances([image], prompts, groups=groups, min_score=floor)[0])
+            except Exception as one_exc:
+                found.append(one_exc)
+    out: list[ImageRegions | Exception] = []
+    for image, instances in zip(images, found, strict=True):
+        if isinstance(instances, Exception):
+            out.append(instances)
+            continue
+        try:
+            results = _instances_to_regions(spec, instances, image, _prompt_label, threshold)
+        except Exception as exc:
+            out.append(exc)
+            continue
+        meta = {"instances": len(instances)}
+        out.append(ImageRegions(results, prediction_score(results), sam3.model_version, meta))
+    return out
+
+
+def phrase_regions(sam3: Any, spec: LabelingSpec, image: Any, phrase: str) -> ImageRegions:
+    """A typed phrase through SAM 3: one region per instance in each control, labelled with the control's
+    label that the phrase names (:func:`label_for_expression`)."""
+    floor = min(control_threshold(c) for c in spec.controls)
+    (instances,) = sam3.instances([image], [phrase], min_score=floor)
+    labels = {c.name: label_for_expression(c, phrase) for c in spec.controls}
+    results = _instances_to_regions(spec, instances, image, lambda c, _i: labels[c.name], None)
+    meta = {"instances": len(instances)}
+    return ImageRegions(results, prediction_score(results), sam3.model_version, meta)
+
+
+def prompt_regions(
+    spec: LabelingSpec,
+    images: Sequence[Any],
+    get_engine: Callable[[str], Any],
+    *,
+    default: str = "gem",
+    threshold: float | None = None,
+    sam: Any = None,
+    keep_maps: bool = False,
+) -> list[ImageRegions | Exception]:
+    """Class prompts through each control's engine (:func:`engine_specs`): GEM's score maps
+    (:func:`class_prompt_regions`, sharpened by ``sam`` when given; kept on the results with
+    ``keep_maps``) and SAM 3's instances (:func:`instance_regions`), combined per image.
+    ``get_engine(name)`` gives the engine ``"gem"`` or ``"sam3"``."""
+    per_engine = []
+    for name, part in (engine_specs(spec, default) or {"gem": spec}).items():
+        if name == "sam3":
+            per_engine.append(instance_regions(get_engine(name), part, images, threshold=threshold))
+        else:
+            per_engine.append(
+                class_prompt_regions(
+                    get_engine(name), part, images, threshold=threshold, sam=sam, keep_maps=keep_maps
+                )
+            )
+    out: list[ImageRegions | Exception] = []
+    for parts in zip(*per_engine, strict=True):
+        failed = [p for p in parts if isinstance(p, Exception)]
+        out.append(failed[0] if failed else combine_regions(parts))
+    return out
+
+
+def text_regions(
+    spec: LabelingSpec,
+    image: Any,
+    text: str,
+    get_engine: Callable[[str], Any],
+    *,
+    default: str = "gem",
+    lavt: Any = None,
+    stand_in_version: str = "",
+    sam: Any = None,
+) -> ImageRegions:
+    """A typed phrase: SAM 3's instances in the controls whose engine is ``sam3`` (:func:`phrase_regions`),
+    LAVT's mask, or GEM's standing in for it, in the others (:func:`expression_regions`; sharpened by
+    ``sam`` when given)."""
+    parts = []
+    for name, part in (engine_specs(spec, default) or {"gem": spec}).items():
+        if name == "sam3":
+            parts.append(phrase_regions(get_engine("sam3"), part, image, text))
+        else:
+            gem = get_engine("gem")
+            parts.append(
+                expression_regions(
+                    part, image, text, lavt=lavt, gem=gem, stand_in_version=stand_in_version, sam=sam
+                )
+            )
+    return combine_regions(parts)

@@ -1,4 +1,4 @@
-"""``groundlabel predict``: pre-label image files with GEM and write Label Studio import JSON.
+"""``groundlabel predict``: pre-label image files with GEM (or SAM 3) and write Label Studio import JSON.
 
 Example::
 
@@ -25,8 +25,9 @@ from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 from groundlabel.errors import UserError
-from groundlabel.settings import Settings, parse_temperature, weights_source
-from workers.models.gem.config import METHODS, REFINES
+from groundlabel.settings import Settings, parse_temperature, split_refine, weights_source
+from workers.models.gem.config import METHODS
+from workers.models.sam.cli import REFINE_CHOICES, add_sam_arguments, sam_engine_from_args
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -89,14 +90,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--gem-temperature", default="adaptive", metavar="adaptive|FLOAT",
                        help="GEM's self-self inverse temperature (default adaptive, the paper's rule; "
                             "a fixed value helps small custom models, see docs/quality.md)")
-    model.add_argument("--refine", default="none", choices=list(REFINES),
-                       help="refine the score maps along image edges (pamr; default none)")
+    model.add_argument("--refine", default="none", choices=list(REFINE_CHOICES),
+                       help="pamr: refine the score maps along image edges; sam: sharpen each mask with a "
+                            "promptable SAM (--sam-model, docs/sam.md); default none")
     model.add_argument("--templates", default="paper", choices=["paper", "ensemble"])
     model.add_argument("--threshold", type=float, default=None,
                        help="background below this calibrated score (default 0.5; a control's "
                             "model_score_threshold attribute wins)")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     model.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    sam3 = p.add_argument_group("SAM 3 (docs/sam3.md)")
+    sam3.add_argument("--engine", choices=["gem", "sam3"], default=None,
+                      help="engine of the controls whose tag names none (default $GROUNDLABEL_ENGINE, else "
+                           "gem); sam3 gives one region per instance")
+    sam3.add_argument("--sam3-model", default=None, metavar="HUB_ID|FOLDER|none",
+                      help="SAM 3 weights (default $GROUNDLABEL_SAM3_MODEL, else facebook/sam3, gated: set "
+                           "HF_TOKEN); 'none' for random weights")
+    add_sam_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
@@ -238,12 +248,27 @@ def build_engine(args: argparse.Namespace) -> Any:
         method=args.method,
         gem_depth=getattr(args, "gem_depth", 7),
         ss_attn_temp=_temperature(getattr(args, "gem_temperature", "adaptive")),
-        refine=getattr(args, "refine", "none"),
+        refine=split_refine(getattr(args, "refine", "none"))[0],
         templates=args.templates,
         device=args.device,
         batch_size=max(1, args.batch_size),
     )
     return GemEngine(config)
+
+
+def build_sam3_engine(args: argparse.Namespace) -> Any:
+    """The SAM 3 engine the options ask for (``--sam3-model`` over ``GROUNDLABEL_SAM3_MODEL``)."""
+    from workers.engines import sam3_config
+    from workers.models.sam3 import Sam3Engine
+
+    engines = Settings.from_env().engines
+    config = sam3_config(engines)
+    if args.sam3_model is not None:
+        config.model = weights_source(args.sam3_model)
+    if args.weights_dir:
+        config.weights_dir = args.weights_dir
+    config.device, config.batch_size = args.device, max(1, args.batch_size)
+    return Sam3Engine(config)
 
 
 def _temperature(text: str) -> float | None:
@@ -257,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     """The ``predict`` verb; returns 0, or 1 when some images failed (they are reported and skipped)."""
     from tqdm import tqdm
 
-    from workers.pipeline import class_prompt_regions
+    from workers.pipeline import engine_specs, prompt_regions
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
@@ -275,7 +300,12 @@ def run(args: argparse.Namespace) -> int:
     if overlay_dir:
         overlay_dir.mkdir(parents=True, exist_ok=True)
 
-    engine = build_engine(args)
+    default = args.engine or Settings.from_env().engines.engine
+    needed = engine_specs(spec, default)
+    built = {
+        name: build_sam3_engine(args) if name == "sam3" else build_engine(args) for name in needed
+    }
+    sam = sam_engine_from_args(args, Settings.from_env().engines)
     tasks: list[dict[str, Any] | None] = [None] * len(sources)
     failures: list[_Item] = []
     used_names: set[str] = set()
@@ -290,9 +320,9 @@ def run(args: argparse.Namespace) -> int:
             except UserError as exc:
                 item.error = str(exc)
         good = [it for it in batch if it.error is None]
-        found = class_prompt_regions(
-            engine, spec, [it.image for it in good], threshold=args.threshold,
-            keep_maps=overlay_dir is not None,
+        found = prompt_regions(
+            spec, [it.image for it in good], built.__getitem__, default=default, threshold=args.threshold,
+            sam=sam, keep_maps=overlay_dir is not None,
         )
         for item, regions in zip(good, found, strict=True):
             if isinstance(regions, UserError):
