@@ -35,7 +35,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(name: str, image: Image.Image, clicks: int, device: str) -> dict:
+def measure(name: str, image: Image.Image, clicks: int, device: str, warmup: bool = True) -> dict:
     """Timings of one family (seconds), its parameter count and its embedding's size."""
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -44,7 +44,7 @@ def measure(name: str, image: Image.Image, clicks: int, device: str) -> dict:
     engine = SamEngine(SamConfig(model=None, family=name, device=device), model=model)
     rng = np.random.default_rng(0)
     points = [(float(x), float(y)) for x, y in rng.uniform(0, [image.width, image.height], (clicks + 1, 2))]
-    with torch.no_grad():  # warm-up on another image (allocations, kernels)
+    if warmup:  # on another image (allocations, kernels)
         engine.segment(image.transpose(Image.FLIP_LEFT_RIGHT), [Prompt([points[0]], [1])])
     engine.cache.clear()
     sync(engine.device)
@@ -86,6 +86,7 @@ def main() -> int:
     parser.add_argument("--size", default="1024x768", help="image WIDTHxHEIGHT")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up image (slow CPUs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sam_speed.json"))
     args = parser.parse_args()
     if args.threads:
@@ -96,7 +97,7 @@ def main() -> int:
     print(f"{'family':<12} | params | input | first click | next click | ratio | embedding | emb MiB")
     print(f"{'-' * 12}-+--------+-------+-------------+------------+-------+-----------+--------")
     for name in args.families:
-        r = measure(name, image, args.clicks, args.device)
+        r = measure(name, image, args.clicks, args.device, warmup=not args.no_warmup)
         rows.append(r)
         print(
             f"{name:<12} | {r['parameters_M']:5.1f}M | {r['input']:5d} | "

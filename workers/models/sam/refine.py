@@ -88,17 +88,18 @@ def refine_mask(
     stats = {"kept": 0, "rejected": 0}
     if not parts:
         return mask.copy(), stats
-    out = mask.copy()
+    removed = np.zeros_like(mask)
+    added = np.zeros_like(mask)
     for part, (candidates, _) in zip(parts, sam.segment(image, [p.prompt for p in parts]), strict=True):
         ious = [mask_iou(c, part.mask) for c in candidates]
         best = int(np.argmax(ious))
         if ious[best] >= threshold:
-            out &= ~part.mask
-            out |= candidates[best]
+            removed |= part.mask
+            added |= candidates[best]
             stats["kept"] += 1
         else:
             stats["rejected"] += 1
-    return out, stats
+    return (mask & ~removed) | added, stats
 
 
 def refine_label_map(
