@@ -10,6 +10,11 @@ upsampling adds little).
 
 "Extra label" is the time one more label adds per image: (t(L labels) − t(1 label)) / (L − 1) / batch.
 
+``--parts`` times the two parts instead, which is steadier on a loaded CPU where a whole call's noise
+exceeds a label's cost: the vision tower on the batch, and the detector + mask decoder on one
+(image, prompt) pair (``--pair-repeats`` times, median), the latter being what each extra label costs per
+image; images/s is then batch / (vision + batch × labels × pair).
+
     .venv/bin/python benchmarks/sam3_speed.py [--device auto] [--batches 1,8] [--labels 4] [--repeats N]
         [--precision auto|fp32|bf16]
 
@@ -54,6 +59,8 @@ def main() -> int:
     parser.add_argument("--labels", type=int, default=4, help="labels of the multi-label rows (default 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (5 GPU, 1 CPU)")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on GPU), fp32 or bf16")
+    parser.add_argument("--parts", action="store_true", help="time the vision tower and one pair apart")
+    parser.add_argument("--pair-repeats", type=int, default=3, help="timed pairs with --parts (median)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sam3_speed.json"))
     args = parser.parse_args()
     if not 2 <= args.labels <= len(LABELS):
@@ -87,6 +94,10 @@ def main() -> int:
             torch.cuda.synchronize(device)
         return (time.perf_counter() - t0) / repeats
 
+    if args.parts:
+        rows = [_parts_row(engine, pool[:b], args, repeats) for b in batches]
+        return _report(args, rows, engine, repeats, params, size, "parts")
+
     rows = []
     for batch in batches:
         images = pool[:batch]
@@ -100,20 +111,87 @@ def main() -> int:
             "batch": batch,
             "s_per_call_1_label": round(one, 3),
             f"s_per_call_{args.labels}_labels": round(many, 3),
-            "images_per_s_1_label": round(batch / one, 3),
-            f"images_per_s_{args.labels}_labels": round(batch / many, 3),
+            "images_per_s_1_label": round(batch / one, 4),
+            f"images_per_s_{args.labels}_labels": round(batch / many, 4),
             "extra_label_ms_per_image": round(1000 * extra, 1),
             "peak_MiB": round(peak),
             "peak_kind": "cuda allocated" if gpu else "process RSS, peak so far",
         }
         rows.append(row)
         print(
-            f"batch {batch}: {row['images_per_s_1_label']} images/s with 1 label, "
+            f"batch {batch}: {one:.1f} s per call with 1 label, {many:.1f} s with {args.labels}: "
+            f"{row['images_per_s_1_label']} images/s with 1 label, "
             f"{row[f'images_per_s_{args.labels}_labels']} with {args.labels}; "
             f"+{row['extra_label_ms_per_image']} ms per image per extra label; peak {row['peak_MiB']} MiB",
             flush=True,
         )
 
+    return _report(args, rows, engine, repeats, params, size, "whole calls")
+
+
+def _parts_row(engine, images: list, args, repeats: int) -> dict:
+    """Vision tower on the batch and one detector pass on one (image, prompt) pair, timed apart."""
+    import statistics
+
+    import torch
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+    from workers.models.device import autocast_context
+
+    device, gpu = engine.device, engine.device.type == "cuda"
+
+    def sync() -> None:
+        if gpu:
+            torch.cuda.synchronize(device)
+
+    text, mask = engine.text_features(["car"])
+    with torch.inference_mode(), autocast_context(device, engine.config.precision):
+        pixels = engine.preprocess(images).to(device)
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+            engine.model.get_vision_features(pixel_values=pixels)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            vision = engine.model.get_vision_features(pixel_values=pixels)
+        sync()
+        vision_s = (time.perf_counter() - t0) / repeats
+        one = Sam3VisionEncoderOutput(
+            fpn_hidden_states=tuple(t[:1] for t in vision.fpn_hidden_states),
+            fpn_position_encoding=tuple(t[:1] for t in vision.fpn_position_encoding),
+        )
+        times = []
+        for _ in range(args.pair_repeats + (1 if gpu else 0)):
+            sync()
+            t0 = time.perf_counter()
+            embeds = BaseModelOutputWithPooling(pooler_output=text)
+            engine.model(vision_embeds=one, text_embeds=embeds, attention_mask=mask)
+            sync()
+            times.append(time.perf_counter() - t0)
+        pair_s = statistics.median(times[1:] if gpu else times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if gpu else peak_rss_mib()
+    batch, n = len(images), args.labels
+    row = {
+        "batch": batch,
+        "vision_s_per_batch": round(vision_s, 3),
+        "pair_s": round(pair_s, 4),
+        "images_per_s_1_label": round(batch / (vision_s + batch * pair_s), 4),
+        f"images_per_s_{n}_labels": round(batch / (vision_s + batch * n * pair_s), 4),
+        "extra_label_ms_per_image": round(1000 * pair_s, 1),
+        "peak_MiB": round(peak),
+        "peak_kind": "cuda allocated" if gpu else "process RSS, peak so far",
+    }
+    print(f"batch {batch}: vision {vision_s:.1f} s per batch, one (image, prompt) pair {pair_s:.2f} s "
+          f"(median of {len(times)}); peak {row['peak_MiB']} MiB", flush=True)  # fmt: skip
+    return row
+
+
+def _report(args, rows: list[dict], engine, repeats: int, params: float, size: int, mode: str) -> int:
+    import torch
+
+    device = engine.device
+    gpu = device.type == "cuda"
     cpu = platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({cpu})"
     bf16 = args.precision == "bf16" or (args.precision == "auto" and gpu)
@@ -140,6 +218,7 @@ def main() -> int:
                 "params_M": round(params, 1),
                 "input_size": size,
                 "image_size": [640, 480],
+                "mode": mode,
                 "repeats": repeats,
                 "rows": rows,
             },
