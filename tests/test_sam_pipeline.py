@@ -126,6 +126,7 @@ def test_sam_settings_and_model_versions(tiny_gem_env) -> None:
     versions = engines.model_versions(e)
     assert versions["sam"] == "sam-sam2.1-hiera-tiny"
     assert versions["gem"].endswith("-pamr+sam-sam2.1-hiera-tiny")
+    assert versions["gem_for_lavt"].endswith("-pamr-expressions+sam-sam2.1-hiera-tiny")  # as the job names it
     assert engines.announced_version(settings) == versions["gem"]
     assert engines.sam_config(Settings.from_env(tiny_gem_env).engines) is None
     with pytest.raises(UserError, match="needs a promptable SAM"):
@@ -204,3 +205,21 @@ def test_without_sam_clicks_use_gem(sam_worker) -> None:
         payload([{"id": 3, "data": {"image": png_data_uri(48, 40, seed=3)}}], click_context(click))
     )
     assert prediction["model_version"].startswith("gem-") and engines.get_sam_engine() is None
+
+
+def test_refine_sam_on_an_expression_that_gem_grounds(sam_worker) -> None:
+    sam_worker(GROUNDLABEL_SAM_MODEL="random", GROUNDLABEL_GEM_REFINE="sam")
+    config = """<View><Image name="image" value="$image"/>
+      <BrushLabels name="brush" toName="image"><Label value="Thing"/></BrushLabels>
+      <TextArea name="prompt" toName="image" value="$expression"/></View>"""
+    task = {"id": 4, "data": {"image": png_data_uri(48, 40, seed=4), "expression": "the thing"}}
+    body = {
+        "tasks": [task],
+        "spec": parse_label_config(config).to_dict(),
+        "context": None,
+        "label_studio_url": None,
+    }
+    (prediction,) = run_job(body)
+    assert "error" not in prediction, prediction
+    expected = engines.get_gem_engine().model_version + engines.STAND_IN_SUFFIX + "+sam-sam2-custom"
+    assert prediction["model_version"] == expected

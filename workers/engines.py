@@ -120,11 +120,12 @@ def model_versions(engines: EngineSettings) -> dict[str, str]:
     sam3 = sam3_config(engines).model_version()
     sam = sam_config(engines)
     extra = {"sam": sam.model_version()} if sam is not None else {}
+    stand_in = gem + STAND_IN_SUFFIX
     if sam is not None and sam_refines(engines, "gem"):
-        gem = refined_version(gem, extra["sam"])
+        gem, stand_in = refined_version(gem, extra["sam"]), refined_version(stand_in, extra["sam"])
     lavt = lavt_config(engines)
     if lavt is None:
-        return {"gem": gem, "gem_for_lavt": gem + STAND_IN_SUFFIX, "sam3": sam3, **extra}
+        return {"gem": gem, "gem_for_lavt": stand_in, "sam3": sam3, **extra}
     lavt_version = lavt_model_version(lavt.variant, engines.lavt_checkpoint)
     if sam is not None and sam_refines(engines, "lavt"):
         lavt_version = refined_version(lavt_version, extra["sam"])

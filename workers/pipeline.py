@@ -253,10 +253,11 @@ def expression_regions(
         prob = maps[0]
         mask = prob >= min((control_threshold(c) for c in spec.controls), default=DEFAULT_THRESHOLD)
         version = stand_in_version
-    if sam is not None and mask.any():
+    if sam is not None:  # named after both engines even when there is nothing to sharpen
         from workers.models.sam.refine import refine_mask
 
-        mask, _ = refine_mask(sam, image, mask, np.where(mask, prob, 0.0))
+        if mask.any():
+            mask, _ = refine_mask(sam, image, mask, np.where(mask, prob, 0.0))
         version = refined_version(version, sam.model_version)
     results, score = _mask_regions(spec, mask, prob, image, lambda c: label_for_expression(c, expression))
     return ImageRegions(results, score, version, meta)

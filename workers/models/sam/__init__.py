@@ -1,10 +1,13 @@
 """Promptable Segment Anything models (SAM 3 tracker, SAM 2.1, SAM, SAM-HQ, EdgeTAM) from ``transformers``:
-masks from clicks and boxes, and ``refine=sam`` of GEM's and LAVT's coarse masks (``docs/sam.md``)."""
+masks from clicks and boxes, and ``refine=sam`` of GEM's and LAVT's coarse masks (``docs/sam.md``).
+
+``config``, ``families`` and ``cli`` import no torch; the engine and the refinement load on first use.
+"""
+
+from typing import Any
 
 from .config import DEFAULT_CACHE_BYTES, DEFAULT_MIN_IOU, SamConfig
-from .engine import EmbeddingLRU, Prompt, SamEngine
 from .families import FAMILIES, family, real_config, tiny_config
-from .refine import mask_parts, refine_label_map, refine_mask
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
@@ -21,3 +24,20 @@ __all__ = [
     "refine_mask",
     "tiny_config",
 ]
+
+_LAZY = {
+    "EmbeddingLRU": "engine",
+    "Prompt": "engine",
+    "SamEngine": "engine",
+    "mask_parts": "refine",
+    "refine_label_map": "refine",
+    "refine_mask": "refine",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
