@@ -12,13 +12,18 @@ REPO = Path(__file__).resolve().parents[1]
 def test_compose_file_structure():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"redis", "label-studio", "backend", "worker"}
+    assert set(services) == {"redis", "label-studio", "backend", "worker", "trainer"}
     assert services["label-studio"]["image"].startswith("heartexlabs/label-studio")
     backend, worker = services["backend"], services["worker"]
     assert backend["build"]["target"] == "backend" and worker["build"]["target"] == "worker"
     assert backend["command"][:2] == ["groundlabel", "serve"] and "0.0.0.0" in backend["command"]
     assert worker["command"] == ["groundlabel", "worker"]
-    for service in (backend, worker):
+    trainer = services["trainer"]
+    assert trainer["build"]["target"] == "worker"
+    assert trainer["command"] == ["groundlabel", "worker", "--queues", "train"]
+    # The trainer writes the model store; the prediction workers only read it.
+    assert "models:/models" in trainer["volumes"] and "models:/models:ro" in worker["volumes"]
+    for service in (backend, worker, trainer):
         assert service["environment"]["REDIS_URL"].startswith("redis://")
         assert service["environment"]["REDIS_URL"].endswith("@redis:6379/0")
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
