@@ -10,7 +10,8 @@ candidate masks (SAM's focal loss starts too slowly for a few minutes of trainin
 squared error.
 
 Train it with ``groundlabel train-tiny-sam --out tests/assets/tiny_sam.pt`` (deterministic for a given seed
-and thread count).
+and thread count); ``--init`` continues from an earlier checkpoint on fresh scenes (the asset's four stages
+are in docs/sam.md).
 """
 
 from __future__ import annotations
@@ -32,16 +33,19 @@ TINY_INPUT = 96
 COARSE_GRID = 6
 
 
-def tiny_sam_config(image_size: int = TINY_INPUT, width: int = 64, layers: int = 4) -> Any:
-    """The tiny ``SamConfig``: ``layers`` ViT blocks of ``width`` on 8-pixel patches."""
+def tiny_sam_config(
+    image_size: int = TINY_INPUT, width: int = 64, layers: int = 4, patch_size: int = 8
+) -> Any:
+    """The tiny ``SamConfig``: ``layers`` ViT blocks of ``width`` on ``patch_size``-pixel patches."""
     import transformers as t
 
     vision = t.SamVisionConfig(
         hidden_size=width, output_channels=width, num_hidden_layers=layers, num_attention_heads=2,
-        image_size=image_size, patch_size=8, window_size=6, global_attn_indexes=list(range(1, layers, 2)),
-        num_pos_feats=width // 2, mlp_dim=2 * width, initializer_range=0.02,
+        image_size=image_size, patch_size=patch_size, window_size=6,
+        global_attn_indexes=list(range(1, layers, 2)), num_pos_feats=width // 2, mlp_dim=2 * width,
+        initializer_range=0.02,
     )  # fmt: skip
-    prompt = t.SamPromptEncoderConfig(hidden_size=width, image_size=image_size, patch_size=8)
+    prompt = t.SamPromptEncoderConfig(hidden_size=width, image_size=image_size, patch_size=patch_size)
     decoder = t.SamMaskDecoderConfig(
         hidden_size=width, mlp_dim=4 * width, num_attention_heads=4, iou_head_hidden_dim=width
     )
@@ -116,18 +120,23 @@ def train_tiny_sam(
     threads: int | None = None,
     width: int = 64,
     layers: int = 4,
+    image_size: int = TINY_INPUT,
+    patch_size: int = 8,
+    init: str | Path | None = None,
     log_every: int = 50,
     save_every: int = 0,
     out: str | Path | None = None,
 ) -> tuple[Any, dict]:
     """Train the tiny SAM on freshly generated scenes (training seed ``seed``, never the held-out one);
-    the learning rate warms up, then decays with a cosine. Returns the model (eval) and a summary."""
+    the learning rate warms up, then decays with a cosine. ``init``: a checkpoint to continue from (its
+    architecture; ``width``, ``layers``, ``image_size`` and ``patch_size`` are then ignored). Returns the
+    model (eval) and a summary."""
     import torch
     import torch.nn.functional as F
 
     from workers.evaluation.scenes import make_scene
 
-    from .engine import SamEngine, save_checkpoint
+    from .engine import SamEngine, load_checkpoint, save_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -135,10 +144,13 @@ def train_tiny_sam(
     rng = np.random.default_rng(seed)
     from transformers import SamModel
 
-    model = SamModel(tiny_sam_config(TINY_INPUT, width, layers))
-    with torch.no_grad():  # SAM's random Fourier features at scale 1, as the original code draws them:
-        # transformers draws them at hidden_size / 2, so high in frequency that no position generalises
-        model.shared_image_embedding.positional_embedding.normal_(0.0, 1.0)
+    if init:
+        model, _ = load_checkpoint(init)
+    else:
+        model = SamModel(tiny_sam_config(image_size, width, layers, patch_size))
+        with torch.no_grad():  # SAM's random Fourier features at scale 1, as the original code draws them:
+            # transformers draws them at hidden_size / 2, so high in frequency that no position generalises
+            model.shared_image_embedding.positional_embedding.normal_(0.0, 1.0)
     engine = SamEngine(_train_config(), model=model, family_name="sam")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     start = time.perf_counter()
@@ -189,9 +201,12 @@ def train_tiny_sam(
         if save_every and out and (step + 1) % save_every == 0 and step + 1 < steps:
             save_checkpoint(out, model, "sam", {"steps": step + 1, "loss": loss_ema})
     model.eval()
+    vision = model.config.vision_config
     summary = {
-        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "width": width, "layers": layers,
-        "loss": loss_ema, "train_mask_iou": iou_ema, "seconds": time.perf_counter() - start,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "width": vision.hidden_size,
+        "layers": vision.num_hidden_layers, "image_size": vision.image_size, "patch_size": vision.patch_size,
+        "init": Path(init).name if init else None, "loss": loss_ema, "train_mask_iou": iou_ema,
+        "seconds": time.perf_counter() - start,
     }  # fmt: skip
     if out:
         save_checkpoint(out, model, "sam", summary)
@@ -244,7 +259,8 @@ def _forward(engine: Any, pixels: Any, prompts: list) -> tuple[Any, Any]:
 def _train_command(args: argparse.Namespace) -> int:
     _, summary = train_tiny_sam(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
-        width=args.width, layers=args.layers, out=args.out,
+        width=args.width, layers=args.layers, image_size=args.image_size, patch_size=args.patch_size,
+        init=args.init, save_every=args.save_every, out=args.out,
     )  # fmt: skip
     size = Path(args.out).stat().st_size / 2**20
     print(
@@ -260,7 +276,7 @@ def register(subparsers: Any) -> None:
         "train-tiny-sam",
         help="train the tiny promptable SAM used by the offline refinement tests",
         description="Train a tiny SamModel on generated scenes: point and box prompts → the shape's mask "
-        "(CPU is enough: a few minutes).",
+        "(CPU is enough: minutes per thousand steps).",
     )
     p.add_argument("--out", default="tests/assets/tiny_sam.pt", help="checkpoint to write")
     p.add_argument("--steps", type=int, default=1500)
@@ -271,5 +287,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--width", type=int, default=64, help="ViT, prompt encoder and mask decoder width")
     p.add_argument("--layers", type=int, default=4, help="ViT blocks")
+    p.add_argument("--image-size", type=int, default=TINY_INPUT, help="network input size (scenes are 48 px)")
+    p.add_argument("--patch-size", type=int, default=8, help="ViT patch size in input pixels")
+    p.add_argument("--init", default=None, help="a train-tiny-sam checkpoint to continue training from")
+    p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it slightly)")
     p.set_defaults(handler=_train_command)
