@@ -16,6 +16,7 @@ from groundlabel.errors import UserError
 from workers.models.clipself.eva import EVA_METHODS, EvaDenseTower, is_timm_eva
 from workers.models.device import autocast_context, resolve_device
 
+from ..inputs import check_images_and_prompts
 from .config import GemConfig
 from .modules import GemVisionTower
 from .prompts import EmbeddingCache, expand_prompt, normalize_prompt, templates_for
@@ -215,7 +216,7 @@ class GemEngine:
 
     def cosine_maps(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[np.ndarray]:
         """Raw cosine similarities ``[len(prompts), gh, gw]`` per image at token resolution (uncalibrated)."""
-        images, prompts = self._check_inputs(images, prompts)
+        images, prompts = check_images_and_prompts(images, prompts)
         if not prompts:
             gh, gw = self.tower.grid_for(*self.config.input_size)
             return [np.zeros((0, gh, gw), np.float32) for _ in images]
@@ -243,7 +244,7 @@ class GemEngine:
         instead of competing with each other. ``sizes``: one ``(width, height)`` per image to upsample to
         instead of the original size (a bounded size keeps memory independent of the image's). ``lazy``: each
         image's maps as :class:`UpsampledMaps`, upsampled one prompt at a time when read."""
-        images, prompts = self._check_inputs(images, prompts)
+        images, prompts = check_images_and_prompts(images, prompts)
         if groups is not None and len(groups) != len(prompts):
             raise UserError(f"groups has {len(groups)} entries for {len(prompts)} prompts")
         if sizes is not None and len(sizes) != len(images):
@@ -325,21 +326,3 @@ class GemEngine:
         return refine_scores(
             rgb.to(scores.device), scores, scale=1.0, num_iter=cfg.pamr_iters, dilations=cfg.pamr_dilations
         )
-
-    @staticmethod
-    def _check_inputs(
-        images: Sequence[Image.Image], prompts: Sequence[str]
-    ) -> tuple[list[Image.Image], list[str]]:
-        if isinstance(prompts, str):
-            raise UserError("prompts must be a sequence of strings, not one string")
-        images = list(images)
-        prompts = list(prompts)
-        for i, im in enumerate(images):
-            if not isinstance(im, Image.Image):
-                raise UserError(f"image {i} is a {type(im).__name__}, expected a PIL image")
-            if im.width < 1 or im.height < 1:
-                raise UserError(f"image {i} is empty ({im.width}x{im.height})")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise UserError(f"prompt {i} must be a non-empty string, got {p!r}")
-        return images, prompts

@@ -17,6 +17,7 @@ from PIL import Image
 from groundlabel.errors import UserError
 from workers.models.device import autocast_context, resolve_device
 from workers.models.gem.prompts import EmbeddingCache, normalize_prompt
+from workers.models.inputs import check_images_and_prompts
 
 from .config import SAM3_HUB_ID, Sam3Config
 from .processor import MAX_TEXT_TOKENS, default_processor
@@ -147,7 +148,7 @@ class Sam3Engine:
 
         ``groups`` (one key per prompt) marks the synonyms of one label: their instances are merged when
         their masks overlap by ``merge_iou`` or more (default: each prompt is its own group)."""
-        images, prompts = _check_inputs(images, prompts)
+        images, prompts = check_images_and_prompts(images, prompts)
         if groups is None:
             groups = list(prompts)
         if len(groups) != len(prompts):
@@ -271,18 +272,3 @@ def merge_duplicates(masks: torch.Tensor, group_ids: torch.Tensor, iou: float) -
             later[: i + 1] = False
             keep &= ~later
     return keep
-
-
-def _check_inputs(images: Sequence[Image.Image], prompts: Sequence[str]) -> tuple[list, list[str]]:
-    if isinstance(prompts, str):
-        raise UserError("prompts must be a sequence of strings, not one string")
-    images, prompts = list(images), list(prompts)
-    for i, im in enumerate(images):
-        if not isinstance(im, Image.Image):
-            raise UserError(f"image {i} is a {type(im).__name__}, expected a PIL image")
-        if im.width < 1 or im.height < 1:
-            raise UserError(f"image {i} is empty ({im.width}x{im.height})")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise UserError(f"prompt {i} must be a non-empty string, got {p!r}")
-    return images, prompts
