@@ -330,6 +330,57 @@ def load_tiny_clip(path: str | Path) -> tuple[Any, CompactTokenizer, TinyClipCon
     return model, tokenizer, config
 
 
+def export_open_clip(
+    checkpoint: str | Path, out_dir: str | Path, name: str = "tiny-clip-trained"
+) -> tuple[Path, Path]:
+    """The tiny CLIP at ``checkpoint`` as an ordinary open_clip model: ``(<name>.json, <name>.pt)``.
+
+    The config file registers with open_clip (``GROUNDLABEL_GEM_MODEL_CONFIG``) and the state dict loads as
+    ``GROUNDLABEL_GEM_PRETRAINED``, so a worker serves the trained tiny model with open_clip's own BPE
+    tokenizer: the token table is widened to open_clip's 49408 ids (each vocabulary id's row at its BPE
+    id, start and end of text at theirs, every other id on the unknown row), which gives the same text
+    embeddings as the compact tokenizer.
+    """
+    import json
+
+    import torch
+
+    model, tokenizer, config = load_tiny_clip(checkpoint)
+    state = model.state_dict()
+    compact = state["token_embedding.weight"]
+    bpe = _bpe()
+    sot, eot = bpe.encoder["<start_of_text>"], bpe.encoder["<end_of_text>"]
+    vocab = len(bpe.encoder)
+    table = compact[2].repeat(vocab, 1)
+    table[0], table[sot], table[eot] = compact[0], compact[1], compact[tokenizer.eot_id]
+    for i, b in enumerate(tokenizer.bpe_ids):
+        table[b] = compact[i + 3]
+    state["token_embedding.weight"] = table.contiguous()
+    spec = {
+        "embed_dim": config.embed_dim,
+        "vision_cfg": {
+            "image_size": config.image_size,
+            "layers": config.vision_layers,
+            "width": config.vision_width,
+            "head_width": config.head_width,
+            "patch_size": config.patch_size,
+        },
+        "text_cfg": {
+            "context_length": config.context_length,
+            "vocab_size": vocab,
+            "width": config.text_width,
+            "heads": config.text_heads,
+            "layers": config.text_layers,
+        },
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path, weights_path = out / f"{name}.json", out / f"{name}.pt"
+    config_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    torch.save(state, weights_path)
+    return config_path, weights_path
+
+
 def _train_command(args: argparse.Namespace) -> int:
     config = TinyClipConfig(
         vision_layers=args.layers,

@@ -187,9 +187,11 @@ def distill(
     out: str | Path | None = None,
     save_every: int = 0,
     progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Distil ``model`` in place on the images (a sequence, or a loader ``i → image``); returns the
-    ensembled state dict (also written to ``out``) and the loss of every step."""
+    ensembled state dict (also written to ``out``) and the loss of every step (``on_step(step, loss)``
+    hears each one as it comes)."""
     from tqdm import tqdm
 
     config.validate()
@@ -228,6 +230,8 @@ def distill(
         sched.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if on_step is not None:
+            on_step(step, losses[-1])
         if out is not None and save_every and (step + 1) % save_every == 0 and step + 1 < config.steps:
             save_state(ensemble_state(model, teacher, config.ensemble_alpha), out)
     model.eval()
