@@ -147,8 +147,12 @@ def announced_version(settings: Settings) -> str:
     return version
 
 
-def get_gem_engine() -> Any:
-    """The process's GEM engine (built on first use)."""
+def get_gem_engine(project: str | None = None) -> Any:
+    """The GEM engine for ``project``: its promoted trained (distilled) version, else the process's one
+    (built on first use)."""
+    version = project_version(project, "gem")
+    if version is not None:
+        return _project_engine(version, _build_project_gem)
     with _lock:
         engine = _engines.get("gem")
         if engine is None:
@@ -184,8 +188,9 @@ def get_sam3_engine() -> Any:
 MAX_PROJECT_ENGINES = 4
 
 
-def project_version(project: str | None) -> Any:
-    """The trained LAVT version the model store promotes for ``project``, or None (the base models).
+def project_version(project: str | None, kind: str = "lavt") -> Any:
+    """The trained version of ``kind`` (``"lavt"``, ``"gem"``) the model store promotes for ``project``,
+    or None (the base models).
 
     Read on every job, so a promotion or a rollback is served from the next job on, without a restart.
     """
@@ -199,25 +204,43 @@ def project_version(project: str | None) -> Any:
     except UserError as exc:
         log.warning("model store: %s; project %s gets the base models", exc, project)
         return None
-    return version if version is not None and version.kind == "lavt" else None
+    return version if version is not None and version.kind == kind else None
 
 
-def _project_lavt_engine(version: Any) -> Any:
+def _weights(version: Any) -> str:
     from groundlabel.model_store import ModelStore
 
-    key = f"lavt@{version.project}/{version.name}"
+    return str(ModelStore.from_url(_settings.training.model_store or "").weights_path(version))
+
+
+def _build_project_lavt(version: Any) -> Any:
+    from workers.models.lavt import LavtEngine
+    from workers.models.lavt.config import LavtConfig
+
+    return LavtEngine(_weights(version), LavtConfig(**_settings.engines.lavt_options()))
+
+
+def _build_project_gem(version: Any) -> Any:
+    from dataclasses import replace
+
+    from workers.models.gem import GemEngine
+
+    config = gem_config(_settings.engines, register=True)
+    return GemEngine(replace(config, pretrained=_weights(version)))  # the distilled CLIP, same architecture
+
+
+def _project_engine(version: Any, build: Any) -> Any:
+    """The engine of a trained version (``build(version)`` on first use), named by the version; the
+    least recently used ones beyond :data:`MAX_PROJECT_ENGINES` are dropped."""
+    key = f"{version.kind}@{version.project}/{version.name}"
     with _lock:
         engine = _engines.pop(key, None)
         if engine is None:
-            from workers.models.lavt import LavtEngine
-            from workers.models.lavt.config import LavtConfig
-
-            weights = ModelStore.from_url(_settings.training.model_store or "").weights_path(version)
-            log.info("loading LAVT %s for project %s", version.name, version.project)
-            engine = LavtEngine(str(weights), LavtConfig(**_settings.engines.lavt_options()))
+            log.info("loading %s %s for project %s", version.kind, version.name, version.project)
+            engine = build(version)
             engine.model_version = version.name
         _engines[key] = engine  # most recently used last
-        loaded = [k for k in _engines if k.startswith("lavt@")]
+        loaded = [k for k in _engines if "@" in k]
         for old in loaded[: max(0, len(loaded) - MAX_PROJECT_ENGINES)]:
             del _engines[old]
         return engine
@@ -234,7 +257,7 @@ def get_lavt_engine(project: str | None = None) -> Any:
     :class:`UserError` when there is neither."""
     version = project_version(project)
     if version is not None:
-        return _project_lavt_engine(version)
+        return _project_engine(version, _build_project_lavt)
     with _lock:
         engine = _engines.get("lavt")
         if engine is None:

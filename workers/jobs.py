@@ -85,7 +85,7 @@ def run_prediction_job(payload: JobPayload) -> list[dict[str, Any]]:
     from workers import engines, pipeline
 
     tasks, spec, context = payload.tasks, payload.spec, payload.context
-    gem = engines.get_gem_engine()  # raises (job retried) when the model cannot be loaded
+    gem = engines.get_gem_engine(payload.project)  # raises (job retried) when it cannot be loaded
     named = payload.model_version  # the operator's one name for every prediction, if any
 
     def answer(regions: pipeline.ImageRegions) -> dict[str, Any]:
