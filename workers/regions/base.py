@@ -12,7 +12,7 @@ import numpy as np
 from groundlabel.errors import UserError
 from groundlabel.ls_format import make_result
 from groundlabel.spec import ControlSpec
-from workers.regions.geometry import Components, find_components, label_windows, mask_window, update_best
+from workers.regions.geometry import Components, find_components, index_runs, label_components, update_best
 
 log = logging.getLogger(__name__)
 
@@ -112,25 +112,21 @@ class ControlModel:
         """All regions of this control from per-prompt score maps.
 
         The maps are read at :func:`working_size` (the image's size up to :data:`MAX_WORKING_SIDE`):
-        maps of another size are resized to it bilinearly. Each label is then converted inside the
-        window of the pixels it wins, so the cost grows with the regions, not labels x image size."""
+        maps of another size are resized to it bilinearly. One pass finds the runs of pixels each label
+        wins, one labels the components of every label together; each component is then converted from
+        its runs and bounding box, so past reading the maps the cost grows with the regions, not
+        labels x image size."""
         if self.skip or not self.control.labels:
             return []
         gw, gh = working_size(width, height)
         best, index = self.best_label(prompt_scores, width=gw, height=gh)
-        windows = label_windows(best, index, np.float32(self.threshold), len(self.control.labels))
+        runs = index_runs(index, best, np.float32(self.threshold))
         min_area = self.min_area_pixels(width, height) * (gw * gh) / (width * height)
+        per_label = label_components(runs, best, len(self.control.labels), min_area, (gh, gw))
         results: list[dict[str, Any]] = []
-        for i, label in enumerate(self.control.labels):
-            x0, y0, x1, y1, pixels = (int(v) for v in windows[i])
-            if pixels == 0:
-                continue
-            window = index[y0:y1, x0:x1] == i
-            comps = find_components(window, best[y0:y1, x0:x1], min_area, offset=(x0, y0), shape=(gh, gw))
-            if len(comps):
-                results.extend(
-                    self.component_regions(label, comps, best[y0:y1, x0:x1], width=width, height=height)
-                )
+        for label, comps in zip(self.control.labels, per_label, strict=True):
+            if comps is not None:
+                results.extend(self.component_regions(label, comps, best, width=width, height=height))
         return results
 
     def regions(
@@ -151,28 +147,18 @@ class ControlModel:
         mask = mask > 0
         if score_map is not None:
             score_map = resize_score_map(np.asarray(score_map, dtype=np.float32), width, height)
-        window = mask_window(mask)
-        if window is None:
-            return []
-        x0, y0, x1, y1 = window
-        scores = score_map[y0:y1, x0:x1] if score_map is not None else None
-        comps = find_components(
-            mask[y0:y1, x0:x1],
-            scores,
-            self.min_area_pixels(width, height),
-            offset=(x0, y0),
-            shape=(height, width),
-        )
+        comps = find_components(mask, score_map, self.min_area_pixels(width, height))
         if len(comps) == 0:
             return []
-        return self.component_regions(label, comps, scores, width=width, height=height)
+        return self.component_regions(label, comps, score_map, width=width, height=height)
 
     def component_regions(
         self, label: str, comps: Components, score_map: np.ndarray | None, *, width: int, height: int
     ) -> list[dict[str, Any]]:
         """The control-specific conversion of the kept components of one label: ``comps`` lie on a grid
         of ``comps.image_shape`` (the working size: percent coordinates come from it), ``score_map`` is
-        the scores of the components' window, ``width``/``height`` the original image's size."""
+        that grid's scores (None for a mask without scores), ``width``/``height`` the original image's
+        size."""
         raise NotImplementedError
 
     def result(self, value: dict[str, Any], label: str, score: float, *, width: int, height: int) -> dict:

@@ -33,7 +33,7 @@ class BrushLabelsModel(ControlModel):
         if self.per_region:
             results = []
             for k in range(len(comps)):
-                mask = comps.in_image(comps.labels == comps.ids[k])
+                mask = comps.image_mask(np.array([k]))
                 results.append(self._brush(mask, label, comps.scores[k], width, height))
             return results
         mask = comps.kept_mask()

@@ -34,139 +34,261 @@ MIN_TOLERANCE = 0.05
 
 @dataclass
 class Components:
-    """The 8-connected components of a mask that survived the minimum-area filter.
+    """The kept 8-connected components of one label (or of one mask), in output order: largest first,
+    equal areas in the order OpenCV's ``connectedComponents`` numbers them on the label's window.
 
-    ``labels`` covers a window of the image (the mask's bounding box): its pixel ``(r, c)`` is the
-    image's ``(y0 + r, x0 + c)``; ``boxes`` are in image pixels. ``shape`` is the image's ``(H, W)``.
+    Components are stored as horizontal runs of pixels (image coordinates), so each one costs what it
+    holds: ``runs[starts[k]:ends[k]]`` are component k's ``(row, first col, end col)``, end exclusive.
     """
 
-    labels: np.ndarray  # int32 [h, w] of the window: component id per pixel, 0 = background
-    ids: np.ndarray  # ids of the kept components, largest first
-    boxes: np.ndarray  # [len(ids), 4] x, y, w, h in image pixels
-    areas: np.ndarray  # [len(ids)] pixel counts
-    scores: np.ndarray  # [len(ids)] mean score inside each component (1.0 without a score map)
-    x0: int = 0
-    y0: int = 0
-    shape: tuple[int, int] | None = None  # the image's (H, W); None: the window is the image
-    found: int | None = None  # components found before the area filter (None: unknown)
+    runs: np.ndarray  # int32 [R, 3]: row, first column, end column (exclusive), grouped by component
+    starts: np.ndarray  # int64 [n]: first run of each kept component
+    ends: np.ndarray  # int64 [n]: end of its runs
+    boxes: np.ndarray  # int64 [n, 4]: x, y, w, h in image pixels
+    areas: np.ndarray  # int64 [n]: pixel counts
+    scores: np.ndarray  # float64 [n]: mean score inside each component (1.0 without a score map)
+    peaks: np.ndarray  # int64 [n, 3]: row, col of the first pixel (raster order) with the best score, ties
+    peak_scores: np.ndarray  # float64 [n]: that best score (-inf without a score map)
+    window: tuple[int, int, int, int]  # x0, y0, x1, y1 of the label's pixels, dropped components included
+    shape: tuple[int, int]  # the image's (H, W)
 
     def __len__(self) -> int:
-        return int(self.ids.size)
+        return int(self.starts.size)
 
     @property
     def image_shape(self) -> tuple[int, int]:
         """``(H, W)`` of the image the components lie in."""
-        h, w = self.labels.shape
-        return self.shape if self.shape is not None else (int(h), int(w))
+        return self.shape
+
+    def _fill(self, ks: np.ndarray, x0: int, y0: int, shape: tuple[int, int], scale: int = 1) -> np.ndarray:
+        out = np.zeros(shape, dtype=np.uint8)
+        fill_runs(self.runs, self.starts, self.ends, np.asarray(ks, dtype=np.int64), x0, y0, scale, out)
+        return out
 
     def mask(self, k: int) -> tuple[np.ndarray, int, int]:
-        """The k-th kept component as a cropped uint8 mask and the crop's (x, y) offset in the image."""
+        """The k-th kept component as a uint8 mask of its bounding box and the box's (x, y) in the image."""
         x, y, w, h = (int(v) for v in self.boxes[k])
-        rx, ry = x - self.x0, y - self.y0
-        crop = (self.labels[ry : ry + h, rx : rx + w] == self.ids[k]).view(np.uint8)
-        return crop, x, y
+        return self._fill(np.array([k]), x, y, (h, w)), x, y
 
-    def kept_window(self) -> np.ndarray:
-        """All kept components as one boolean mask of the window."""
-        if len(self) == 0:
-            return np.zeros(self.labels.shape, dtype=bool)
-        if self.found == len(self):  # every component was kept
-            return self.labels > 0
-        keep = np.zeros(int(self.labels.max()) + 1, dtype=bool)
-        keep[self.ids] = True
-        return keep.take(self.labels)
+    def upsampled_mask(self, k: int) -> tuple[np.ndarray, int, int]:
+        """:meth:`mask` upsampled x2 (nearest) with a 1-pixel zero border, as :func:`upsampled_rings`
+        reads it."""
+        x, y, w, h = (int(v) for v in self.boxes[k])
+        return self._fill(np.array([k]), x, y, (2 * h + 2, 2 * w + 2), scale=2), x, y
 
-    def in_image(self, window: np.ndarray) -> np.ndarray:
-        """A boolean mask of the window placed in an image-sized mask."""
-        if self.shape is None:
-            return window
-        out = np.zeros(self.shape, dtype=bool)
-        out[self.y0 : self.y0 + window.shape[0], self.x0 : self.x0 + window.shape[1]] = window
-        return out
+    def window_mask(self, ks: np.ndarray | None = None) -> np.ndarray:
+        """Components ``ks`` (default: all kept) as a boolean mask of :attr:`window`."""
+        x0, y0, x1, y1 = self.window
+        ks = np.arange(len(self)) if ks is None else ks
+        return self._fill(ks, x0, y0, (y1 - y0, x1 - x0)).view(bool)
+
+    def image_mask(self, ks: np.ndarray | None = None) -> np.ndarray:
+        """Components ``ks`` (default: all kept) as a boolean mask of the image."""
+        ks = np.arange(len(self)) if ks is None else ks
+        return self._fill(ks, 0, 0, self.shape).view(bool)
 
     def kept_mask(self) -> np.ndarray:
         """All kept components as one boolean mask of the image."""
-        return self.in_image(self.kept_window())
-
-
-def find_components(
-    mask: np.ndarray,
-    score_map: np.ndarray | None,
-    min_area: float,
-    *,
-    offset: tuple[int, int] = (0, 0),
-    shape: tuple[int, int] | None = None,
-) -> Components:
-    """Label the 8-connected components of ``mask``; drop those smaller than ``min_area`` pixels.
-
-    ``mask`` (and ``score_map``, same shape) may be a window of a larger image: ``offset`` is the
-    window's ``(x, y)`` in the image and ``shape`` the image's ``(H, W)``; the work grows with the window.
-    """
-    mask = np.ascontiguousarray(mask)
-    m = mask.view(np.uint8) if mask.dtype == bool else (mask != 0).view(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8, ltype=cv2.CV_32S)
-    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
-    ids = np.arange(1, n, dtype=np.int64)
-    keep = areas >= max(min_area, 1)
-    ids, areas = ids[keep], areas[keep]
-    order = np.argsort(-areas, kind="stable")
-    ids, areas = ids[order], areas[order]
-    boxes = stats[ids, :4].astype(np.int64) if ids.size else np.zeros((0, 4), dtype=np.int64)
-    x0, y0 = (int(v) for v in offset)
-    if ids.size:
-        boxes[:, 0] += x0
-        boxes[:, 1] += y0
-    if score_map is not None and ids.size:
-        scores = component_sums(labels, np.asarray(score_map, dtype=np.float32), n)[ids] / areas
-    else:
-        scores = np.ones(ids.size, dtype=np.float64)
-    return Components(labels, ids, boxes, areas, scores, x0, y0, shape, n - 1)
+        return self.image_mask()
 
 
 @compiled
-def component_sums(labels: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
-    """Per component id (``0..n-1``) the float64 sum of ``scores`` over its pixels, in pixel order (the
-    same sums as ``np.bincount(labels, weights=scores)``, without its float64 copy of the scores)."""
-    out = np.zeros(n, np.float64)
-    for r in range(labels.shape[0]):
-        for c in range(labels.shape[1]):
-            out[labels[r, c]] += scores[r, c]
-    return out
+def fill_runs(
+    runs: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    ks: np.ndarray,
+    x0: int,
+    y0: int,
+    scale: int,
+    out: np.ndarray,
+) -> None:
+    """Set to 1 the pixels of components ``ks`` in ``out``, whose pixel (0, 0) is the image's (x0, y0);
+    with ``scale`` > 1 each pixel becomes a ``scale`` x ``scale`` block, placed after a 1-pixel border."""
+    pad = 1 if scale > 1 else 0
+    for k in ks:
+        for j in range(starts[k], ends[k]):
+            r = (runs[j, 0] - y0) * scale + pad
+            c0 = (runs[j, 1] - x0) * scale + pad
+            c1 = (runs[j, 2] - x0) * scale + pad
+            for dr in range(scale):
+                for c in range(c0, c1):
+                    out[r + dr, c] = 1
 
 
 @compiled
-def masked_peak(mask: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """``[row, col, ties]``: the first pixel (raster order) of ``mask`` with the highest score, and how
-    many pixels of ``mask`` share that score (``[-1, -1, 0]`` for an empty mask)."""
-    best = -np.inf
-    row = -1
-    col = -1
-    ties = 0
-    for r in range(mask.shape[0]):
-        for c in range(mask.shape[1]):
+def index_runs(index: np.ndarray, best: np.ndarray, threshold: np.float32) -> np.ndarray:
+    """Horizontal runs of pixels of one label whose ``best`` score is at least ``threshold``:
+    ``[R, 4]`` int32 rows of (row, first col, end col, label index), in raster order."""
+    height, width = index.shape
+    runs = np.empty((max(1024, 4 * height), 4), np.int32)
+    n = 0
+    for r in range(height):
+        c = 0
+        while c < width:
+            if best[r, c] >= threshold:
+                label = index[r, c]
+                start = c
+                c += 1
+                while c < width and best[r, c] >= threshold and index[r, c] == label:
+                    c += 1
+                if n == runs.shape[0]:
+                    grown = np.empty((2 * n, 4), np.int32)
+                    grown[:n] = runs
+                    runs = grown
+                runs[n, 0] = r
+                runs[n, 1] = start
+                runs[n, 2] = c
+                runs[n, 3] = label
+                n += 1
+            else:
+                c += 1
+    return runs[:n]
+
+
+@compiled
+def mask_runs(mask: np.ndarray) -> np.ndarray:
+    """Horizontal runs of the nonzero pixels of a uint8 mask, as :func:`index_runs` gives them (label 0)."""
+    height, width = mask.shape
+    runs = np.empty((max(1024, 4 * height), 4), np.int32)
+    n = 0
+    for r in range(height):
+        c = 0
+        while c < width:
             if mask[r, c]:
+                start = c
+                c += 1
+                while c < width and mask[r, c]:
+                    c += 1
+                if n == runs.shape[0]:
+                    grown = np.empty((2 * n, 4), np.int32)
+                    grown[:n] = runs
+                    runs = grown
+                runs[n, 0] = r
+                runs[n, 1] = start
+                runs[n, 2] = c
+                runs[n, 3] = 0
+                n += 1
+            else:
+                c += 1
+    return runs[:n]
+
+
+@compiled
+def run_components(
+    runs: np.ndarray, scores: np.ndarray, has_scores: bool, labels: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 8-connected components of the runs (runs of one label touching in the next row, diagonals
+    included, are one component), numbered in the raster order of their first pixel.
+
+    Returns ``(component of each run, stats, windows)``: windows is int64 ``[labels, 4]``, each label's
+    ``x0, y0, x1, y1`` (end exclusive, zeros for a label without runs); stats is float64 ``[n, 12]``
+    with per component its label, area, x0, y0, x1, y1 (end exclusive), score sum (float64, in pixel
+    order, the same sum as ``np.bincount``), best score, its first row and col (raster order), how many
+    pixels have it, and the component's OpenCV order key (its first 2x2 block on the label's window,
+    row-major)."""
+    n_runs = runs.shape[0]
+    parent = np.arange(n_runs)
+    prev_start = 0
+    prev_end = 0
+    i = 0
+    while i < n_runs:
+        row = runs[i, 0]
+        end = i
+        while end < n_runs and runs[end, 0] == row:
+            end += 1
+        if prev_end > prev_start and runs[prev_start, 0] == row - 1:
+            j = prev_start
+            for k in range(i, end):
+                c0 = runs[k, 1]
+                c1 = runs[k, 2]
+                while j < prev_end and runs[j, 2] < c0:
+                    j += 1
+                m = j
+                while m < prev_end and runs[m, 1] <= c1:
+                    if runs[m, 3] == runs[k, 3]:
+                        a = m
+                        while parent[a] != a:
+                            parent[a] = parent[parent[a]]
+                            a = parent[a]
+                        b = k
+                        while parent[b] != b:
+                            parent[b] = parent[parent[b]]
+                            b = parent[b]
+                        if a < b:
+                            parent[b] = a
+                        elif b < a:
+                            parent[a] = b
+                    m += 1
+        prev_start = i
+        prev_end = end
+        i = end
+    comp = np.empty(n_runs, np.int64)
+    n = 0
+    for k in range(n_runs):
+        a = k
+        while parent[a] != a:
+            a = parent[a]
+        if a == k:
+            comp[k] = n
+            n += 1
+        else:
+            comp[k] = comp[a]
+    origin = np.zeros((labels, 4), np.int64)  # each label's window: x0, y0, x1, y1 (end exclusive)
+    seen = np.zeros(labels, np.bool_)
+    for k in range(n_runs):
+        lab = runs[k, 3]
+        if not seen[lab]:
+            seen[lab] = True
+            origin[lab, 0] = runs[k, 1]
+            origin[lab, 1] = runs[k, 0]
+            origin[lab, 2] = runs[k, 2]
+        origin[lab, 0] = min(origin[lab, 0], runs[k, 1])
+        origin[lab, 2] = max(origin[lab, 2], runs[k, 2])
+        origin[lab, 3] = runs[k, 0] + 1
+    stats = np.zeros((n, 12), np.float64)
+    for k in range(n_runs):
+        q = comp[k]
+        r = runs[k, 0]
+        c0 = runs[k, 1]
+        c1 = runs[k, 2]
+        lab = runs[k, 3]
+        key = float(((r - origin[lab, 1]) // 2) * (width + 1) + (c0 - origin[lab, 0]) // 2)
+        if stats[q, 1] == 0:
+            stats[q, 0] = lab
+            stats[q, 2] = c0
+            stats[q, 3] = r
+            stats[q, 4] = c1
+            stats[q, 7] = -np.inf
+            stats[q, 8] = r
+            stats[q, 9] = c0
+            stats[q, 11] = key
+        else:
+            stats[q, 2] = min(stats[q, 2], c0)
+            stats[q, 4] = max(stats[q, 4], c1)
+            stats[q, 11] = min(stats[q, 11], key)
+        stats[q, 1] += c1 - c0
+        stats[q, 5] = r + 1
+        if has_scores:
+            total = stats[q, 6]
+            top = stats[q, 7]
+            ties = stats[q, 10]
+            for c in range(c0, c1):
                 v = scores[r, c]
-                if row < 0 or v > best:
-                    best = v
-                    row = r
-                    col = c
+                total += v
+                if ties == 0 or v > top:
+                    top = v
+                    stats[q, 8] = r
+                    stats[q, 9] = c
                     ties = 1
-                elif v == best:
+                elif v == top:
                     ties += 1
-    out = np.empty(3, np.int64)
-    out[0] = row
-    out[1] = col
-    out[2] = ties
-    return out
-
-
-def mask_window(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """``(x0, y0, x1, y1)`` (end-exclusive) of a mask's nonzero pixels, None when it is empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+            stats[q, 6] = total
+            stats[q, 7] = top
+            stats[q, 10] = ties
+        else:
+            stats[q, 6] += c1 - c0
+    return comp, stats, origin
 
 
 @compiled
@@ -186,29 +308,119 @@ def update_best(score: np.ndarray, best: np.ndarray, index: np.ndarray, label: i
 
 
 @compiled
-def label_windows(best: np.ndarray, index: np.ndarray, threshold: np.float32, labels: int) -> np.ndarray:
-    """One pass over ``best``/``index`` (``[H, W]``): index set to -1 where ``best`` is below ``threshold``
-    (background), and per label the window ``[x0, y0, x1, y1, pixels]`` of its pixels (end-exclusive)."""
-    width = index.shape[1]
-    out = np.zeros((labels, 5), np.int64)
-    for i in range(labels):
-        out[i, 0] = width
-        out[i, 1] = index.shape[0]
-    for r in range(index.shape[0]):
-        for c in range(width):
-            if best[r, c] >= threshold:
-                i = index[r, c]
-                if c < out[i, 0]:
-                    out[i, 0] = c
-                if c + 1 > out[i, 2]:
-                    out[i, 2] = c + 1
-                if r < out[i, 1]:
-                    out[i, 1] = r
-                out[i, 3] = r + 1
-                out[i, 4] += 1
-            else:
-                index[r, c] = -1
+def nearest_peak(
+    runs: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    ks: np.ndarray,
+    at: np.ndarray,
+    scores: np.ndarray,
+    top: float,
+    x0: int,
+    y0: int,
+) -> np.ndarray:
+    """``[row, col]`` (image pixels) of the pixel of components ``at`` with score ``top`` nearest the
+    centroid of components ``ks`` (first in raster order among equals); distances are taken relative
+    to ``(x0, y0)``, as ``np.nonzero`` on that window would give them."""
+    n = 0
+    sum_r = 0
+    sum_c = 0
+    for k in ks:
+        for j in range(starts[k], ends[k]):
+            length = runs[j, 2] - runs[j, 1]
+            n += length
+            sum_r += (runs[j, 0] - y0) * length
+            sum_c += (runs[j, 1] - x0 + runs[j, 2] - x0 - 1) * length // 2
+    my = sum_r / n
+    mx = sum_c / n
+    best = np.inf
+    out = np.full(2, -1, np.int64)
+    for k in at:
+        for j in range(starts[k], ends[k]):
+            r = runs[j, 0]
+            for c in range(runs[j, 1], runs[j, 2]):
+                if scores[r, c] == top:
+                    dr = (r - y0) - my
+                    dc = (c - x0) - mx
+                    d = dr * dr + dc * dc
+                    if d < best or (d == best and (r < out[0] or (r == out[0] and c < out[1]))):
+                        best = d
+                        out[0] = r
+                        out[1] = c
     return out
+
+
+_NO_SCORES = np.zeros((1, 1), np.float32)
+
+
+def _empty(shape: tuple[int, int]) -> Components:
+    z = np.zeros(0, np.int64)
+    return Components(
+        runs=np.zeros((0, 3), np.int32),
+        starts=z,
+        ends=z,
+        boxes=np.zeros((0, 4), np.int64),
+        areas=z,
+        scores=np.zeros(0),
+        peaks=np.zeros((0, 3), np.int64),
+        peak_scores=np.zeros(0),
+        window=(0, 0, 0, 0),
+        shape=(int(shape[0]), int(shape[1])),
+    )
+
+
+def label_components(
+    runs: np.ndarray, scores: np.ndarray | None, labels: int, min_area: float, shape: tuple[int, int]
+) -> list[Components | None]:
+    """Per label index, the components of the runs (:func:`index_runs`) that have at least ``min_area``
+    pixels (None for a label without any): one labelling pass for all labels, then each label costs what
+    its components hold. ``scores`` is the image's score map (None: every score is 1)."""
+    shape = (int(shape[0]), int(shape[1]))
+    has_scores = scores is not None
+    score_arr = np.ascontiguousarray(scores, dtype=np.float32) if has_scores else _NO_SCORES
+    comp, stats, windows = run_components(runs, score_arr, has_scores, labels, shape[1])
+    out: list[Components | None] = [None] * labels
+    if len(stats) == 0:
+        return out
+    counts = np.bincount(comp, minlength=len(stats))
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    grouped = np.ascontiguousarray(runs[np.argsort(comp, kind="stable"), :3])
+    label = stats[:, 0].astype(np.int64)
+    areas = stats[:, 1].astype(np.int64)
+    order = np.lexsort((stats[:, 11], -areas, label))  # per label: largest first, then OpenCV's order
+    order = order[areas[order] >= max(min_area, 1)]
+    if order.size == 0:
+        return out
+    cuts = np.flatnonzero(np.diff(label[order])) + 1
+    for ids in np.split(order, cuts):
+        s = stats[ids]
+        x0, y0, x1, y1 = (int(v) for v in windows[int(s[0, 0])])
+        boxes = np.stack([s[:, 2], s[:, 3], s[:, 4] - s[:, 2], s[:, 5] - s[:, 3]], axis=1).astype(np.int64)
+        out[int(s[0, 0])] = Components(
+            runs=grouped,
+            starts=starts[ids],
+            ends=ends[ids],
+            boxes=boxes,
+            areas=areas[ids],
+            scores=s[:, 6] / s[:, 1] if has_scores else np.ones(ids.size),
+            peaks=s[:, 8:11].astype(np.int64),
+            peak_scores=s[:, 7] if has_scores else np.full(ids.size, -np.inf),
+            window=(x0, y0, x1, y1),
+            shape=shape,
+        )
+    return out
+
+
+def find_components(mask: np.ndarray, score_map: np.ndarray | None, min_area: float) -> Components:
+    """The 8-connected components of a 2-D mask with at least ``min_area`` pixels (their mean scores from
+    ``score_map``, same shape, or 1.0 without one)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be 2-D, got shape {mask.shape}")
+    m = np.ascontiguousarray(mask.view(np.uint8) if mask.dtype == bool else (mask != 0).view(np.uint8))
+    comps = label_components(mask_runs(m), score_map, 1, min_area, m.shape)[0]
+    return comps if comps is not None else _empty(m.shape)
 
 
 def _next(a: np.ndarray) -> np.ndarray:
@@ -260,7 +472,12 @@ def mask_rings(crop: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
     :func:`ring_area`, holes with negative.
     """
     up = cv2.resize(crop, (crop.shape[1] * 2, crop.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
-    up = cv2.copyMakeBorder(up, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    return upsampled_rings(cv2.copyMakeBorder(up, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0))
+
+
+def upsampled_rings(up: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """:func:`mask_rings` of a mask given upsampled x2 (nearest) with a 1-pixel zero border
+    (:meth:`Components.upsampled_mask`)."""
     contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     if hierarchy is None:
         return []

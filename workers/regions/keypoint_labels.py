@@ -17,7 +17,7 @@ import numpy as np
 
 from groundlabel.spec import ControlSpec
 from workers.regions.base import ControlModel
-from workers.regions.geometry import Components, masked_peak
+from workers.regions.geometry import Components, nearest_peak
 
 DEFAULT_POINT_WIDTH = 1.0
 
@@ -36,16 +36,16 @@ class KeyPointLabelsModel(ControlModel):
         self, label: str, comps: Components, score_map: np.ndarray | None, *, width: int, height: int
     ) -> list[dict[str, Any]]:
         if self.per_region:
-            groups = [(comps.labels == comps.ids[k], comps.scores[k]) for k in range(len(comps))]
+            groups = [(np.array([k]), comps.scores[k]) for k in range(len(comps))]
         else:
-            groups = [(comps.kept_window(), float(np.average(comps.scores, weights=comps.areas)))]
-        gh, gw = comps.image_shape  # the window (and score_map) lie at (x0, y0) of this grid
+            groups = [(np.arange(len(comps)), float(np.average(comps.scores, weights=comps.areas)))]
+        gh, gw = comps.image_shape
         results = []
-        for mask, mean_score in groups:
-            row, col = peak(mask, score_map)
+        for ks, mean_score in groups:
+            row, col = peak(comps, ks, score_map)
             value = {
-                "x": round(100.0 * (comps.x0 + col + 0.5) / gw, 4),
-                "y": round(100.0 * (comps.y0 + row + 0.5) / gh, 4),
+                "x": round(100.0 * (col + 0.5) / gw, 4),
+                "y": round(100.0 * (row + 0.5) / gh, 4),
                 "width": self.point_width,
             }
             score = float(score_map[row, col]) if score_map is not None else mean_score
@@ -53,20 +53,32 @@ class KeyPointLabelsModel(ControlModel):
         return results
 
 
-def peak(mask: np.ndarray, score_map: np.ndarray | None) -> tuple[int, int]:
+def peak(comps: Components, ks: np.ndarray, score_map: np.ndarray | None) -> tuple[int, int]:
+    """Image ``(row, col)`` of the highest score in components ``ks``, or of their deepest pixel without
+    scores; ties go to the pixel nearest the components' centroid."""
+    if score_map is not None:
+        top = comps.peak_scores[ks]
+        at = ks[top == top.max()]
+        ties = int(comps.peaks[at, 2].sum())
+        if ties == 1:
+            row, col = comps.peaks[at[0], :2]
+        else:
+            x0, y0 = comps.window[:2]
+            runs, starts, ends = comps.runs, comps.starts, comps.ends
+            row, col = nearest_peak(runs, starts, ends, ks, at, score_map, top.max(), x0, y0)
+        return int(row), int(col)
+    x0, y0 = comps.window[:2]
+    row, col = mask_peak(comps.window_mask(ks), None)
+    return row + y0, col + x0
+
+
+def mask_peak(mask: np.ndarray, score_map: np.ndarray | None) -> tuple[int, int]:
     """(row, col) of the highest score inside ``mask``, or of the deepest mask pixel without scores.
 
     Ties go to the pixel nearest the mask's centroid.
     """
     if score_map is not None:
-        row, col, ties = (int(v) for v in masked_peak(np.ascontiguousarray(mask), score_map))
-        if ties == 1:
-            return row, col
         inside = np.where(mask, score_map, -np.inf)
-        flat = int(np.argmax(inside))
-        row, col = divmod(flat, mask.shape[1])
-        if np.count_nonzero(inside == inside[row, col]) == 1:
-            return row, col
     else:
         padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
         inside = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]

@@ -23,11 +23,11 @@ from workers.regions.geometry import (
     Components,
     bridge_holes,
     clean_ring,
-    mask_rings,
     midpoint_ring,
     region_tolerance,
     ring_area,
     simplify_ring,
+    upsampled_rings,
 )
 
 DEFAULT_POLYGON_TOLERANCE = 1.0
@@ -53,8 +53,8 @@ class PolygonLabelsModel(ControlModel):
         tolerance = self.tolerance * np.sqrt(scale)
         results = []
         for k in range(len(comps)):
-            crop, x0, y0 = comps.mask(k)
-            for outer, holes in mask_rings(crop):
+            up, x0, y0 = comps.upsampled_mask(k)
+            for outer, holes in upsampled_rings(up):
                 ring = component_polygon(outer, holes, tolerance, min_hole)
                 if len(ring) < 3:
                     continue
