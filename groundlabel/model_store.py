@@ -44,7 +44,7 @@ class ModelVersion:
     """One stored version's record (``meta.json``)."""
 
     name: str
-    kind: str  # "lavt"
+    kind: str  # "lavt" (a fine-tuned LAVT checkpoint) or "gem" (a distilled CLIP state dict for GEM)
     project: str
     parent: str | None  # the version it was fine-tuned from (a stored name, or the base model's)
     annotation_count: int
@@ -271,11 +271,14 @@ def version_summary(version: ModelVersion, promoted: str | None) -> dict[str, An
     base = (version.metrics or {}).get("base") or {}
     return {
         "name": version.name,
+        "kind": version.kind,
         "project": version.project,
         "parent": version.parent,
         "created_at": version.created_at,
         "annotation_count": version.annotation_count,
-        "heldout_oIoU": new.get("oIoU"),
+        "heldout_oIoU": new.get("oIoU"),  # LAVT versions
         "parent_heldout_oIoU": base.get("oIoU"),
+        "heldout_mIoU": new.get("mIoU"),  # GEM versions: percent, eval-gem's protocol; LAVT: its mIoU
+        "parent_heldout_mIoU": base.get("mIoU"),
         "promoted": version.name == promoted,
     }

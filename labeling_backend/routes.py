@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -94,15 +95,27 @@ def setup(body: SetupRequest, state: State) -> dict[str, Any]:
     return {"model_version": version}
 
 
+#: How the predictions a promoted version replaces for its project are named, by the version's ``kind``: a
+#: trained LAVT answers the expressions (the base LAVT's and GEM's stand-in ``...-expressions``), a
+#: distilled GEM the class prompts and the expressions GEM grounds without LAVT (every base ``gem-...``).
+REPLACED: dict[str, Callable[[str], bool]] = {
+    "lavt": lambda v: v.startswith("lavt-") or v.endswith("-expressions"),
+    "gem": lambda v: v.startswith("gem-"),
+}
+#: What a GEM version names an expression it grounds without LAVT (``workers.engines.STAND_IN_SUFFIX``).
+STAND_IN_SUFFIX = "-expressions"
+
+
 def _dispatcher(state: BackendState, project: str | None = None) -> Dispatcher:
     """The dispatcher for ``project``: a trained version promoted for it is announced, and its results are
-    looked up first (the store is read on every request, so a promotion shows at once)."""
-    trained = state.training.promoted(project)
-    version = trained or state.model_version
-    versions = state.versions
-    if trained:  # the trained LAVT answers the project's expressions, not the base one nor GEM's stand-in
-        base_lavt = [v for v in versions if v.startswith("lavt-") or v.endswith("-expressions")]
-        versions = [trained, *(v for v in versions if v not in base_lavt)]
+    looked up first (the store is read on every request, so a promotion shows at once). The version
+    record's ``kind`` says which base predictions it replaces (:data:`REPLACED`)."""
+    trained = state.training.promoted_version(project)
+    version, versions = state.model_version, state.versions
+    if trained is not None:
+        replaced = REPLACED.get(trained.kind, lambda _v: False)
+        own = [trained.name] + ([trained.name + STAND_IN_SUFFIX] if trained.kind == "gem" else [])
+        version, versions = trained.name, [*own, *(v for v in versions if not replaced(v))]
     return Dispatcher(state.settings, state.runner, state.metrics, version, versions, project=project or None)
 
 

@@ -15,7 +15,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 
 from groundlabel.errors import UserError
-from groundlabel.model_store import ModelStore, check_project, version_summary
+from groundlabel.model_store import ModelStore, ModelVersion, check_project, version_summary
 from groundlabel.protocol import TrainPayload
 from groundlabel.redaction import redact
 from groundlabel.redis_queue import connect
@@ -119,6 +119,17 @@ class Training:
             log.warning("model store: %s", exc)
             return None
 
+    def promoted_version(self, project: str | None) -> ModelVersion | None:
+        """The record of the trained version ``project`` serves (its ``kind`` says which engine), or None;
+        a broken store is logged."""
+        if self.store is None or not project:
+            return None
+        try:
+            return self.store.promoted(project)
+        except UserError as exc:
+            log.warning("model store: %s", exc)
+            return None
+
     def versions(self, project: str | None) -> list[dict[str, Any]]:
         """The trained versions of ``project`` (every project's when None), oldest first."""
         if self.store is None:
@@ -148,6 +159,11 @@ class Training:
             "Held-out oIoU of the current model (model=current) and of the newly trained one (model=new)",
             labels=["project", "model"],
         )
+        heldout_miou = GaugeMetricFamily(
+            "groundlabel_training_heldout_miou",
+            "Held-out mIoU (percent) of the current GEM (model=current) and of the distilled one (model=new)",
+            labels=["project", "model"],
+        )
         promoted = gauge("promoted", "1 when the latest job's version was promoted")
         statuses: dict[str, dict[str, Any]] = {}
         if self.connection is not None:
@@ -166,9 +182,14 @@ class Training:
                 value = (status.get(key) or {}).get("oIoU") if isinstance(status.get(key), dict) else None
                 if value is not None:  # "new" follows the epochs while the job trains
                     heldout.add_metric([project, model], float(value))
+            if status.get("kind") == "gem":
+                for model, key in (("current", "base"), ("new", "new")):
+                    value = (status.get(key) or {}).get("mIoU") if isinstance(status.get(key), dict) else None
+                    if value is not None:
+                        heldout_miou.add_metric([project, model], float(value))
             if "promoted" in status:
                 promoted.add_metric([project], 1 if status["promoted"] else 0)
-        yield from (running, epoch, epochs, loss, failed, heldout, promoted)
+        yield from (running, epoch, epochs, loss, failed, heldout, heldout_miou, promoted)
 
     def close(self) -> None:
         """Close the Redis connection."""

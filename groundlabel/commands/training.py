@@ -1,4 +1,8 @@
-"""The training job: a Label Studio project's annotations → RefCOCO export → fine-tuned LAVT → model store.
+"""The training job: a Label Studio project's annotations → export → a trained version → model store.
+
+A project with referring expressions is exported as RefCOCO and fine-tunes LAVT; one without (no
+TextArea, or no text in it) is exported as COCO and distils GEM's CLIP on its images
+(:mod:`workers.training.gem`, ``groundlabel distill``'s code), scored on its masks.
 
 :func:`run_training` is the RQ job function of the ``train`` queue (``groundlabel worker --queues train``);
 it composes the exporters (the same code as ``groundlabel export --format refcoco``) with the workers'
@@ -36,11 +40,17 @@ def annotation_count(tasks: list[dict[str, Any]]) -> int:
 
 def export_project(
     project: str, settings: Settings, out: Path, *, label_studio_url: str | None = None
-) -> tuple[int, dict[str, Any]]:
-    """Export the project's annotations as a RefCOCO folder split by image; ``(annotations, summary)``."""
+) -> tuple[str, int, dict[str, Any], str | None]:
+    """Export the project's annotations split by image: ``(kind, annotations, summary, label config)``.
+
+    ``kind`` says what the job trains: ``"lavt"`` when the project has referring expressions (a RefCOCO
+    folder in ``out``), else ``"gem"`` (a COCO folder in ``out``: GEM's CLIP is distilled on the images
+    and scored on the masks)."""
+    from exporters.coco import export_coco
     from exporters.images import ImageResolver
     from exporters.labelstudio import fetch_project
     from exporters.refcoco import export_refcoco
+    from groundlabel.spec import parse_label_config
 
     fetch = settings.fetch
     url = fetch.label_studio_url or label_studio_url
@@ -54,28 +64,47 @@ def export_project(
     if not count:
         raise UserError(f"project {project} has no annotations to train on")
     holdout = settings.training.holdout
-    resolver = ImageResolver(
-        images_root=fetch.local_files_root,
-        label_studio_url=url,
-        api_key=fetch.api_key,
-        allowed_hosts=fetch.allowed_hosts,
-    )
-    summary = export_refcoco(
-        tasks,
-        out,
-        label_config=label_config,
-        fractions=(1.0 - holdout, holdout, 0.0, 0.0),
-        seed=settings.training.seed,
-        resolver=resolver,
-    )
-    refs = summary.exported.get("refs", 0)
-    if not refs:
-        raise UserError(
-            f"project {project}: none of its {count} annotations has a referring expression (a TextArea "
-            "text with one region); distilling GEM on projects without expressions is not done by "
-            "training jobs yet: run `groundlabel distill` on the project's images"
+
+    def resolver() -> ImageResolver:
+        return ImageResolver(
+            images_root=fetch.local_files_root,
+            label_studio_url=url,
+            api_key=fetch.api_key,
+            allowed_hosts=fetch.allowed_hosts,
         )
-    return count, summary.to_dict()
+
+    spec = parse_label_config(label_config) if label_config else None
+    if spec is None or spec.text_name:  # a TextArea: the expressions train LAVT, if there are any
+        summary = export_refcoco(
+            tasks,
+            out,
+            label_config=label_config,
+            fractions=(1.0 - holdout, holdout, 0.0, 0.0),
+            seed=settings.training.seed,
+            resolver=resolver(),
+        )
+        if summary.exported.get("refs", 0):
+            return "lavt", count, summary.to_dict(), label_config
+        shutil.rmtree(out, ignore_errors=True)
+        log.info("project %s: no referring expression among %d annotations: distilling GEM", project, count)
+    summary = export_coco(tasks, out, label_config=label_config, resolver=resolver())
+    return "gem", count, summary.to_dict(), label_config
+
+
+def split_coco_images(data_root: Path, holdout: float, seed: int) -> dict[int, str]:
+    """``{COCO image id: split}`` of an exported COCO folder, by each image's Label Studio reference, as
+    the RefCOCO export splits the images (the same images stay held out as the project grows)."""
+    import json
+
+    from exporters.refcoco import assign_splits
+
+    coco = json.loads((data_root / "instances.json").read_text(encoding="utf-8"))
+    keys = {
+        int(img["id"]): str((img.get("labelstudio") or {}).get("image") or img["file_name"])
+        for img in coco["images"]
+    }
+    splits = assign_splits(sorted(set(keys.values())), "unc", (1.0 - holdout, holdout, 0.0, 0.0), seed)
+    return {image_id: splits[key] for image_id, key in keys.items()}
 
 
 def train_project(
@@ -93,23 +122,45 @@ def train_project(
     store = ModelStore.from_url(settings.training.model_store)
     report = on_progress or (lambda _update: None)
     scratch = Path(tempfile.mkdtemp(prefix=f"groundlabel-train-{payload.project}-"))
+    recipe = Recipe.from_settings(settings.training)
     try:
         report({"stage": "exporting"})
-        count, summary = export_project(
+        kind, count, summary, label_config = export_project(
             payload.project, settings, scratch / DATASET_DIR, label_studio_url=payload.label_studio_url
         )
-        log.info("project %s: exported %s", payload.project, summary.get("exported"))
-        outcome = fine_tune_project(
-            scratch / DATASET_DIR,
-            store=store,
-            project=payload.project,
-            annotation_count=count,
-            engines=settings.engines,
-            recipe=Recipe.from_settings(settings.training),
-            work_dir=scratch,
-            on_progress=report,
-            progress_bar=progress_bar,
-        )
+        log.info("project %s: exported %s (%s)", payload.project, summary.get("exported"), kind)
+        report({"stage": "exported", "kind": kind})
+        if kind == "lavt":
+            outcome: Any = fine_tune_project(
+                scratch / DATASET_DIR,
+                store=store,
+                project=payload.project,
+                annotation_count=count,
+                engines=settings.engines,
+                recipe=recipe,
+                work_dir=scratch,
+                on_progress=report,
+                progress_bar=progress_bar,
+            )
+        else:
+            from exporters.geometry import decode_segmentation
+            from workers.training.gem import distill_project, mask_classes
+
+            data = scratch / DATASET_DIR
+            outcome = distill_project(
+                scratch / DATASET_DIR,
+                store=store,
+                project=payload.project,
+                annotation_count=count,
+                classes=mask_classes(label_config),
+                engines=settings.engines,
+                recipe=recipe,
+                splits=split_coco_images(data, settings.training.holdout, settings.training.seed),
+                decode=decode_segmentation,
+                work_dir=scratch,
+                on_progress=report,
+                progress_bar=progress_bar,
+            )
         return {**outcome.to_dict(), "annotation_count": count, "splits": summary.get("splits", {})}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -65,6 +65,7 @@ class Outcome:
     new: dict[str, float]
     train_refs: int
     heldout_refs: int
+    kind: str = "lavt"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (the job's result)."""
