@@ -327,10 +327,24 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """An S3-compatible model store (``GROUNDLABEL_MODEL_STORE=s3://bucket/prefix``): where it answers and
+    with which credentials. Unset fields are left to boto3's own defaults (its config files, instance
+    roles)."""
+
+    endpoint_url: str | None = None  # GROUNDLABEL_S3_ENDPOINT_URL, else AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL
+    region: str | None = None  # AWS_REGION, else AWS_DEFAULT_REGION
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    cache_dir: str | None = None  # where stored weights are downloaded to (default: the temp folder)
+
+
+@dataclass(frozen=True)
 class TrainingSettings:
     """Training from Label Studio's *Start Training*: the model store, triggers and the fine-tuning recipe."""
 
-    model_store: str | None = None  # a folder (path or file:// URL); None: training is off
+    model_store: str | None = None  # a folder (path or file:// URL) or s3://bucket/prefix; None: training off
     every: int = 0  # also train after this many new or updated annotations of a project (0: only on request)
     timeout: int = 6 * 3600  # seconds one training job may run
     epochs: int = 10
@@ -340,6 +354,7 @@ class TrainingSettings:
     min_gain: float = 0.0  # the new version must beat the current one's held-out oIoU by more than this
     seed: int = 0  # the split seed: the same images stay held out as the project grows
     loader_workers: int = 2  # data-loading processes of the training job
+    s3: S3Settings = field(default_factory=S3Settings)  # an s3:// model store's endpoint and credentials
 
     @property
     def enabled(self) -> bool:
@@ -375,7 +390,9 @@ VARIABLES: tuple[str, ...] = (
     "GROUNDLABEL_MODEL_STORE", "GROUNDLABEL_TRAIN_EVERY", "GROUNDLABEL_TRAIN_TIMEOUT",
     "GROUNDLABEL_TRAIN_EPOCHS", "GROUNDLABEL_TRAIN_BATCH", "GROUNDLABEL_TRAIN_LR",
     "GROUNDLABEL_TRAIN_HOLDOUT", "GROUNDLABEL_TRAIN_MIN_GAIN", "GROUNDLABEL_TRAIN_SEED",
-    "GROUNDLABEL_TRAIN_LOADERS",
+    "GROUNDLABEL_TRAIN_LOADERS", "GROUNDLABEL_MODEL_STORE_CACHE", "GROUNDLABEL_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 )  # fmt: skip
 
 
@@ -447,6 +464,16 @@ def _training_settings(e: _Env) -> TrainingSettings:
         min_gain=e.number("GROUNDLABEL_TRAIN_MIN_GAIN", 0.0, float, minimum=0),
         seed=e.number("GROUNDLABEL_TRAIN_SEED", 0, int),
         loader_workers=e.number("GROUNDLABEL_TRAIN_LOADERS", 2, int, minimum=0),
+        s3=S3Settings(
+            endpoint_url=e.text("GROUNDLABEL_S3_ENDPOINT_URL")
+            or e.text("AWS_ENDPOINT_URL_S3")
+            or e.text("AWS_ENDPOINT_URL"),
+            region=e.text("AWS_REGION") or e.text("AWS_DEFAULT_REGION"),
+            access_key_id=e.text("AWS_ACCESS_KEY_ID"),
+            secret_access_key=e.text("AWS_SECRET_ACCESS_KEY"),
+            session_token=e.text("AWS_SESSION_TOKEN"),
+            cache_dir=e.text("GROUNDLABEL_MODEL_STORE_CACHE"),
+        ),
     )
 
 
