@@ -112,18 +112,74 @@ def _split_values(raw: str | None) -> list[str]:
     return [v.strip() for v in (raw or "").split(",") if v.strip()]
 
 
+#: Tags the Label Studio frontend treats as a control's labels (their ``value`` or ``alias`` is the label).
+_LABEL_TAGS = {"Label", "Choice", "Relation"}
+
+#: Tags with ``name`` and ``toName`` that are nevertheless not controls.
+_NOT_CONTROL_TAGS = {"Filter"}
+
+
+@dataclass
+class _Tag:
+    """One tag of a parsed label config: its name, attributes and (for controls) labels."""
+
+    tag: str
+    name: str
+    attr: dict[str, str]
+    value: str | None = None
+    to_name: list[str] = field(default_factory=list)
+    labels_attrs: dict[str, _Tag] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.labels_attrs)
+
+
+def _parse_tags(xml: str) -> tuple[list[_Tag], list[_Tag]]:
+    """The object tags and the control tags of a label config, in document order.
+
+    The rules are Label Studio's own (its SDK's label interface): a control has ``name`` and ``toName``; an
+    object has ``name`` and ``value`` (or ``valueList``); a ``<Label>``, ``<Choice>`` or ``<Relation>``
+    belongs to its nearest enclosing control, under its ``alias`` or else its ``value``. Parsed with the
+    standard library, so that neither the backend nor an export pays for importing the SDK.
+    """
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise UserError(f"the label config cannot be parsed: {exc}") from exc
+    objects: dict[str, _Tag] = {}
+    controls: dict[str, _Tag] = {}
+
+    def visit(node: ET.Element, owner: _Tag | None) -> None:
+        attrib = dict(node.attrib)
+        name = attrib.get("name")
+        if name and attrib.get("toName") and node.tag not in _NOT_CONTROL_TAGS:
+            control = _Tag(node.tag, name, attrib, to_name=attrib["toName"].split(","))
+            controls[name] = control
+        elif name and (attrib.get("value") or attrib.get("valueList")):
+            objects[name] = _Tag(node.tag, name, attrib, value=attrib.get("valueList", attrib.get("value")))
+        elif node.tag in _LABEL_TAGS and owner is not None:
+            value = attrib.get("alias") or attrib.get("value")
+            if value is not None:
+                owner.labels_attrs[value] = _Tag(node.tag, value, attrib, value=value)
+        if name in controls:
+            owner = controls[name]
+        for child in node:
+            visit(child, owner)
+
+    visit(root, None)
+    return list(objects.values()), list(controls.values())
+
+
 def parse_label_config(xml: str) -> LabelingSpec:
     """Parse a Label Studio label config; raise :class:`UserError` with the reason if it is unusable."""
-    from label_studio_sdk.label_interface import LabelInterface
-
     if not xml or not xml.strip():
         raise UserError("the label config is empty")
-    try:
-        interface = LabelInterface(xml)
-    except Exception as exc:  # the SDK raises several exception types for bad XML
-        raise UserError(f"the label config cannot be parsed: {exc}") from exc
+    objects, controls_found = _parse_tags(xml)
 
-    images = [o for o in interface.objects if o.tag == "Image"]
+    images = [o for o in objects if o.tag == "Image"]
     if not images:
         raise UserError("the label config has no <Image> tag: groundlabel pre-labels images")
     image = images[0]
@@ -134,19 +190,17 @@ def parse_label_config(xml: str) -> LabelingSpec:
     controls: list[ControlSpec] = []
     text_name = text_key = None
     unknown: list[str] = []
-    for control in interface.controls:
-        to_names = list(control.to_name or [])
-        if image.name not in to_names:
+    for control in controls_found:
+        if image.name not in control.to_name:
             continue
         if control.tag in SUPPORTED_CONTROLS:
-            labels = list(control.labels)
+            labels = control.labels
             if not labels:
                 raise UserError(f"control {control.name!r} ({control.tag}) has no <Label> values to predict")
-            label_attrs = getattr(control, "labels_attrs", {}) or {}
-            prompts: dict[str, list[str]] = {}
-            for label in labels:
-                attrs = getattr(label_attrs.get(label), "attr", None) or {}
-                prompts[label] = _split_values(attrs.get("predicted_values")) or [label]
+            prompts = {
+                label: _split_values(control.labels_attrs[label].attr.get("predicted_values")) or [label]
+                for label in labels
+            }
             options = {k: str(v) for k, v in control.attr.items() if k not in ("name", "toName")}
             spec_control = ControlSpec(control.name, control.tag, image.name, labels, prompts, options)
             spec_control.engine()  # an unknown engine is refused at /setup, not in a job
