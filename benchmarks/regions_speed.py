@@ -11,6 +11,11 @@ anchor in CPU seconds (wall seconds, also shown, swing with whatever else runs o
 
     .venv/bin/python benchmarks/regions_speed.py                 # 1 and 4 Mpx, 5 and 20 labels
     .venv/bin/python benchmarks/regions_speed.py --sizes 1000x1000 --labels 5 --repeat 3
+    .venv/bin/python benchmarks/regions_speed.py --area-sweep 0.01 0.1 0.5 1   # regions in a part only
+
+``--area-sweep F...`` adds rows at the last size and label count where every map is zero outside a
+centred square of fraction F of the image: the regions' area shrinks while the image and the number of
+labels stay, to show what grows with what.
 """
 
 from __future__ import annotations
@@ -45,6 +50,19 @@ def score_maps(width: int, height: int, labels: int, seed: int, grid: int = 28) 
         coarse = (coarse - coarse.min()) / (coarse.max() - coarse.min() + 1e-9)
         maps[f"label{i}"] = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
     return maps
+
+
+def confine(maps: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
+    """The maps with every score outside a centred square of ``fraction`` of the image set to 0."""
+    height, width = next(iter(maps.values())).shape
+    side_x, side_y = max(1, round(width * fraction**0.5)), max(1, round(height * fraction**0.5))
+    x0, y0 = (width - side_x) // 2, (height - side_y) // 2
+    out = {}
+    for name, m in maps.items():
+        c = np.zeros_like(m)
+        c[y0 : y0 + side_y, x0 : x0 + side_x] = m[y0 : y0 + side_y, x0 : x0 + side_x]
+        out[name] = c
+    return out
 
 
 def anchor(kind: str, maps: dict[str, np.ndarray], threshold: float, min_area: float) -> int:
@@ -98,52 +116,62 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--area-sweep", nargs="*", type=float, default=[], metavar="F")
     args = parser.parse_args()
 
+    cases = [
+        (*(int(v) for v in size.lower().split("x")), n_labels, 1.0)
+        for size in args.sizes
+        for n_labels in args.labels
+    ]
+    cases += [(*cases[-1][:3], f) for f in args.area_sweep]
+
     rows = []
-    for size in args.sizes:
-        width, height = (int(v) for v in size.lower().split("x"))
-        for n_labels in args.labels:
-            maps = score_maps(width, height, n_labels, args.seed)
-            names = list(maps)
-            for kind in CONTROLS:
-                control = ControlSpec("c", kind, "image", names, {lab: [lab] for lab in names}, {})
-                spec = LabelingSpec("image", "image", [control])
-                min_area = 0.0001 * width * height
-                regions_from_scores(spec, maps, width=width, height=height, threshold=args.threshold)  # warm
-                ours, ours_cpu, base, base_cpu, (results, _), base_regions = timed_pair(
-                    lambda spec=spec, maps=maps, w=width, h=height: regions_from_scores(
-                        spec, maps, width=w, height=h, threshold=args.threshold
-                    ),
-                    lambda kind=kind, maps=maps, a=min_area: anchor(kind, maps, args.threshold, a),
-                    args.repeat,
-                )
-                rows.append(
-                    {
-                        "size": f"{width}x{height}",
-                        "megapixels": round(width * height / 1e6, 2),
-                        "labels": n_labels,
-                        "control": kind,
-                        "median_s": round(ours, 4),
-                        "anchor_s": round(base, 4),
-                        "cpu_s": round(ours_cpu, 4),
-                        "anchor_cpu_s": round(base_cpu, 4),
-                        "ratio": round(ours_cpu / base_cpu, 2),
-                        "regions": len(results),
-                        "anchor_regions": base_regions,
-                        "polygon_vertices": sum(len(r["value"].get("points", [])) for r in results),
-                    }
-                )
+    for width, height, n_labels, fraction in cases:
+        maps = score_maps(width, height, n_labels, args.seed)
+        if fraction < 1:
+            maps = confine(maps, fraction)
+        names = list(maps)
+        for kind in CONTROLS:
+            control = ControlSpec("c", kind, "image", names, {lab: [lab] for lab in names}, {})
+            spec = LabelingSpec("image", "image", [control])
+            min_area = 0.0001 * width * height
+            regions_from_scores(spec, maps, width=width, height=height, threshold=args.threshold)  # warm
+            ours, ours_cpu, base, base_cpu, (results, _), base_regions = timed_pair(
+                lambda spec=spec, maps=maps, w=width, h=height: regions_from_scores(
+                    spec, maps, width=w, height=h, threshold=args.threshold
+                ),
+                lambda kind=kind, maps=maps, a=min_area: anchor(kind, maps, args.threshold, a),
+                args.repeat,
+            )
+            rows.append(
+                {
+                    "size": f"{width}x{height}",
+                    "megapixels": round(width * height / 1e6, 2),
+                    "labels": n_labels,
+                    "area_fraction": fraction,
+                    "control": kind,
+                    "median_s": round(ours, 4),
+                    "anchor_s": round(base, 4),
+                    "cpu_s": round(ours_cpu, 4),
+                    "anchor_cpu_s": round(base_cpu, 4),
+                    "ratio": round(ours_cpu / base_cpu, 2),
+                    "regions": len(results),
+                    "anchor_regions": base_regions,
+                    "polygon_vertices": sum(len(r["value"].get("points", [])) for r in results),
+                }
+            )
 
     header = (
-        f"{'size':>10} {'Mpx':>5} {'labels':>6} {'control':<16} {'ours ms':>8} {'anchor ms':>10} "
+        f"{'size':>10} {'Mpx':>5} {'labels':>6} {'area':>5} {'control':<16} {'ours ms':>8} {'anchor ms':>10} "
         f"{'CPU ms':>7} {'anchor CPU':>10} {'ratio':>6} {'regions':>8} {'anchor':>7} {'vertices':>9}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['size']:>10} {r['megapixels']:>5} {r['labels']:>6} {r['control']:<16} "
+            f"{r['size']:>10} {r['megapixels']:>5} {r['labels']:>6} {r['area_fraction']:>5} "
+            f"{r['control']:<16} "
             f"{1000 * r['median_s']:>8.1f} {1000 * r['anchor_s']:>10.1f} {1000 * r['cpu_s']:>7.1f} "
             f"{1000 * r['anchor_cpu_s']:>10.1f} {r['ratio']:>6.2f} "
             f"{r['regions']:>8} {r['anchor_regions']:>7} {r['polygon_vertices']:>9}"
@@ -161,6 +189,7 @@ def main() -> int:
         "labels": args.labels,
         "threshold": args.threshold,
         "repeat": args.repeat,
+        "area_sweep": args.area_sweep,
     }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwritten {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
