@@ -7,17 +7,19 @@ A store is a folder, named by a path or a ``file://`` URL (``GROUNDLABEL_MODEL_S
     <store>/<project>/<version>/<weights>     the weights (LAVT: a training checkpoint, ``model.pth``)
     <store>/<project>/promoted.json           {"version": ..., "history": [{"version", "at", "reason"}]}
 
-A version is written into a hidden folder beside the others and renamed into place in one step, so a
-reader never sees half a version, and an existing version is never overwritten. Version names are what
+An S3-compatible bucket (``s3://bucket/prefix``, with ``groundlabel[s3]``) holds the same keys below its
+prefix; its endpoint and credentials are :class:`~groundlabel.settings.S3Settings`. In a folder a version is
+written into a hidden folder beside the others and renamed into place in one step; in a bucket its name is
+claimed by a conditional write and its record written last (:class:`S3Backend`). Either way a reader never
+sees half a version, and an existing version is never overwritten. Version names are what
 Label Studio shows as the model version: ``<kind>-<variant>-p<project>-v<N>`` (``lavt-swin_b-p3-v2``).
 Promotion only rewrites ``promoted.json`` (atomically); rolling back promotes the previous entry of its
 history. This module needs no torch: the backend reads the store to answer ``/setup`` and ``/versions``.
-
-S3-compatible buckets (``s3://bucket/prefix``) are not supported: no S3 client is a dependency.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,6 +33,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from groundlabel.errors import UserError
+from groundlabel.settings import S3Settings, TrainingSettings
 
 META = "meta.json"
 PROMOTED = "promoted.json"
@@ -80,13 +83,19 @@ def check_project(project: str | int) -> str:
 
 
 def store_path(url: str) -> Path:
-    """The folder a store URL names: a path, or ``file:///path``; ``s3://`` is refused with the reason."""
+    """The folder a store URL names: a path, or ``file:///path``; ``s3://`` (a bucket, not a folder: see
+    :meth:`ModelStore.from_url`) and other schemes are refused with the reason."""
     text = url.strip()
     parts = urlsplit(text)
-    if parts.scheme in ("s3", "gs", "http", "https"):
+    if parts.scheme == "s3":
         raise UserError(
-            f"GROUNDLABEL_MODEL_STORE={text!r}: only folders are supported (a path or file:///path); "
-            "S3-compatible buckets would need an S3 client, which groundlabel does not depend on"
+            f"GROUNDLABEL_MODEL_STORE={text!r} names an S3-compatible bucket, not a folder "
+            "(ModelStore.from_url opens it)"
+        )
+    if parts.scheme in ("gs", "http", "https"):
+        raise UserError(
+            f"GROUNDLABEL_MODEL_STORE={text!r}: a store is a folder (a path or file:///path) or an "
+            "S3-compatible bucket (s3://bucket/prefix)"
         )
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
@@ -97,66 +106,334 @@ def store_path(url: str) -> Path:
     return Path(text).expanduser()
 
 
-class ModelStore:
-    """A folder of trained versions (see the module docstring)."""
+class StoreBackend:
+    """Where a store keeps its files: ``<project>/<version>/<file>`` and ``<project>/promoted.json``.
+
+    :class:`ModelStore` holds the rules (names, records, promotion history) and talks to its files only
+    through these methods; a folder (:class:`FolderBackend`) and an S3-compatible bucket
+    (:class:`S3Backend`) implement them.
+    """
+
+    root: Any  # what names the store (a Path, or the s3:// URL)
+
+    def projects(self) -> list[str]:
+        """Names of the top-level entries (projects)."""
+        raise NotImplementedError
+
+    def version_names(self, project: str) -> list[str]:
+        """Names of the project's version entries (complete or not)."""
+        raise NotImplementedError
+
+    def read(self, project: str, name: str | None, file: str) -> bytes | None:
+        """A version's file (``name`` None: a file of the project itself), or None when it is missing."""
+        raise NotImplementedError
+
+    def put_version(self, project: str, name: str, weights: Path, weights_file: str, meta: bytes) -> bool:
+        """Write a whole version at once (the weights and ``meta.json``); False when ``name`` is taken, in
+        which case nothing of it is changed. A reader never sees the version without its weights."""
+        raise NotImplementedError
+
+    def write_pointer(self, project: str, data: bytes) -> None:
+        """Replace the project's ``promoted.json`` at once."""
+        raise NotImplementedError
+
+    def local_weights(self, project: str, name: str, file: str) -> Path:
+        """A local file holding a version's weights."""
+        raise NotImplementedError
+
+    def where(self, project: str, name: str | None, file: str) -> str:
+        """A file's location, for messages."""
+        raise NotImplementedError
+
+
+class FolderBackend(StoreBackend):
+    """A store in a local (or mounted) folder: a version is written into a hidden folder beside the others
+    and renamed into place in one step; ``promoted.json`` is replaced by a rename."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
+    def _path(self, project: str, name: str | None, file: str) -> Path:
+        return self.root / project / file if name is None else self.root / project / name / file
+
+    def projects(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return [p.name for p in self.root.iterdir() if p.is_dir()]
+
+    def version_names(self, project: str) -> list[str]:
+        folder = self.root / project
+        if not folder.is_dir():
+            return []
+        return [c.name for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")]
+
+    def read(self, project: str, name: str | None, file: str) -> bytes | None:
+        path = self._path(project, name, file)
+        return path.read_bytes() if path.is_file() else None
+
+    def put_version(self, project: str, name: str, weights: Path, weights_file: str, meta: bytes) -> bool:
+        folder = self.root / project
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / name).exists():
+            return False
+        staging = Path(tempfile.mkdtemp(prefix=".new-", dir=folder))
+        try:
+            shutil.copyfile(weights, staging / weights_file)
+            (staging / META).write_bytes(meta)
+            try:
+                os.rename(staging, folder / name)  # fails if the name was taken meanwhile
+            except OSError:
+                if (folder / name).exists():
+                    return False
+                raise
+            return True
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def write_pointer(self, project: str, data: bytes) -> None:
+        folder = self.root / project
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{PROMOTED}.{uuid.uuid4().hex}"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / PROMOTED)
+
+    def local_weights(self, project: str, name: str, file: str) -> Path:
+        return self._path(project, name, file)
+
+    def where(self, project: str, name: str | None, file: str) -> str:
+        return str(self._path(project, name, file))
+
+
+#: The marker that claims a version's name in a bucket before its files are written (S3 has no rename).
+CLAIM = ".claim"
+
+
+class S3Backend(StoreBackend):
+    """A store in an S3-compatible bucket (``s3://bucket/prefix``), through boto3 (``groundlabel[s3]``).
+
+    A version's name is claimed first by a conditional write (``If-None-Match: *``) of ``<version>/.claim``,
+    so a second writer of the same name is refused without touching the first one's files; then the
+    weights are uploaded, and ``meta.json`` last (conditionally too): a version without its record does not
+    exist for readers. ``promoted.json`` is one object, replaced whole. Weights are downloaded once into
+    ``cache_dir`` (versions never change).
+    """
+
+    def __init__(self, url: str, settings: S3Settings | None = None, client: Any = None) -> None:
+        parts = urlsplit(url.strip())
+        if parts.scheme != "s3" or not parts.netloc:
+            raise UserError(f"GROUNDLABEL_MODEL_STORE={url!r}: an S3 store is named s3://bucket/prefix")
+        self.root = url.strip().rstrip("/")
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/") + "/" if parts.path.strip("/") else ""
+        settings = settings or S3Settings()
+        cache = Path(settings.cache_dir).expanduser() if settings.cache_dir else None
+        self.cache_dir = cache or Path(tempfile.gettempdir()) / "groundlabel-model-store"
+        self.client = client or self._client(settings)
+
+    @staticmethod
+    def _client(settings: S3Settings) -> Any:
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as exc:
+            raise UserError("an s3:// model store needs boto3: pip install 'groundlabel[s3]'") from exc
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region,
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key=settings.secret_access_key,
+            aws_session_token=settings.session_token,
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60
+            ),
+        )
+
+    def _key(self, project: str, name: str | None, file: str) -> str:
+        return f"{self.prefix}{project}/{file}" if name is None else f"{self.prefix}{project}/{name}/{file}"
+
+    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound", "PreconditionFailed", "412"):
+                raise
+            raise UserError(
+                f"model store {self.root}: {what}: {code} {error.get('Message', '')}".strip()
+            ) from exc
+        except BotoCoreError as exc:
+            raise UserError(f"model store {self.root}: {what}: {exc}") from exc
+
+    def _children(self, prefix: str) -> list[str]:
+        names: list[str] = []
+        token: str | None = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = self._call(
+                f"listing {prefix or '/'}", self.client.list_objects_v2, Prefix=prefix, Delimiter="/", **extra
+            )
+            names += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes") or []]
+            if not page.get("IsTruncated"):
+                return names
+            token = page.get("NextContinuationToken")
+
+    def projects(self) -> list[str]:
+        return self._children(self.prefix)
+
+    def version_names(self, project: str) -> list[str]:
+        return self._children(f"{self.prefix}{project}/")
+
+    def read(self, project: str, name: str | None, file: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        key = self._key(project, name, file)
+        try:
+            return self._call(f"reading {key}", self.client.get_object, Key=key)["Body"].read()
+        except ClientError:  # only a missing key reaches here
+            return None
+
+    def _put_new(self, key: str, body: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._call(f"writing {key}", self.client.put_object, Key=key, Body=body, IfNoneMatch="*")
+        except ClientError:  # the key exists already
+            return False
+        return True
+
+    def put_version(self, project: str, name: str, weights: Path, weights_file: str, meta: bytes) -> bool:
+        if self.read(project, name, META) is not None:
+            return False
+        if not self._put_new(self._key(project, name, CLAIM), b""):
+            return False
+        key = self._key(project, name, weights_file)
+        try:
+            with open(weights, "rb") as fh:
+                self._call(f"uploading {key}", self.client.upload_fileobj, Fileobj=fh, Key=key)
+        except (OSError, UserError):
+            self._delete(self._key(project, name, CLAIM))
+            raise
+        if not self._put_new(self._key(project, name, META), meta):
+            raise UserError(
+                f"model store {self.root}: {name} of project {project} was written by another writer"
+            )
+        return True
+
+    def _delete(self, key: str) -> None:
+        with contextlib.suppress(Exception):  # best effort: a stray claim only makes its name unavailable
+            self._call(f"deleting {key}", self.client.delete_object, Key=key)
+
+    def write_pointer(self, project: str, data: bytes) -> None:
+        key = self._key(project, None, PROMOTED)
+        self._call(
+            f"writing {key}", self.client.put_object, Key=key, Body=data, ContentType="application/json"
+        )
+
+    def local_weights(self, project: str, name: str, file: str) -> Path:
+        local = self.cache_dir / self.bucket / self._key(project, name, file)
+        if local.is_file():
+            return local
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}")
+        key = self._key(project, name, file)
+        try:
+            with open(tmp, "wb") as fh:
+                self._call(f"downloading {key}", self.client.download_fileobj, Key=key, Fileobj=fh)
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return local
+
+    def where(self, project: str, name: str | None, file: str) -> str:
+        return f"s3://{self.bucket}/{self._key(project, name, file)}"
+
+
+class ModelStore:
+    """Trained versions per project and the promotion pointers (see the module docstring), in a folder
+    (``ModelStore(path)``) or any :class:`StoreBackend` (``ModelStore(backend=...)``)."""
+
+    def __init__(self, root: str | Path | None = None, *, backend: StoreBackend | None = None) -> None:
+        if backend is None:
+            if root is None:
+                raise ValueError("ModelStore needs a folder or a backend")
+            backend = FolderBackend(root)
+        self.backend = backend
+
+    @property
+    def root(self) -> Any:
+        """What names the store: its folder, or its ``s3://`` URL."""
+        return self.backend.root
+
     @classmethod
-    def from_url(cls, url: str) -> ModelStore:
-        """The store a ``GROUNDLABEL_MODEL_STORE`` value names."""
+    def from_url(cls, url: str, s3: S3Settings | None = None) -> ModelStore:
+        """The store a ``GROUNDLABEL_MODEL_STORE`` value names (``s3``: an S3 store's endpoint and keys)."""
+        if urlsplit(url.strip()).scheme == "s3":
+            return cls(backend=S3Backend(url, s3))
         return cls(store_path(url))
+
+    @classmethod
+    def from_settings(cls, training: TrainingSettings) -> ModelStore | None:
+        """The store the training settings name, or None when none is configured."""
+        return cls.from_url(training.model_store, training.s3) if training.model_store else None
 
     # -- reading -------------------------------------------------------------------------------------
 
-    def _project_dir(self, project: str | int) -> Path:
-        return self.root / check_project(project)
-
     def projects(self) -> list[str]:
         """Projects with at least one version."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _PROJECT.match(p.name))
+        return sorted(p for p in self.backend.projects() if _PROJECT.match(p))
+
+    def _record(self, project: str, name: str) -> ModelVersion | None:
+        raw = self.backend.read(project, name, META)
+        if raw is None:
+            return None
+        try:
+            return ModelVersion.from_dict(json.loads(raw.decode("utf-8")))
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+            where = self.backend.where(project, name, META)
+            raise UserError(f"{where} is not a valid version record: {exc}") from exc
 
     def versions(self, project: str | int) -> list[ModelVersion]:
         """The project's versions, oldest first."""
-        folder = self._project_dir(project)
-        if not folder.is_dir():
-            return []
+        project = check_project(project)
         out = []
-        for child in folder.iterdir():
-            meta = child / META
-            if child.name.startswith(".") or not meta.is_file():
+        for name in self.backend.version_names(project):
+            if name.startswith(".") or not _VERSION.match(name):
                 continue
-            try:
-                out.append(ModelVersion.from_dict(json.loads(meta.read_text(encoding="utf-8"))))
-            except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
-                raise UserError(f"{meta} is not a valid version record: {exc}") from exc
+            record = self._record(project, name)
+            if record is not None:
+                out.append(record)
         return sorted(out, key=lambda v: (v.number, v.created_at))
 
     def get(self, project: str | int, name: str) -> ModelVersion:
         """One version by name; :class:`UserError` naming the versions there are when it is missing."""
         if not _VERSION.match(name):
             raise UserError(f"{name!r} is not a version name")
-        meta = self._project_dir(project) / name / META
-        if not meta.is_file():
+        record = self._record(check_project(project), name)
+        if record is None:
             known = ", ".join(v.name for v in self.versions(project)) or "none"
             raise UserError(f"project {project} has no version {name!r} (versions: {known})")
-        return ModelVersion.from_dict(json.loads(meta.read_text(encoding="utf-8")))
+        return record
 
     def weights_path(self, version: ModelVersion) -> Path:
-        """The weight file of ``version``."""
-        return self._project_dir(version.project) / version.name / version.weights
+        """A local file holding the weights of ``version`` (downloaded once from a bucket)."""
+        return self.backend.local_weights(check_project(version.project), version.name, version.weights)
 
     def _pointer(self, project: str | int) -> dict[str, Any]:
-        path = self._project_dir(project) / PROMOTED
-        if not path.is_file():
+        project = check_project(project)
+        raw = self.backend.read(project, None, PROMOTED)
+        if raw is None:
             return {"version": None, "history": []}
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path} is not valid JSON: {exc}") from exc
+            raise UserError(
+                f"{self.backend.where(project, None, PROMOTED)} is not valid JSON: {exc}"
+            ) from exc
         return {"version": data.get("version"), "history": list(data.get("history") or [])}
 
     def promoted_name(self, project: str | int) -> str | None:
@@ -175,9 +452,12 @@ class ModelStore:
     # -- writing -------------------------------------------------------------------------------------
 
     def next_name(self, project: str | int, kind: str, variant: str) -> str:
-        """The next free version name of the project."""
-        numbers = [v.number for v in self.versions(project)]
-        return f"{kind}-{variant}-p{check_project(project)}-v{max(numbers, default=0) + 1}"
+        """The next free version name of the project: past every number taken, by a version or by the
+        remains of one whose writer stopped half-way (a name is never reused)."""
+        project = check_project(project)
+        names = [n for n in self.backend.version_names(project) if not n.startswith(".")]
+        numbers = [int(m.group(1)) for m in map(_NUMBER.search, names) if m]
+        return f"{kind}-{variant}-p{project}-v{max(numbers, default=0) + 1}"
 
     def add(
         self,
@@ -197,44 +477,27 @@ class ModelStore:
         source = Path(weights)
         if not source.is_file():
             raise UserError(f"weights {source} do not exist")
-        folder = self._project_dir(project)
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".new-", dir=folder))
-        try:
-            target_name = "model" + source.suffix
-            shutil.copyfile(source, staging / target_name)
-            for _ in range(100):
-                version = ModelVersion(
-                    name=self.next_name(project, kind, variant),
-                    kind=kind,
-                    project=project,
-                    parent=parent,
-                    annotation_count=int(annotation_count),
-                    created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                    weights=target_name,
-                    config=dict(config or {}),
-                    metrics=dict(metrics or {}),
-                    note=note,
-                )
-                (staging / META).write_text(json.dumps(version.to_dict(), indent=2), encoding="utf-8")
-                try:
-                    os.rename(staging, folder / version.name)  # fails if the name was taken meanwhile
-                except OSError:
-                    if (folder / version.name).exists():
-                        continue
-                    raise
+        target_name = "model" + source.suffix
+        for _ in range(100):
+            version = ModelVersion(
+                name=self.next_name(project, kind, variant),
+                kind=kind,
+                project=project,
+                parent=parent,
+                annotation_count=int(annotation_count),
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                weights=target_name,
+                config=dict(config or {}),
+                metrics=dict(metrics or {}),
+                note=note,
+            )
+            meta = json.dumps(version.to_dict(), indent=2).encode("utf-8")
+            if self.backend.put_version(project, version.name, source, target_name, meta):
                 return version
-            raise UserError(f"could not find a free version name in {folder}")
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"could not find a free version name for project {project} in {self.root}")
 
     def _write_pointer(self, project: str, pointer: dict[str, Any]) -> None:
-        folder = self._project_dir(project)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{PROMOTED}.{uuid.uuid4().hex}"
-        tmp.write_text(json.dumps(pointer, indent=2), encoding="utf-8")
-        os.replace(tmp, folder / PROMOTED)
+        self.backend.write_pointer(project, json.dumps(pointer, indent=2).encode("utf-8"))
 
     def promote(self, project: str | int, name: str | None, reason: str, *, rollback: bool = False) -> None:
         """Serve ``name`` for the project from now on (None: the base models); recorded in the history."""

@@ -39,8 +39,7 @@ class Training:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        url = settings.training.model_store
-        self.store = ModelStore.from_url(url) if url else None
+        self.store = ModelStore.from_settings(settings.training)
         redis_url = settings.queue.redis_url
         self.connection = connect(redis_url, timeout=settings.queue.redis_timeout) if redis_url else None
 

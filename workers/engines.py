@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _engines: dict[str, Any] = {}
+_store: list[Any] = [None, None]  # (model store settings, the ModelStore opened for them)
+_store_lock = threading.Lock()
 _settings = Settings()
 
 #: How a prediction is named when GEM grounds an expression because no LAVT model is configured.
@@ -194,23 +196,34 @@ def project_version(project: str | None, kind: str = "lavt") -> Any:
 
     Read on every job, so a promotion or a rollback is served from the next job on, without a restart.
     """
-    url = _settings.training.model_store
-    if not url or not project:
+    if not _settings.training.model_store or not project:
         return None
-    from groundlabel.model_store import ModelStore
-
     try:
-        version = ModelStore.from_url(url).promoted(project)
+        version = model_store().promoted(project)
     except UserError as exc:
         log.warning("model store: %s; project %s gets the base models", exc, project)
         return None
     return version if version is not None and version.kind == kind else None
 
 
-def _weights(version: Any) -> str:
+def model_store() -> Any:
+    """The process's :class:`~groundlabel.model_store.ModelStore` (``GROUNDLABEL_MODEL_STORE``), opened once
+    per configuration (an S3 store keeps its client and its downloaded weights)."""
     from groundlabel.model_store import ModelStore
 
-    return str(ModelStore.from_url(_settings.training.model_store or "").weights_path(version))
+    training = _settings.training
+    key = (training.model_store, training.s3)
+    with _store_lock:  # not _lock: engines are built under it and read their weights from the store
+        if _store[0] != key or _store[1] is None:
+            store = ModelStore.from_settings(training)
+            if store is None:
+                raise UserError("no model store is configured (GROUNDLABEL_MODEL_STORE)")
+            _store[:] = [key, store]
+        return _store[1]
+
+
+def _weights(version: Any) -> str:
+    return str(model_store().weights_path(version))
 
 
 def _build_project_lavt(version: Any) -> Any:

@@ -19,10 +19,11 @@ BASE = "base"
 def _store(args: argparse.Namespace) -> ModelStore:
     from groundlabel.settings import Settings
 
-    url = args.store or Settings.from_env().training.model_store
+    training = Settings.from_env().training
+    url = args.store or training.model_store
     if not url:
         raise UserError("give --store or set GROUNDLABEL_MODEL_STORE")
-    return ModelStore.from_url(url)
+    return ModelStore.from_url(url, training.s3)
 
 
 def _fmt(value: float | None) -> str:
@@ -80,7 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "promote a version only when it beats the current one on the held-out part; promote and "
         "rollback override that. Workers serve the change from their next job on.",
     )
-    p.add_argument("--store", help="the model store folder (default: GROUNDLABEL_MODEL_STORE)")
+    p.add_argument(
+        "--store", help="the model store: a folder or s3://bucket/prefix (default: GROUNDLABEL_MODEL_STORE)"
+    )
     verbs = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     ls = verbs.add_parser("list", help="the versions, with held-out metrics; * marks the promoted one")
     ls.add_argument("--project", help="only this project")

@@ -119,7 +119,7 @@ def train_project(
 
     if not settings.training.model_store:
         raise UserError("training needs a model store: set GROUNDLABEL_MODEL_STORE on the training worker")
-    store = ModelStore.from_url(settings.training.model_store)
+    store = ModelStore.from_url(settings.training.model_store, settings.training.s3)
     report = on_progress or (lambda _update: None)
     scratch = Path(tempfile.mkdtemp(prefix=f"groundlabel-train-{payload.project}-"))
     recipe = Recipe.from_settings(settings.training)
