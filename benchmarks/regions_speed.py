@@ -57,12 +57,9 @@ def confine(maps: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarra
     height, width = next(iter(maps.values())).shape
     side_x, side_y = max(1, round(width * fraction**0.5)), max(1, round(height * fraction**0.5))
     x0, y0 = (width - side_x) // 2, (height - side_y) // 2
-    out = {}
-    for name, m in maps.items():
-        c = np.zeros_like(m)
-        c[y0 : y0 + side_y, x0 : x0 + side_x] = m[y0 : y0 + side_y, x0 : x0 + side_x]
-        out[name] = c
-    return out
+    inside = np.zeros((height, width), np.float32)
+    inside[y0 : y0 + side_y, x0 : x0 + side_x] = 1.0
+    return {name: m * inside for name, m in maps.items()}  # written in full, as a model's maps are
 
 
 def anchor(kind: str, maps: dict[str, np.ndarray], threshold: float, min_area: float) -> int:

@@ -126,23 +126,24 @@ def index_runs(index: np.ndarray, best: np.ndarray, threshold: np.float32) -> np
     for r in range(height):
         c = 0
         while c < width:
-            if best[r, c] >= threshold:
-                label = index[r, c]
-                start = c
+            while c < width and not best[r, c] >= threshold:  # a tight loop over the background
                 c += 1
-                while c < width and best[r, c] >= threshold and index[r, c] == label:
-                    c += 1
-                if n == runs.shape[0]:
-                    grown = np.empty((2 * n, 4), np.int32)
-                    grown[:n] = runs
-                    runs = grown
-                runs[n, 0] = r
-                runs[n, 1] = start
-                runs[n, 2] = c
-                runs[n, 3] = label
-                n += 1
-            else:
+            if c == width:
+                break
+            label = index[r, c]
+            start = c
+            c += 1
+            while c < width and best[r, c] >= threshold and index[r, c] == label:
                 c += 1
+            if n == runs.shape[0]:
+                grown = np.empty((2 * n, 4), np.int32)
+                grown[:n] = runs
+                runs = grown
+            runs[n, 0] = r
+            runs[n, 1] = start
+            runs[n, 2] = c
+            runs[n, 3] = label
+            n += 1
     return runs[:n]
 
 
@@ -155,22 +156,23 @@ def mask_runs(mask: np.ndarray) -> np.ndarray:
     for r in range(height):
         c = 0
         while c < width:
-            if mask[r, c]:
-                start = c
+            while c < width and mask[r, c] == 0:
                 c += 1
-                while c < width and mask[r, c]:
-                    c += 1
-                if n == runs.shape[0]:
-                    grown = np.empty((2 * n, 4), np.int32)
-                    grown[:n] = runs
-                    runs = grown
-                runs[n, 0] = r
-                runs[n, 1] = start
-                runs[n, 2] = c
-                runs[n, 3] = 0
-                n += 1
-            else:
+            if c == width:
+                break
+            start = c
+            c += 1
+            while c < width and mask[r, c] != 0:
                 c += 1
+            if n == runs.shape[0]:
+                grown = np.empty((2 * n, 4), np.int32)
+                grown[:n] = runs
+                runs = grown
+            runs[n, 0] = r
+            runs[n, 1] = start
+            runs[n, 2] = c
+            runs[n, 3] = 0
+            n += 1
     return runs[:n]
 
 
