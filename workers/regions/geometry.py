@@ -1,5 +1,10 @@
 """Mask geometry: connected components, pixel-edge outlines, simplification, holes.
 
+Components come from one compiled labelling pass for every label at once: the pixels each label wins
+are cut into horizontal runs, runs of one label touching in consecutive rows (diagonals included) are
+joined, and each component keeps its runs, box, area, score sum and peak, so that converting it costs
+what it holds, not the image.
+
 Coordinate convention (used by every region type and by :func:`polygon_to_mask`): pixel ``(row, col)``
 covers the square ``[col, col+1) × [row, row+1)`` of the continuous image plane, so its centre is
 ``(col + 0.5, row + 0.5)`` and the whole image spans ``[0, width] × [0, height]``. Label Studio's
