@@ -10,6 +10,10 @@ half of the regions are polygons, half brush masks). *Start Training* is pressed
 the API call of the button (``POST /api/ml/<id>/train``, which makes Label Studio call the backend's
 ``/webhook`` with ``START_TRAINING``). The base model is a tiny LAVT with random weights, so the trained
 version's held-out gain is large and cannot flake.
+
+A second project has brush labels only (no TextArea, the generated scenes' colours as classes): its
+*Start Training* distils the tiny CLIP behind GEM (``tests/assets/tiny_clip.pt``) instead, and its next
+predictions carry the ``gem`` version's name.
 """
 
 from __future__ import annotations
@@ -278,5 +282,131 @@ def test_start_training_in_label_studio_promotes_a_better_model_that_serves_the_
             assert any(v.startswith(version + "-cfg") for v in versions), versions
         assert label_studio.api_json("GET", f"/api/ml/{ml['id']}")["model_version"].startswith(version)
         phase("predicted with the trained version")
+    finally:
+        procs.stop()
+
+
+def test_start_training_on_a_project_without_expressions_distils_gem_and_serves_it(redis_url, tmp_path):
+    """A project with brush labels only (no TextArea): Start Training exports it as COCO, distils the tiny
+    CLIP behind GEM on its images, scores both on the held-out masks, stores a ``gem`` version promoted
+    only if its held-out mIoU is higher (else promoted by hand, as the operator's verb does), and the next
+    Retrieve Predictions of that project carry the version's name."""
+    import httpx
+    import redis
+
+    from groundlabel.cli import main
+    from workers.evaluation.scenes import COLOURS, make_scenes
+    from workers.evaluation.tiny_clip import export_open_clip
+
+    require_label_studio()
+    label_studio = shared_label_studio()
+    classes = list(COLOURS)
+    config = (
+        '<View><Image name="image" value="$image"/>'
+        '<BrushLabels name="mask" toName="image" model_score_threshold="0.0">'
+        + "".join(f'<Label value="{c}"/>' for c in classes)
+        + "</BrushLabels></View>"
+    )
+    clip_config, clip_weights = export_open_clip(REPO / "tests/assets/tiny_clip.pt", tmp_path / "clip")
+    store = ModelStore(tmp_path / "store")
+    common = {
+        "REDIS_URL": redis_url,
+        "GROUNDLABEL_MODEL_STORE": str(store.root),
+        "GROUNDLABEL_GEM_MODEL_CONFIG": str(clip_config),
+        "GROUNDLABEL_GEM_PRETRAINED": str(clip_weights),
+        "GROUNDLABEL_GEM_IMAGE_SIZE": "48",
+        "GROUNDLABEL_GEM_TEMPERATURE": "80",
+        "GROUNDLABEL_DEVICE": "cpu",
+        "GROUNDLABEL_WORKER_HEARTBEAT": "1",
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.legacy_token,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    training = {
+        "GROUNDLABEL_TRAIN_EPOCHS": "10",
+        "GROUNDLABEL_TRAIN_BATCH": "8",
+        "GROUNDLABEL_TRAIN_LR": "3e-4",
+        "GROUNDLABEL_TRAIN_HOLDOUT": "0.3",
+    }
+    port = free_port()
+    backend = f"http://127.0.0.1:{port}"
+    procs = Processes(tmp_path)
+    try:
+        procs.start("serve", ["serve", "--host", "127.0.0.1", "--port", str(port)], _env(common))
+        procs.start("worker", ["worker", "--heartbeat", "1"], _env(common))
+        procs.start(
+            "trainer", ["worker", "--queues", "train", "--heartbeat", "1"], _env({**common, **training})
+        )
+        project = label_studio.create_project("distil gem", config)
+        folder = f"gem{project}"
+        label_studio.add_local_storage(project, folder)
+        target = Path(label_studio.files_root, folder)
+        target.mkdir(parents=True, exist_ok=True)
+        annotated = []
+        for i, scene in enumerate(make_scenes(40, 31, 48)):
+            scene.image.save(target / f"s{i:03d}.png")
+            result = [
+                brush_result(brush_rle_encode(scene.colour_labels == k + 1), name, 48, 48, from_name="mask")
+                for k, name in enumerate(classes)
+                if (scene.colour_labels == k + 1).any()
+            ]
+            data = {"image": f"/data/local-files/?d={folder}/s{i:03d}.png"}
+            annotated.append({"data": data, "annotations": [{"result": result}]})
+        ids = label_studio.import_tasks(project, annotated)
+        connection = redis.Redis.from_url(redis_url)
+        from rq import Worker
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                up = httpx.get(backend + "/health", timeout=2).json().get("status") == "UP"
+            except (httpx.HTTPError, ValueError):
+                up = False
+            if up and len(Worker.all(connection=connection)) >= 2:
+                break
+            assert time.monotonic() < deadline, procs.logs()
+            time.sleep(0.5)
+        ml = label_studio.api_json(
+            "POST",
+            "/api/ml",
+            json={"url": backend, "project": project, "title": "groundlabel", "auto_update": True},
+        )
+        sample = ids[:4]
+        _retrieve(label_studio, project, sample)
+        before = {p["model_version"] for t in sample for p in label_studio.predictions(t)}
+        assert len(before) == 1 and before.pop().startswith("gem-tiny-clip-trained-"), procs.logs()
+
+        pressed = label_studio.api("POST", f"/api/ml/{ml['id']}/train")
+        assert pressed.status_code == 200, pressed.text[:500]
+        job = read_status(connection, str(project))["job"]
+        deadline = time.monotonic() + 240
+        while (status := httpx.post(backend + "/job_status", json={"job": job}, timeout=10).json())[
+            "job_status"
+        ] not in ("finished", "failed"):
+            assert time.monotonic() < deadline, (status, procs.logs())
+            time.sleep(1)
+        assert status["job_status"] == "finished", (status, procs.logs())
+        version = status["version"]
+        assert version == f"gem-tiny-clip-trained-p{project}-v1" and status["kind"] == "gem", status
+        assert status["epoch"] == status["epochs"] == 10
+        record = store.get(str(project), version)
+        new, old = record.metrics["new"], record.metrics["base"]
+        print(f"held-out mIoU: base {old['mIoU']:.2f}, distilled {new['mIoU']:.2f}")
+        assert status["promoted"] == (new["mIoU"] > old["mIoU"]) and record.annotation_count == 40
+        assert record.metrics["train_images"] + record.metrics["heldout_images"] <= 40
+        if not status["promoted"]:
+            assert (
+                main(["models", "--store", str(store.root), "promote", "--project", str(project), version])
+                == 0
+            )
+        metrics = httpx.get(backend + "/metrics", timeout=10).text
+        assert f'groundlabel_training_heldout_miou{{model="new",project="{project}"}}' in metrics
+
+        _retrieve(label_studio, project, sample)
+        for task_id in sample:
+            versions = {p["model_version"] for p in label_studio.predictions(task_id)}
+            assert any(v.startswith(version + "-cfg") for v in versions), (versions, procs.logs())
     finally:
         procs.stop()
