@@ -442,10 +442,23 @@ def _prev(a: np.ndarray) -> np.ndarray:
 
 def ring_area(ring: np.ndarray) -> float:
     """Signed area of a closed ring ``(N, 2)`` (shoelace; positive = clockwise on screen)."""
-    if len(ring) < 3:
+    return float(shoelace(np.asarray(ring, dtype=np.float64)))
+
+
+@compiled
+def shoelace(ring: np.ndarray) -> float:
+    """:func:`ring_area` of a float64 ``(N, 2)`` ring: ``(sum x[i] y[i+1] - sum x[i+1] y[i]) / 2``, 0 below
+    3 vertices (exact, whatever the order of the sums, for pixel corners and edge midpoints)."""
+    n = ring.shape[0]
+    if n < 3:
         return 0.0
-    x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x, _next(y)) - np.dot(_next(x), y))
+    a = 0.0
+    b = 0.0
+    for i in range(n):
+        j = i + 1 if i + 1 < n else 0
+        a += ring[i, 0] * ring[j, 1]
+        b += ring[j, 0] * ring[i, 1]
+    return 0.5 * (a - b)
 
 
 def ring_perimeter(ring: np.ndarray) -> float:
@@ -459,16 +472,36 @@ def clean_ring(points: np.ndarray) -> np.ndarray:
     """Drop repeated and collinear vertices of a closed ring (lossless)."""
     if len(points) == 0:
         return points
-    keep = np.any(points != _prev(points), axis=1)
-    pts = points[keep] if keep.any() else points[:1]
-    if len(pts) < 3:
+    return clean_points(np.asarray(points, dtype=np.float64))
+
+
+@compiled
+def clean_points(points: np.ndarray) -> np.ndarray:
+    """:func:`clean_ring` of a non-empty float64 ``(N, 2)`` ring: vertices equal to their predecessor
+    dropped, then those where the ring goes straight on (kept when fewer than 3 would remain)."""
+    n = points.shape[0]
+    keep = np.empty(n, np.bool_)
+    kept = 0
+    for i in range(n):
+        p = i - 1 if i > 0 else n - 1
+        keep[i] = points[i, 0] != points[p, 0] or points[i, 1] != points[p, 1]
+        kept += keep[i]
+    pts = points[keep] if kept > 0 else points[:1].copy()
+    m = pts.shape[0]
+    if m < 3:
         return pts
-    prev, nxt = _prev(pts), _next(pts)
-    d1, d2 = pts - prev, nxt - pts
-    cross = d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]
-    dot = d1[:, 0] * d2[:, 0] + d1[:, 1] * d2[:, 1]
-    turn = (cross != 0) | (dot <= 0)
-    return pts[turn] if turn.sum() >= 3 else pts
+    turn = np.empty(m, np.bool_)
+    turns = 0
+    for i in range(m):
+        p = i - 1 if i > 0 else m - 1
+        q = i + 1 if i + 1 < m else 0
+        d1x = pts[i, 0] - pts[p, 0]
+        d1y = pts[i, 1] - pts[p, 1]
+        d2x = pts[q, 0] - pts[i, 0]
+        d2y = pts[q, 1] - pts[i, 1]
+        turn[i] = (d1x * d2y - d1y * d2x) != 0 or (d1x * d2x + d1y * d2y) <= 0
+        turns += turn[i]
+    return pts[turn] if turns >= 3 else pts
 
 
 def mask_rings(crop: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
@@ -491,10 +524,7 @@ def upsampled_rings(up: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]
     hierarchy = hierarchy[0]
     rings: list[np.ndarray] = []
     for c in contours:
-        sub = c.reshape(-1, 2).astype(np.float64) - 1.0  # undo the border
-        corners = np.rint((sub + 0.5) / 2.0)
-        keep = np.any(corners != _prev(corners), axis=1)
-        rings.append(corners[keep] if keep.any() else corners[:1])
+        rings.append(contour_corners(c.reshape(-1, 2)))
     out: list[tuple[np.ndarray, list[np.ndarray]]] = []
     for i, (_, _, child, parent) in enumerate(hierarchy):
         if parent != -1:
@@ -512,6 +542,24 @@ def upsampled_rings(up: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]
             j = hierarchy[j][0]
         out.append((outer, holes))
     return out
+
+
+@compiled
+def contour_corners(contour: np.ndarray) -> np.ndarray:
+    """Pixel corners (float64 ``(N, 2)``, crop coordinates) of a contour traced on the x2 upsampled,
+    bordered mask: each sub-pixel centre snapped to its nearest corner, repeats of the previous dropped."""
+    n = contour.shape[0]
+    corners = np.empty((n, 2), np.float64)
+    for i in range(n):
+        corners[i, 0] = np.rint(((contour[i, 0] - 1.0) + 0.5) / 2.0)  # - 1: undo the border
+        corners[i, 1] = np.rint(((contour[i, 1] - 1.0) + 0.5) / 2.0)
+    keep = np.empty(n, np.bool_)
+    kept = 0
+    for i in range(n):
+        p = i - 1 if i > 0 else n - 1
+        keep[i] = corners[i, 0] != corners[p, 0] or corners[i, 1] != corners[p, 1]
+        kept += keep[i]
+    return corners[keep] if kept > 0 else corners[:1].copy()
 
 
 def midpoint_ring(ring: np.ndarray) -> np.ndarray:
