@@ -228,9 +228,8 @@ def test_min_region_area_in_pixels_and_fraction() -> None:
 def test_model_skip_and_option_errors() -> None:
     maps = two_blobs()
     assert (
-        regions_from_scores(
-            spec(control("PolygonLabels", model_skip="true")), maps, width=W, height=H
-        )[0] == []
+        regions_from_scores(spec(control("PolygonLabels", model_skip="true")), maps, width=W, height=H)[0]
+        == []
     )
     for bad in (
         {"model_score_threshold": "high"},
