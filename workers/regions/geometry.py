@@ -140,9 +140,11 @@ def index_runs(index: np.ndarray, best: np.ndarray, threshold: np.float32) -> np
             c += 1
             while c < width and best[r, c] >= threshold and index[r, c] == label:
                 c += 1
-            if n == runs.shape[0]:
+            if n == runs.shape[0]:  # twice as long (an element loop: a slice copy compiles for seconds)
                 grown = np.empty((2 * n, 4), np.int32)
-                grown[:n] = runs
+                for i in range(n):
+                    for j in range(4):
+                        grown[i, j] = runs[i, j]
                 runs = grown
             runs[n, 0] = r
             runs[n, 1] = start
@@ -169,9 +171,11 @@ def mask_runs(mask: np.ndarray) -> np.ndarray:
             c += 1
             while c < width and mask[r, c] != 0:
                 c += 1
-            if n == runs.shape[0]:
+            if n == runs.shape[0]:  # twice as long (an element loop: a slice copy compiles for seconds)
                 grown = np.empty((2 * n, 4), np.int32)
-                grown[:n] = runs
+                for i in range(n):
+                    for j in range(4):
+                        grown[i, j] = runs[i, j]
                 runs = grown
             runs[n, 0] = r
             runs[n, 1] = start
@@ -250,8 +254,10 @@ def run_components(
             origin[lab, 0] = runs[k, 1]
             origin[lab, 1] = runs[k, 0]
             origin[lab, 2] = runs[k, 2]
-        origin[lab, 0] = min(origin[lab, 0], runs[k, 1])
-        origin[lab, 2] = max(origin[lab, 2], runs[k, 2])
+        if runs[k, 1] < origin[lab, 0]:
+            origin[lab, 0] = runs[k, 1]
+        if runs[k, 2] > origin[lab, 2]:
+            origin[lab, 2] = runs[k, 2]
         origin[lab, 3] = runs[k, 0] + 1
     stats = np.zeros((n, 12), np.float64)
     for k in range(n_runs):
@@ -271,9 +277,12 @@ def run_components(
             stats[q, 9] = c0
             stats[q, 11] = key
         else:
-            stats[q, 2] = min(stats[q, 2], c0)
-            stats[q, 4] = max(stats[q, 4], c1)
-            stats[q, 11] = min(stats[q, 11], key)
+            if c0 < stats[q, 2]:  # comparisons, not min/max: those double numba's compile time here
+                stats[q, 2] = c0
+            if c1 > stats[q, 4]:
+                stats[q, 4] = c1
+            if key < stats[q, 11]:
+                stats[q, 11] = key
         stats[q, 1] += c1 - c0
         stats[q, 5] = r + 1
         if has_scores:
