@@ -164,35 +164,41 @@ class RedisJobQueue:
             retry = None
             if self.settings.job_retries > 0:
                 retry = Retry(max=self.settings.job_retries, interval=list(self.settings.retry_intervals))
+            with self.connection.pipeline() as pipe:  # one round trip: supersede, enqueue, unmark
+                pipe.multi()  # RQ opens the transaction itself unless it is open already
+                if interactive:
+                    ttl = self.settings.interactive_job_timeout * (self.settings.job_retries + 1) + 60
+                    for task in payload.tasks:
+                        pipe.set(INTERACTIVE_PREFIX + str(task["id"]), job_id, ex=ttl, get=True)
+                queue.enqueue_call(
+                    JOB_FUNCTION,
+                    args=(payload.to_dict(),),
+                    timeout=timeout,
+                    result_ttl=self.settings.job_result_ttl,
+                    failure_ttl=self.settings.failure_ttl,
+                    job_id=job_id,
+                    retry=retry,
+                    description=f"predict {len(payload.tasks)} task(s)",
+                    meta={"cache_keys": list(keys), "cache_ttl": self.settings.result_ttl},
+                    on_success=Callback(STORE_RESULTS),
+                    on_failure=Callback(FORGET_PAYLOAD),
+                    pipeline=pipe,
+                )
+                pipe.delete(ENQUEUING_PREFIX + job_id)
+                replies = pipe.execute()
             if interactive:
-                self._supersede(payload.tasks, job_id)
-            queue.enqueue_call(
-                JOB_FUNCTION,
-                args=(payload.to_dict(),),
-                timeout=timeout,
-                result_ttl=self.settings.job_result_ttl,
-                failure_ttl=self.settings.failure_ttl,
-                job_id=job_id,
-                retry=retry,
-                description=f"predict {len(payload.tasks)} task(s)",
-                meta={"cache_keys": list(keys), "cache_ttl": self.settings.result_ttl},
-                on_success=Callback(STORE_RESULTS),
-                on_failure=Callback(FORGET_PAYLOAD),
-            )
-            self.connection.delete(ENQUEUING_PREFIX + job_id)
+                self._supersede(payload.tasks, replies[: len(payload.tasks)], job_id)
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
         return job_id, taken
 
-    def _supersede(self, tasks: Sequence[dict[str, Any]], job_id: str) -> None:
-        """Make ``job_id`` the tasks' latest interactive job; cancel an older one that has not started."""
-        ttl = self.settings.interactive_job_timeout * (self.settings.job_retries + 1) + 60
-        for task in tasks:
-            previous = self.connection.set(INTERACTIVE_PREFIX + str(task["id"]), job_id, ex=ttl, get=True)
-            if not previous:
+    def _supersede(self, tasks: Sequence[dict[str, Any]], previous: Sequence[Any], job_id: str) -> None:
+        """Cancel the tasks' older interactive jobs (``previous``: the ids ``job_id`` replaced as their
+        latest) that have not started."""
+        for task, old_id in zip(tasks, previous, strict=True):
+            if not old_id or old_id.decode() == job_id:
                 continue
-            old = Job.fetch_many([previous.decode()], connection=self.connection, serializer=JSONSerializer)
-            old = old[0]
+            old = Job.fetch_many([old_id.decode()], connection=self.connection, serializer=JSONSerializer)[0]
             if old is None or old.get_status(refresh=False) not in (JobStatus.QUEUED, JobStatus.SCHEDULED):
                 continue
             old.cancel()
@@ -200,20 +206,34 @@ class RedisJobQueue:
             log.info("interactive job %s for task %s superseded by %s", old.id, task["id"], job_id)
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        """The state of each job."""
+        """The state of each job (one round trip: the jobs and their latest results, read together)."""
         ids = list(dict.fromkeys(j for j in job_ids if j))
         if not ids:
             return {}
         try:
-            jobs = Job.fetch_many(ids, connection=self.connection, serializer=JSONSerializer)
+            with self.connection.pipeline() as pipe:
+                for job_id in ids:
+                    pipe.hgetall(Job.key_for(job_id))
+                    pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
+                replies = pipe.execute()
             states: dict[str, JobState] = {}
-            for job_id, job in zip(ids, jobs, strict=True):
-                states[job_id] = self._state(job_id, job)
+            for n, job_id in enumerate(ids):
+                raw, latest = replies[2 * n], replies[2 * n + 1]
+                job = result = None
+                if raw:
+                    job = Job(job_id, connection=self.connection, serializer=JSONSerializer)
+                    job.restore(raw)
+                if latest:
+                    result_id, fields = latest[0]
+                    result = Result.restore(
+                        job_id, result_id.decode(), fields, self.connection, serializer=JSONSerializer
+                    )
+                states[job_id] = self._state(job_id, job, result)
             return states
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
 
-    def _state(self, job_id: str, job: Job | None) -> JobState:
+    def _state(self, job_id: str, job: Job | None, result: Result | None) -> JobState:
         if job is None:
             if self.connection.exists(ENQUEUING_PREFIX + job_id):
                 return JobState("pending", detail="being enqueued")
@@ -225,12 +245,11 @@ class RedisJobQueue:
         if job.started_at and job.ended_at:
             run = max(0.0, (job.ended_at - job.started_at).total_seconds())
         if status == JobStatus.FINISHED:
-            value = job.return_value()
+            value = result.return_value if result and result.type == Result.Type.SUCCESSFUL else None
             if not isinstance(value, list):
                 return JobState("failed", error=f"job {job_id} returned no prediction list", latency=latency)
             return JobState("finished", results=value, latency=latency, run_seconds=run)
         if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-            result = job.latest_result()
             text = getattr(result, "exc_string", None) or job.exc_info
             reason = _last_line(text)
             if "AbandonedJobError" in (text or ""):
