@@ -7,6 +7,7 @@
 - ``/health`` counts a worker listening on both queues once.
 - A job naming any function but groundlabel's own job function (or a foreign callback) is refused
   without running.
+- A worker killed while it waits for a job leaves no connection behind that would take the next one.
 """
 
 from __future__ import annotations
@@ -134,3 +135,20 @@ def test_worker_refuses_foreign_job_functions(redis_url, start_worker, tiny_gem_
     assert not target.exists(), "a job naming os.makedirs ran"
     assert worker.proc.poll() is None
     conn.close()
+
+
+def test_worker_killed_while_idle_does_not_swallow_the_next_job(redis_url, start_worker, tiny_gem_env):
+    """RQ's scheduler runs in a child forked from the worker; when the worker is killed in its blocking
+    dequeue, that child must not keep the worker's connection open, or Redis hands the next job to it."""
+    queue = RedisJobQueue(Settings.from_env({}, redis_url=redis_url).queue)
+    dead = start_worker(redis_url, tiny_gem_env, extra_args=["--no-preload"])
+    dead.wait_ready(redis_url, timeout=120)
+    conn = redis.Redis.from_url(redis_url)
+    _wait(lambda: conn.keys("rq:scheduler:*"), 30, "the worker's scheduler to start", log=dead)
+    dead.kill()
+    alive = start_worker(redis_url, tiny_gem_env)
+    alive.wait_ready(redis_url, timeout=120)
+    job_id, _ = queue.submit(_payload(4, png_data_uri(seed=4)), ["killed-while-idle"], interactive=True)
+    _wait(lambda: _finished(queue, job_id), 60, "the job to be run by the live worker", log=alive)
+    conn.close()
+    queue.close()
