@@ -234,6 +234,7 @@ class EngineSettings:
     sam_model: str | None = None  # hub id, folder or groundlabel checkpoint; None with sam_enabled: random
     sam_family: str | None = None
     sam_min_iou: float | None = None
+    sam_min_score: float | None = None
     sam_cache_mb: int | None = None
     lavt_refine: str | None = None
     hub: HubSettings = field(default_factory=HubSettings)  # hub access for every engine's downloads
@@ -281,7 +282,9 @@ class EngineSettings:
         }
         if self.sam_model is None and self.sam_family is None:
             options["family"] = "sam2"
-        for key, value in (("device", self.device), ("min_iou", self.sam_min_iou)):
+        for key, value in (
+            ("device", self.device), ("min_iou", self.sam_min_iou), ("min_score", self.sam_min_score)
+        ):
             if value is not None:
                 options[key] = value
         if self.sam_cache_mb is not None:
@@ -385,6 +388,7 @@ VARIABLES: tuple[str, ...] = (
     "GROUNDLABEL_GEM_TEMPERATURE", "GROUNDLABEL_DEVICE", "GROUNDLABEL_LAVT_CHECKPOINT",
     "GROUNDLABEL_LAVT_VARIANT", "GROUNDLABEL_LAVT_TOKENIZER", "GROUNDLABEL_ENGINE", "GROUNDLABEL_SAM3_MODEL",
     "GROUNDLABEL_SAM3_BATCH", "GROUNDLABEL_SAM_MODEL", "GROUNDLABEL_SAM_FAMILY", "GROUNDLABEL_SAM_MIN_IOU",
+    "GROUNDLABEL_SAM_MIN_SCORE",
     "GROUNDLABEL_SAM_CACHE_MB", "GROUNDLABEL_LAVT_REFINE", *OFFLINE_VARIABLES, "HF_ENDPOINT",
     "HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_TOKEN",
     "GROUNDLABEL_MODEL_STORE", "GROUNDLABEL_TRAIN_EVERY", "GROUNDLABEL_TRAIN_TIMEOUT",
@@ -446,6 +450,7 @@ def _engine_settings(e: _Env) -> EngineSettings:
         sam_model=weights_source(sam_model),
         sam_family=e.text("GROUNDLABEL_SAM_FAMILY"),
         sam_min_iou=e.number("GROUNDLABEL_SAM_MIN_IOU", None, float, minimum=0.0),
+        sam_min_score=e.number("GROUNDLABEL_SAM_MIN_SCORE", None, float, minimum=0.0),
         sam_cache_mb=e.number("GROUNDLABEL_SAM_CACHE_MB", None, int, minimum=0),
         lavt_refine=e.text("GROUNDLABEL_LAVT_REFINE"),
         hub=hub_settings(e.env),

@@ -91,19 +91,36 @@ def test_refine_keeps_sams_mask_only_where_they_agree() -> None:
     coarse = np.zeros((40, 60), dtype=bool)
     coarse[5:20, 5:25] = True
     coarse[25:38, 35:58] = True
-    never, stats = refine_mask(sam, image, coarse, min_iou=1.01)
-    assert (never == coarse).all() and stats == {"kept": 0, "rejected": 2}
-    always, stats = refine_mask(sam, image, coarse, min_iou=0.0)
-    assert stats == {"kept": 2, "rejected": 0}
+    never, stats = refine_mask(sam, image, coarse, min_iou=1.01, min_score=0.0)
+    assert (never == coarse).all() and stats == {"kept": 0, "rejected": 2, "dropped": 0}
+    always, stats = refine_mask(sam, image, coarse, min_iou=0.0, min_score=0.0)
+    assert stats == {"kept": 2, "rejected": 0, "dropped": 0}
     expected = np.zeros_like(coarse)
     for part in mask_parts(coarse):
         ((candidates, _),) = sam.segment(image, [part.prompt])
-        ious = [(c & part.mask).sum() / max((c | part.mask).sum(), 1) for c in candidates]
-        expected |= candidates[int(np.argmax(ious))]
+        expected |= candidates[0]  # SAM's most confident mask
     assert (always == expected).all()
     labels = coarse.astype(np.int64) * 2
-    assert (refine_label_map(sam, image, labels, min_iou=1.01) == labels).all()
-    assert (refine_label_map(sam, image, labels, min_iou=1.01, background=None) == labels).all()
+    keep = {"min_iou": 1.01, "min_score": 0.0}
+    assert (refine_label_map(sam, image, labels, **keep) == labels).all()
+    assert (refine_label_map(sam, image, labels, background=None, **keep) == labels).all()
+
+
+def test_refine_drops_parts_where_sam_sees_no_object() -> None:
+    sam = tiny_sam()
+    image = picture()
+    coarse = np.zeros((40, 60), dtype=bool)
+    coarse[5:20, 5:25] = True
+    coarse[25:38, 35:58] = True
+    scores = [float(s[0]) for _, s in sam.segment(image, [p.prompt for p in mask_parts(coarse)])]
+    dropped, stats = refine_mask(sam, image, coarse, min_iou=1.01, min_score=max(scores) + 1e-3)
+    assert not dropped.any() and stats == {"kept": 0, "rejected": 0, "dropped": 2}
+    assert min(scores) < max(scores)
+    floor = (min(scores) + max(scores)) / 2  # between the two parts' predicted IoUs: one goes
+    _, stats = refine_mask(sam, image, coarse, min_iou=1.01, min_score=floor)
+    assert stats == {"kept": 0, "rejected": 1, "dropped": 1}
+    labels = coarse.astype(np.int64) * 2
+    assert not refine_label_map(sam, image, labels, min_score=max(scores) + 1e-3).any()
 
 
 def test_refine_steps() -> None:
@@ -116,13 +133,15 @@ def test_refine_steps() -> None:
 
 def test_sam_settings_and_model_versions(tiny_gem_env) -> None:
     env = {**tiny_gem_env, "GROUNDLABEL_SAM_MODEL": "facebook/sam2.1-hiera-tiny",
-           "GROUNDLABEL_SAM_MIN_IOU": "0.7", "GROUNDLABEL_SAM_CACHE_MB": "64",
+           "GROUNDLABEL_SAM_MIN_IOU": "0.7", "GROUNDLABEL_SAM_MIN_SCORE": "0.2",
+           "GROUNDLABEL_SAM_CACHE_MB": "64",
            "GROUNDLABEL_GEM_REFINE": "pamr+sam"}  # fmt: skip
     settings = Settings.from_env(env)
     e = settings.engines
     assert e.sam_enabled and e.gem_options()["refine"] == "pamr"
     config = engines.sam_config(e)
-    assert config.min_iou == 0.7 and config.cache_bytes == 64 * 2**20 and config.resolved_family() == "sam2"
+    assert config.min_iou == 0.7 and config.min_score == 0.2 and config.cache_bytes == 64 * 2**20
+    assert config.resolved_family() == "sam2"
     versions = engines.model_versions(e)
     assert versions["sam"] == "sam-sam2.1-hiera-tiny"
     assert versions["gem"].endswith("-pamr+sam-sam2.1-hiera-tiny")

@@ -6,12 +6,13 @@ masks from clicks and boxes, and ``refine=sam`` of GEM's and LAVT's coarse masks
 
 from typing import Any
 
-from .config import DEFAULT_CACHE_BYTES, DEFAULT_MIN_IOU, SamConfig
+from .config import DEFAULT_CACHE_BYTES, DEFAULT_MIN_IOU, DEFAULT_MIN_SCORE, SamConfig
 from .families import FAMILIES, family, real_config, tiny_config
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
     "DEFAULT_MIN_IOU",
+    "DEFAULT_MIN_SCORE",
     "FAMILIES",
     "EmbeddingLRU",
     "Prompt",

@@ -25,8 +25,12 @@ def add_sam_arguments(parser: argparse.ArgumentParser) -> None:
         "--sam-family", default=None, help="sam3_tracker, sam2, sam, sam_hq or edgetam (default: the model's)"
     )
     group.add_argument(
-        "--sam-min-iou", type=float, default=None, help="keep SAM's mask of a part when IoU >= this (0.5)"
+        "--sam-min-iou", type=float, default=None, help="keep SAM's mask of a part when IoU >= this (0)"
     )
+    group.add_argument(
+        "--sam-min-score", type=float, default=None,
+        help="remove a part where SAM's predicted IoU is below this (0.4)",
+    )  # fmt: skip
 
 
 def sam_engine_from_args(args: argparse.Namespace, engines: EngineSettings) -> Any:
@@ -45,8 +49,9 @@ def sam_engine_from_args(args: argparse.Namespace, engines: EngineSettings) -> A
     options.update(model=model, family=args.sam_family or engines.sam_family)
     if options["model"] is None and options["family"] is None:
         options["family"] = "sam2"
-    if args.sam_min_iou is not None:
-        options["min_iou"] = args.sam_min_iou
+    for key in ("min_iou", "min_score"):
+        if getattr(args, f"sam_{key}", None) is not None:
+            options[key] = getattr(args, f"sam_{key}")
     if getattr(args, "device", None):
         options["device"] = args.device
     return SamEngine(SamConfig(**options))

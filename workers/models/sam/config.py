@@ -8,7 +8,9 @@ from pathlib import Path
 from groundlabel.errors import UserError
 
 #: ``refine=sam`` keeps SAM's mask of a coarse part when their IoU reaches this (docs/sam.md).
-DEFAULT_MIN_IOU = 0.5
+DEFAULT_MIN_IOU = 0.0
+#: ``refine=sam`` removes a coarse part when SAM's predicted IoU of its mask there is below this.
+DEFAULT_MIN_SCORE = 0.4
 #: The image-embedding cache of one worker, in bytes.
 DEFAULT_CACHE_BYTES = 512 * 2**20
 
@@ -25,7 +27,7 @@ class SamConfig:
     ``model``: a hub id (``facebook/sam2.1-hiera-tiny``) or a local folder; ``None`` with ``family`` builds
     the family's smallest published architecture with random weights (for trying the protocol only).
     ``family``: one of :data:`workers.models.sam.families.FAMILIES`; guessed from the folder's
-    ``config.json`` or the id when not given. ``min_iou``: ``refine=sam``'s acceptance rule.
+    ``config.json`` or the id when not given. ``min_iou``, ``min_score``: ``refine=sam``'s rule (docs/sam.md).
     """
 
     model: str | None = "facebook/sam2.1-hiera-tiny"
@@ -36,6 +38,7 @@ class SamConfig:
     device: str = "auto"
     cache_bytes: int = DEFAULT_CACHE_BYTES
     min_iou: float = DEFAULT_MIN_IOU
+    min_score: float = DEFAULT_MIN_SCORE
 
     def __post_init__(self) -> None:
         if self.model is not None and not str(self.model).strip():
@@ -44,6 +47,8 @@ class SamConfig:
             raise UserError("a SAM model needs a hub id or folder, or a family for random weights")
         if not 0.0 <= self.min_iou <= 1.0:
             raise UserError(f"the SAM refinement's minimum IoU must lie in [0, 1], got {self.min_iou}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise UserError(f"the SAM refinement's minimum score must lie in [0, 1], got {self.min_score}")
         if self.cache_bytes < 0:
             raise UserError(f"the SAM embedding cache size must be >= 0 bytes, got {self.cache_bytes}")
 

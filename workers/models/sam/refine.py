@@ -2,9 +2,11 @@
 
 The rule (docs/sam.md): every 8-connected part of the coarse mask of at least ``min_area`` pixels prompts
 SAM with its bounding box and its peak points (the highest score inside it and the point deepest inside
-it). Of SAM's candidate masks, the one that overlaps the part best is taken; it replaces the part when
-their IoU is at least ``min_iou`` (default :data:`~workers.models.sam.config.DEFAULT_MIN_IOU`), otherwise
-the coarse part stays: SAM sharpens what the coarse model found, and never moves it somewhere else.
+it). SAM's most confident mask is taken: when SAM's predicted IoU of it is below ``min_score`` (default
+:data:`~workers.models.sam.config.DEFAULT_MIN_SCORE`) SAM sees no object there and the part is removed;
+otherwise the mask replaces the part when their IoU is at least ``min_iou`` (default
+:data:`~workers.models.sam.config.DEFAULT_MIN_IOU`), else the coarse part stays. SAM answers a box, so it
+never moves a part far from where the coarse model put it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .config import DEFAULT_MIN_IOU
+from .config import DEFAULT_MIN_IOU, DEFAULT_MIN_SCORE
 from .engine import Prompt
 
 #: Parts smaller than this many pixels are kept as they are (too small to prompt anything reliable).
@@ -76,26 +78,30 @@ def refine_mask(
     score_map: np.ndarray | None = None,
     *,
     min_iou: float | None = None,
+    min_score: float | None = None,
     min_area: int = MIN_PART_AREA,
 ) -> tuple[np.ndarray, dict[str, int]]:
-    """``mask`` with each part replaced by SAM's mask where they agree (IoU ≥ ``min_iou``, default the
-    engine's ``config.min_iou``); returns the mask and counts of parts ``kept`` (SAM's) and ``rejected``."""
+    """``mask`` with each part replaced by SAM's most confident mask for its prompt where they agree (IoU
+    ≥ ``min_iou``, default the engine's ``config.min_iou``), and removed where SAM's predicted IoU of that
+    mask is below ``min_score`` (default ``config.min_score``: SAM sees no object there). Returns the mask
+    and counts of parts ``kept`` (SAM's), ``rejected`` (the coarse part stays) and ``dropped`` (removed)."""
     mask = np.asarray(mask, dtype=bool)
-    threshold = (
-        getattr(getattr(sam, "config", None), "min_iou", DEFAULT_MIN_IOU) if min_iou is None else min_iou
-    )
+    config = getattr(sam, "config", None)
+    threshold = getattr(config, "min_iou", DEFAULT_MIN_IOU) if min_iou is None else min_iou
+    floor = getattr(config, "min_score", DEFAULT_MIN_SCORE) if min_score is None else min_score
     parts = mask_parts(mask, score_map, min_area)
-    stats = {"kept": 0, "rejected": 0}
+    stats = {"kept": 0, "rejected": 0, "dropped": 0}
     if not parts:
         return mask.copy(), stats
     removed = np.zeros_like(mask)
     added = np.zeros_like(mask)
-    for part, (candidates, _) in zip(parts, sam.segment(image, [p.prompt for p in parts]), strict=True):
-        ious = [mask_iou(c, part.mask) for c in candidates]
-        best = int(np.argmax(ious))
-        if ious[best] >= threshold:
+    for part, (candidates, scores) in zip(parts, sam.segment(image, [p.prompt for p in parts]), strict=True):
+        if float(scores[0]) < floor:  # candidates come best first
             removed |= part.mask
-            added |= candidates[best]
+            stats["dropped"] += 1
+        elif mask_iou(candidates[0], part.mask) >= threshold:
+            removed |= part.mask
+            added |= candidates[0]
             stats["kept"] += 1
         else:
             stats["rejected"] += 1
@@ -110,6 +116,7 @@ def refine_label_map(
     *,
     background: int | None = 0,
     min_iou: float | None = None,
+    min_score: float | None = None,
 ) -> np.ndarray:
     """A label map with every class's parts refined by :func:`refine_mask`.
 
@@ -125,7 +132,7 @@ def refine_label_map(
         score = None
         if scores is not None:
             score = scores[c - 1] if background == 0 else scores[c]
-        refined[c], _ = refine_mask(sam, image, labels == c, score, min_iou=min_iou)
+        refined[c], _ = refine_mask(sam, image, labels == c, score, min_iou=min_iou, min_score=min_score)
     out = labels.copy()
     order = sorted(classes, key=lambda k: -int((labels == k).sum()))
     if background is None:
