@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scenarios = set(args.scenarios.split(","))
 
+    load_before = os.getloadavg()  # the machine may be shared: report how busy it was
     tmp = Path(tempfile.mkdtemp(prefix="groundlabel-bench-"))
     env = {
         **os.environ,
@@ -377,9 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         "p50_ms",
         "p99_ms",
     ]
+    load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
     print(
         f"model={args.model} gem_input={args.image_size} image={args.image}x{args.image * 3 // 4} "
-        f"chunk={args.chunk} cpu_count={os.cpu_count()}"
+        f"chunk={args.chunk} cpu_count={os.cpu_count()} load_average(1,5,15 min)={load}"
     )
     if rows:
         print("| " + " | ".join(header) + " |")
@@ -398,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "load_average": load,
         "rows": rows,
         "overhead": overhead_rows,
     }

@@ -164,9 +164,14 @@ class Dispatcher:
         """The cached prediction of each task key under the first engine version that has one."""
         if not keys:
             return []
+        return await self._call(self._cache_hits, keys)
+
+    def _cache_hits(self, keys: list[str]) -> list[dict[str, Any] | None]:
+        if not keys:
+            return []
         n = len(self.versions)
         flat = [result_key(k, v) for k in keys for v in self.versions]
-        hits = await self._call(self.runner.cache_get, flat)
+        hits = self.runner.cache_get(flat)
         return [next((h for h in hits[i * n : (i + 1) * n] if h is not None), None) for i in range(len(keys))]
 
     async def answer(
@@ -200,21 +205,14 @@ class Dispatcher:
                 todo.append(i)
 
         keys = {i: cache_key(tasks[i], spec, spec_json, context) for i in todo}
-        cached = await self._cache_get([keys[i] for i in todo])
-        missing = []
-        for i, hit in zip(todo, cached, strict=True):
-            if hit is not None:
-                answers[i].prediction = self._named(hit, spec)
-                answers[i].source = "cache"
-            else:
-                missing.append(i)
-
+        # One trip to a worker thread: the cache look-up, then the jobs for what it misses.
         waiting: list[_Waiting] = []
-        if missing:
+        if todo:
             waiting = await self._call(
-                self._enqueue,
+                self._look_up_and_enqueue,
                 tasks,
-                missing,
+                todo,
+                answers,
                 keys,
                 spec,
                 context,
@@ -231,6 +229,21 @@ class Dispatcher:
             if answer.prediction is None:
                 self.metrics.failures.labels(answer.source or "unknown").inc()
         return PredictOutcome(answers, interactive, jobs, self.announced(spec))
+
+    def _look_up_and_enqueue(
+        self, tasks, todo, answers, keys, spec, context, label_studio_url, interactive, deadline
+    ) -> list[_Waiting]:
+        """Answer ``todo`` from the cache where it can; enqueue jobs for the rest (on a worker thread)."""
+        missing = []
+        for i, hit in zip(todo, self._cache_hits([keys[i] for i in todo]), strict=True):
+            if hit is not None:
+                answers[i].prediction = self._named(hit, spec)
+                answers[i].source = "cache"
+            else:
+                missing.append(i)
+        if not missing:
+            return []
+        return self._enqueue(tasks, missing, keys, spec, context, label_studio_url, interactive, deadline)
 
     def _enqueue(
         self, tasks, missing, keys, spec, context, label_studio_url, interactive, deadline
