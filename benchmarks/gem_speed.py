@@ -7,12 +7,26 @@ self-self branches (v-v, k-k, q-q) one after the other, and the last block's ori
 are computed too. Both run on the same random-weight CLIP (ViT-B-16 by default) in the same invocation under
 ``torch.inference_mode``; on CUDA both run under bf16 autocast.
 
-    python benchmarks/gem_speed.py --device cpu --sizes 448 672 896 --batch 1 --threads 1 --rounds 2
+``--official DIR`` adds the official ``gem-torch`` itself (its ``GEMWrapper`` on ``open_clip_torch`` 2.23.0,
+the version it needs) as a third implementation: DIR is a folder where both are importable, e.g. made with
+``pip install --no-deps --target DIR gem_torch==1.0.1 open_clip_torch==2.23.0 einops``. It runs in its own
+subprocess with DIR first on ``sys.path``, on the very weights of the other two (a state dict saved by this
+script), so that its output can be compared with this tower's. Only ``gem.gem_wrapper`` and
+``gem.gem_utils`` are imported (``gem/__init__`` pulls in plotting packages the forward does not use).
+``--baseline DIR`` times the ``GemVisionTower`` of another checkout of this project too (e.g. an earlier
+commit unpacked with ``git archive``), for before/after comparisons in one run; ``--impls`` picks which
+implementations run (``project``, ``naive``, ``gem-torch``, ``baseline``).
+
+    python benchmarks/gem_speed.py --device cpu --sizes 448 672 896 --batch 1 --threads 1 --rounds 5 \
+        --official /path/to/gem-torch-folder
     python benchmarks/gem_speed.py --device cuda --sizes 448 672 896 --batch 8
 
-Each row has the best wall time and the best CPU time (``time.process_time``, all threads) per image; on a
-machine shared with other work the CPU time with ``--threads 1`` is the steadier figure. ``--rounds N``
-repeats the whole sweep N times (alternating the implementations) and keeps each one's best.
+Every (implementation, size) is measured in its own subprocess per round, the order of the implementations
+rotating from round to round (``--rounds N``), so that they share the machine's load alike. Each row has
+the median over the rounds of each round's median wall time and CPU time (``time.process_time``, all
+threads) per image, the best wall time, and the speed-ups as the median of the per-round ratios (each
+ratio from one round, whose runs followed one another). On a machine shared with other work the CPU time
+with ``--threads 1`` is the steadier figure; the load average is recorded before and after.
 
 Prints a table and writes JSON (default ``benchmarks/results/gem_speed.json``). Peak memory: on CUDA the
 growth of ``torch.cuda.max_memory_allocated`` over the loaded model; on CPU the growth of the process's peak
@@ -28,8 +42,10 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +54,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 IMPLS = ("project", "naive")
+OFFICIAL = "gem-torch"
+BASELINE = "baseline"
 
 
 # ----------------------------------------------------------------------------- the naive reference
@@ -121,8 +139,41 @@ def naive_gem(visual, pixels, gem_depth: int = 7, iters: int = 1):
     return visual.ln_post(x_gem) @ visual.proj, visual.ln_post(x) @ visual.proj
 
 
+def official_runner(folder: str, model_name: str, weights: str, device: str):
+    """The official gem-torch's forward (``GEMWrapper`` on open_clip 2.23 from ``folder``) on ``weights``."""
+    import types
+
+    sys.path.insert(0, str(Path(folder).resolve()))
+    for name in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
+        del sys.modules[name]
+    import open_clip
+    import torch
+
+    package = types.ModuleType("gem")  # gem/__init__ imports matplotlib for its plotting helpers only
+    package.__path__ = [str(Path(folder).resolve() / "gem")]
+    sys.modules["gem"] = package
+    from gem.gem_wrapper import GEMWrapper
+
+    if not str(Path(open_clip.__file__).resolve()).startswith(str(Path(folder).resolve())):
+        raise RuntimeError(f"open_clip was not imported from {folder}: {open_clip.__file__}")
+    model = open_clip.create_model(model_name, pretrained=None).eval()
+    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    model = model.to(device)
+    GEMWrapper(model, None, depth=7)  # swaps the last 6 blocks and the tower's forward in place
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+    def run(pixels):
+        with torch.inference_mode(), amp:
+            return model.visual(pixels)
+
+    return run, int(model.visual.patch_size[0])
+
+
 # ----------------------------------------------------------------------------- measurement
-def build(model_name: str, device: str, threads: int | None):
+def build(model_name: str, device: str, threads: int | None, tree: str | None = None):
+    """The random-weight CLIP (seed 0) and a ``GemVisionTower`` on it, from this checkout or ``tree``."""
+    if tree:
+        sys.path.insert(0, str(Path(tree).resolve()))
     import open_clip
     import torch
 
@@ -131,6 +182,11 @@ def build(model_name: str, device: str, threads: int | None):
     torch.manual_seed(0)
     model = open_clip.create_model(model_name, pretrained=None).eval().to(device)
     from workers.models.gem import GemVisionTower
+
+    if tree and not str(Path(sys.modules["workers"].__path__[0]).resolve()).startswith(
+        str(Path(tree).resolve())
+    ):
+        raise RuntimeError(f"workers was not imported from {tree}")
 
     return model, GemVisionTower(model.visual, gem_depth=7)
 
@@ -159,9 +215,22 @@ def measure(impl: str, size: int, args) -> dict:
     """Time one implementation at one size in this process."""
     import torch
 
-    model, tower = build(args.model, args.device, args.threads)
-    run = runner(impl, model, tower, args.device)
+    if impl == OFFICIAL:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run, patch = official_runner(args.official, args.model, args.weights, args.device)
+    else:
+        tree = args.baseline if impl == BASELINE else None
+        model, tower = build(args.model, args.device, args.threads, tree)
+        run = runner("project" if impl == BASELINE else impl, model, tower, args.device)
+        patch = tower.patch_size[0]
+    with contextlib.suppress(OSError):  # reset the peak RSS: loading the weights is not the forward's
+        Path("/proc/self/clear_refs").write_text("5")
     pixels = torch.randn(args.batch, 3, size, size, device=args.device)
+    if args.tokens_out:  # the GEM tokens of a seeded input, for the agreement check
+        gen = torch.Generator().manual_seed(1)
+        probe = torch.randn(2, 3, size, size, generator=gen).to(args.device)
+        torch.save(run(probe)[0].float().cpu(), args.tokens_out)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     gc.collect()
     if args.device == "cuda":
@@ -188,7 +257,6 @@ def measure(impl: str, size: int, args) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     best = min(times)
-    patch = tower.patch_size[0]
     return {
         "impl": impl,
         "size": size,
@@ -197,6 +265,8 @@ def measure(impl: str, size: int, args) -> dict:
         "images_per_s": args.batch / best,
         "ms_per_image": 1000 * best / args.batch,
         "mean_ms_per_image": 1000 * sum(times) / len(times) / args.batch,
+        "median_ms_per_image": 1000 * statistics.median(times) / args.batch,
+        "median_cpu_ms_per_image": 1000 * statistics.median(cpu_times) / args.batch,
         "cpu_ms_per_image": 1000 * min(cpu_times) / args.batch,
         "peak_mem_mib": peak,
     }
@@ -215,10 +285,24 @@ def agreement(args) -> dict:
     def rel(a, b):
         return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
-    return {"size": size, "gem_rel_diff": rel(gem_p, gem_n), "original_rel_diff": rel(ori_p, ori_n)}
+    result = {"size": size, "gem_rel_diff": rel(gem_p, gem_n), "original_rel_diff": rel(ori_p, ori_n)}
+    if args.official:
+        gen = torch.Generator().manual_seed(1)
+        probe = torch.randn(2, 3, size, size, generator=gen).to(args.device)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "tokens.pt"
+            row = measure_in_subprocess(OFFICIAL, size, args, tokens_out=str(out), repeats=1)
+            if "error" in row:
+                result["official_error"] = row["error"]
+            else:
+                mine = runner("project", model, tower, args.device)(probe)[0]
+                result["official_gem_rel_diff"] = rel(mine, torch.load(out).to(args.device))
+    return result
 
 
-def measure_in_subprocess(impl: str, size: int, args) -> dict:
+def measure_in_subprocess(
+    impl: str, size: int, args, *, tokens_out: str | None = None, repeats: int | None = None
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -233,12 +317,18 @@ def measure_in_subprocess(impl: str, size: int, args) -> dict:
         "--model",
         args.model,
         "--repeats",
-        str(args.repeats),
+        str(repeats or args.repeats),
         "--warmup",
         str(args.warmup),
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if impl == OFFICIAL:
+        cmd += ["--official", args.official, "--weights", args.weights]
+    if impl == BASELINE:
+        cmd += ["--baseline", args.baseline]
+    if tokens_out:
+        cmd += ["--tokens-out", tokens_out]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -246,41 +336,64 @@ def measure_in_subprocess(impl: str, size: int, args) -> dict:
     return json.loads(lines[-1])
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], ratios: dict) -> str:
     head = (
-        "| impl | size | batch | tokens | images/s | ms/image | CPU ms/image | peak mem (MiB) "
-        "| speed-up (wall) | speed-up (CPU) | memory ratio |"
+        "| impl | size | batch | tokens | ms/image (median) | CPU ms/image (median) | best ms/image | "
+        "peak mem (MiB) | project's speed-up (wall) | project's speed-up (CPU) |"
     )
-    out = [head, "|" + "---|" * 11]
-    naive = {r["size"]: r for r in rows if r["impl"] == "naive" and "error" not in r}
+    out = [head, "|" + "---|" * 10]
     for r in rows:
         if "error" in r:
             error = r["error"][:60]
-            out.append(f"| {r['impl']} | {r['size']} | {r['batch']} | | error: {error} |" + " |" * 6)
+            out.append(f"| {r['impl']} | {r['size']} | {r['batch']} | | error: {error} |" + " |" * 5)
             continue
-        ref = naive.get(r["size"])
-        speed = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref else ""
-        cpu = f"{ref['cpu_ms_per_image'] / r['cpu_ms_per_image']:.2f}x" if ref else ""
-        mem = f"{r['peak_mem_mib'] / ref['peak_mem_mib']:.2f}" if ref and ref["peak_mem_mib"] > 0 else ""
+        wall, cpu = ratios.get((r["impl"], r["size"]), (None, None))
         out.append(
-            f"| {r['impl']} | {r['size']} | {r['batch']} | {r['tokens']} | {r['images_per_s']:.2f} | "
-            f"{r['ms_per_image']:.1f} | {r['cpu_ms_per_image']:.1f} | {r['peak_mem_mib']:.0f} | {speed} | "
-            f"{cpu} | {mem} |"
+            f"| {r['impl']} | {r['size']} | {r['batch']} | {r['tokens']} | {r['ms_per_image']:.1f} | "
+            f"{r['cpu_ms_per_image']:.1f} | {r['best_ms_per_image']:.1f} | {r['peak_mem_mib']:.0f} | "
+            f"{f'{wall:.2f}x' if wall else ''} | {f'{cpu:.2f}x' if cpu else ''} |"
         )
     return "\n".join(out)
 
 
-def best_of(runs: list[dict]) -> dict:
-    """One row from several rounds of one (implementation, size): the best time, CPU time and memory."""
+def summarize(runs: list[dict]) -> dict:
+    """One row from the rounds of one (implementation, size): medians of the per-round medians, the best
+    wall time, the smallest peak memory."""
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return runs[-1]
-    best = dict(min(ok, key=lambda r: r["ms_per_image"]))
-    best["cpu_ms_per_image"] = min(r["cpu_ms_per_image"] for r in ok)
-    best["peak_mem_mib"] = min(r["peak_mem_mib"] for r in ok)
-    best["images_per_s"] = 1000 / best["ms_per_image"]
-    best["rounds"] = len(ok)
-    return best
+    row = dict(ok[0])
+    row["ms_per_image"] = statistics.median(r["median_ms_per_image"] for r in ok)
+    row["cpu_ms_per_image"] = statistics.median(r["median_cpu_ms_per_image"] for r in ok)
+    row["best_ms_per_image"] = min(r["ms_per_image"] for r in ok)
+    row["peak_mem_mib"] = min(r["peak_mem_mib"] for r in ok)
+    row["images_per_s"] = 1000 / row["ms_per_image"]
+    row["rounds"] = len(ok)
+    row["per_round_ms"] = [round(r["median_ms_per_image"], 1) for r in ok]
+    row["per_round_cpu_ms"] = [round(r["median_cpu_ms_per_image"], 1) for r in ok]
+    for key in ("median_ms_per_image", "median_cpu_ms_per_image", "mean_ms_per_image"):
+        row.pop(key, None)
+    return row
+
+
+def round_ratios(runs: dict, impls: tuple[str, ...], sizes: list[int], rounds: int) -> dict:
+    """The project's speed-up over each other implementation: the median over rounds of the ratio of the
+    two implementations' medians within a round (wall, CPU)."""
+    out = {}
+    for size in sizes:
+        mine = runs[("project", size)]
+        for impl in impls:
+            if impl == "project":
+                continue
+            walls, cpus = [], []
+            for a, b in zip(mine, runs[(impl, size)], strict=True):
+                if "error" in a or "error" in b:
+                    continue
+                walls.append(b["median_ms_per_image"] / a["median_ms_per_image"])
+                cpus.append(b["median_cpu_ms_per_image"] / a["median_cpu_ms_per_image"])
+            if walls:
+                out[(impl, size)] = (statistics.median(walls), statistics.median(cpus))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,17 +408,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch", type=int, default=None, help="images per forward (default: 2 CPU, 8 CUDA)")
     parser.add_argument("--model", default="ViT-B-16")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: 2 CPU, 10 CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: 3 CPU, 10 CUDA)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the sweep, keep each row's best")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (every implementation)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the sweep, rotating the order")
+    parser.add_argument(
+        "--official", default=None, help="a folder with gem-torch and open_clip_torch 2.23 to time as well"
+    )
+    parser.add_argument("--baseline", default=None, help="another checkout of this project to time as well")
+    parser.add_argument(
+        "--impls", nargs="+", choices=(*IMPLS, OFFICIAL, BASELINE), default=None, help="which to run"
+    )
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "gem_speed.json"))
-    parser.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=(*IMPLS, OFFICIAL, BASELINE), help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--tokens-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.sizes = args.sizes or ([448, 672, 896] if cuda else [448, 672])
     args.batch = args.batch or (8 if cuda else 2)
-    args.repeats = args.repeats or (10 if cuda else 2)
+    args.repeats = args.repeats or (10 if cuda else 3)
+    if args.official and not (Path(args.official) / "gem" / "gem_wrapper.py").is_file():
+        parser.error(f"--official {args.official}: no gem/gem_wrapper.py (gem-torch) in that folder")
 
     if args.child:
         print(json.dumps(measure(args.child, args.sizes[0], args)))
@@ -316,36 +440,61 @@ def main(argv: list[str] | None = None) -> int:
     if cuda and not torch.cuda.is_available():
         print("CUDA is not available on this machine", file=sys.stderr)
         return 2
-    runs: dict[tuple[str, int], list[dict]] = {}
-    for rnd in range(args.rounds):
-        for size in args.sizes:
-            order = IMPLS if rnd % 2 == 0 else IMPLS[::-1]
-            for impl in order:
-                row = measure(impl, size, args) if cuda else measure_in_subprocess(impl, size, args)
-                runs.setdefault((impl, size), []).append(row)
-                print(
-                    f"  round {rnd + 1} {impl:8s} {size}: "
-                    f"{row.get('ms_per_image', float('nan')):.0f} ms/image, "
-                    f"{row.get('cpu_ms_per_image', float('nan')):.0f} CPU ms/image",
-                    file=sys.stderr,
-                )
-                if cuda:
-                    gc.collect()
-                    torch.cuda.empty_cache()
-    rows = [best_of(runs[(impl, size)]) for size in args.sizes for impl in IMPLS]
-    agree = agreement(args)
+    impls = tuple(
+        args.impls or (*IMPLS, *([OFFICIAL] if args.official else []), *([BASELINE] if args.baseline else []))
+    )
+    if "project" not in impls:
+        parser.error("--impls must include project (the speed-ups are the project's)")
+    if OFFICIAL in impls and not args.official:
+        parser.error("gem-torch needs --official DIR")
+    if BASELINE in impls and not args.baseline:
+        parser.error("baseline needs --baseline DIR")
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.official:
+            model, _ = build(args.model, "cpu", args.threads)
+            args.weights = str(Path(tmp) / "weights.pt")
+            torch.save(model.state_dict(), args.weights)
+            del model
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for rnd in range(args.rounds):
+            for size in args.sizes:
+                shift = rnd % len(impls)
+                order = impls[shift:] + impls[:shift]
+                for impl in order:
+                    in_process = cuda and impl in IMPLS
+                    row = measure(impl, size, args) if in_process else measure_in_subprocess(impl, size, args)
+                    runs.setdefault((impl, size), []).append(row)
+                    print(
+                        f"  round {rnd + 1} {impl:9s} {size}: "
+                        f"{row.get('median_ms_per_image', float('nan')):.0f} ms/image, "
+                        f"{row.get('median_cpu_ms_per_image', float('nan')):.0f} CPU ms/image "
+                        f"(load {os.getloadavg()[0]:.1f})",
+                        file=sys.stderr,
+                    )
+                    if cuda:
+                        gc.collect()
+                        torch.cuda.empty_cache()
+        agree = agreement(args)
+    load_after = os.getloadavg()
+    rows = [summarize(runs[(impl, size)]) for size in args.sizes for impl in impls]
+    ratios = round_ratios(runs, impls, args.sizes, args.rounds)
     device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
     threads = args.threads or torch.get_num_threads()
     print(
         f"GEM dense features, {args.model} random weights, {args.device} ({device_name}), "
         f"torch {torch.__version__}, threads {threads}, {'bf16 autocast' if cuda else 'fp32'}, "
-        f"best of {args.repeats} after {args.warmup} warm-up, {args.rounds} round(s)"
+        f"median of {args.repeats} after {args.warmup} warm-up per round, {args.rounds} round(s), "
+        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
     )
-    print(table(rows))
-    print(
+    print(table(rows, ratios))
+    line = (
         f"agreement at {agree['size']}: GEM tokens rel. diff {agree['gem_rel_diff']:.2e}, "
-        f"CLIP tokens rel. diff {agree['original_rel_diff']:.2e}"
+        f"CLIP tokens rel. diff {agree['original_rel_diff']:.2e} (naive path)"
     )
+    if "official_gem_rel_diff" in agree:
+        line += f"; GEM tokens rel. diff {agree['official_gem_rel_diff']:.2e} (gem-torch)"
+    print(line)
     result = {
         "benchmark": "gem_speed",
         "model": args.model,
@@ -357,7 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "rounds": args.rounds,
+        "load_average": {"before": load_before, "after": load_after},
         "results": rows,
+        "speedups": [
+            {"versus": impl, "size": size, "wall": wall, "cpu": cpu}
+            for (impl, size), (wall, cpu) in ratios.items()
+        ],
         "agreement": agree,
     }
     path = Path(args.json)

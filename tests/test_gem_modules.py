@@ -15,7 +15,7 @@ import torch.nn.functional as F  # noqa: E402
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from workers.models.gem import GemConfig, GemEngine  # noqa: E402
+from workers.models.gem import GemConfig, GemEngine, kernels  # noqa: E402
 from workers.models.gem.modules import (  # noqa: E402
     DENSE_METHODS,
     GemVisionTower,
@@ -217,26 +217,44 @@ def test_gem_variants_match_reference(gem_depth, iters, temp, ls):
             assert rel_diff(ori[i], ref_o) < 1e-4
 
 
-def test_blocks_run_on_sdpa_and_gem_skips_the_unread_last_block_work():
-    """No block calls ``nn.MultiheadAttention`` (every attention is q/k/v from ``BlockAttention`` and SDPA),
-    and method ``gem`` runs neither the last block's original attention nor its MLP: nothing reads them."""
+def test_blocks_bypass_the_attention_module_and_gem_skips_the_unread_last_block_work(monkeypatch):
+    """No block calls its attention module (every attention is q/k/v from ``BlockAttention`` and the tower's
+    own kernels), and method ``gem`` runs neither the last block's original attention nor its MLP: nothing
+    reads them."""
     model = tiny_clip(7, layers=4)
     tower = GemVisionTower(model.visual, gem_depth=3)
     blocks = model.visual.transformer.resblocks
+    index = {id(block): n for n, block in enumerate(blocks)}
     calls: list[tuple[str, int]] = []
-    handles = []
-    for n, block in enumerate(blocks):
-        handles.append(block.attn.register_forward_hook(lambda *_, n=n: calls.append(("attn", n))))
-        handles.append(block.mlp.register_forward_hook(lambda *_, n=n: calls.append(("mlp", n))))
+    handles = [
+        block.attn.register_forward_hook(lambda *_, n=n: calls.append(("attn", n)))
+        for n, block in enumerate(blocks)
+    ]
+    mlp, residual = GemVisionTower._mlp, GemVisionTower._residual_attention
+
+    def counted_mlp(block, x):
+        calls.append(("mlp", index[id(block)]))
+        return mlp(block, x)
+
+    def counted_residual(block, attn, x, o):
+        calls.append(("residual", index[id(block)]))
+        return residual(block, attn, x, o)
+
+    monkeypatch.setattr(GemVisionTower, "_mlp", staticmethod(counted_mlp))
+    monkeypatch.setattr(GemVisionTower, "_residual_attention", staticmethod(counted_residual))
     torch.manual_seed(3)
     pixels = torch.randn(2, 3, 40, 48)
     try:
         with torch.inference_mode():
             gem, _ = tower(pixels)
-            assert calls == [("mlp", n) for n in range(4)]
+            # blocks 2 and 3 carry GEM's path: two residual attentions each (the side path's first)
+            residuals = [("residual", n) for n in (0, 1, 2, 2, 3, 3)]
+            assert [c for c in calls if c[0] == "mlp"] == [("mlp", n) for n in range(4)]
+            assert [c for c in calls if c[0] == "residual"] == residuals
             calls.clear()
             dense = tower.dense_features(pixels, "gem")
-            assert calls == [("mlp", n) for n in range(3)], "gem must skip the last block's MLP"
+            assert [c for c in calls if c[0] == "mlp"] == [("mlp", n) for n in range(3)], "gem skips the MLP"
+            assert [c for c in calls if c[0] == "residual"] == residuals[:-1], "gem skips the attention"
             for method in DENSE_METHODS:
                 calls.clear()
                 tower.dense_features(pixels, method)
@@ -578,3 +596,80 @@ def test_scale_and_multihead_extras_are_refused():
     block.attn = torch.nn.MultiheadAttention(48, 4, add_bias_kv=True, batch_first=True)
     with pytest.raises(ValueError, match="add_bias_kv"):
         GemVisionTower(model.visual)
+
+
+# ----------------------------------------------------------------------------- oneDNN kernels
+def _plain_torch(monkeypatch) -> None:
+    """Route the tower's kernels to plain PyTorch (F.linear, SDPA), as on a build without oneDNN."""
+    monkeypatch.setattr(kernels, "_LINEAR", None)
+
+
+def test_kernels_apply_to_fp32_cpu_inference_only():
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    x = torch.zeros(2, 3)
+    assert kernels.onednn_usable(x, None)
+    assert not kernels.onednn_usable(x.double())
+    w = torch.zeros(3, 3, requires_grad=True)
+    assert not kernels.onednn_usable(x, w)
+    with torch.no_grad():
+        assert kernels.onednn_usable(x, w)
+    with pytest.raises(ValueError, match="gelu"):
+        kernels.linear(x, torch.zeros(3, 3), gelu=True, residual=x)
+
+
+@pytest.mark.parametrize("score_block", [1 << 20, 40])  # one block of query rows per head, or several
+def test_onednn_attention_kernels_match_plain_torch(monkeypatch, score_block):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(kernels, "_SCORE_BLOCK", score_block)
+    torch.manual_seed(12)
+    qkv = torch.randn(2, 23, 3 * 3 * 8)  # heads are strided views of a fused projection, as in the tower
+    q, k, v = (t.reshape(2, 23, 3, 8).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    temps = torch.tensor([1.5, 6.0])
+    with torch.inference_mode():
+        att = kernels.attention(q, k, v)
+        ss = self_self_attention(q, k, v, temps, iters=2)
+        ss_fixed = self_self_attention(q, k, v, 4.0, iters=0)
+        lin = kernels.linear(qkv, torch.randn(5, 72), torch.randn(5), gelu=True)
+        with monkeypatch.context() as m:
+            _plain_torch(m)
+            assert not kernels.onednn_usable(q)
+            assert rel_diff(att, F.scaled_dot_product_attention(q, k, v)) < 1e-5
+            assert rel_diff(ss, self_self_attention(q, k, v, temps, iters=2)) < 1e-5
+            assert rel_diff(ss_fixed, self_self_attention(q, k, v, 4.0, iters=0)) < 1e-5
+    torch.manual_seed(12)
+    qkv = torch.randn(2, 23, 3 * 3 * 8)
+    ref = F.gelu(F.linear(qkv, torch.randn(5, 72), torch.randn(5)))
+    assert rel_diff(lin, ref) < 1e-5
+
+
+def test_tower_on_onednn_matches_plain_torch(monkeypatch):
+    model = tiny_clip(13, layers=4, ls_init_value=0.5)
+    tower = GemVisionTower(model.visual, gem_depth=3, ss_attn_iter=2)
+    pixels = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        fast = {m: tower.dense_features(pixels, m) for m in DENSE_METHODS}
+        with monkeypatch.context() as m:
+            _plain_torch(m)
+            for method in DENSE_METHODS:
+                assert rel_diff(fast[method], tower.dense_features(pixels, method)) < 1e-5, method
+    # with gradients recorded the tower takes plain PyTorch, and gradients flow
+    gem = tower.dense_features(pixels, "gem")
+    gem.sum().backward()
+    assert model.visual.conv1.weight.grad is not None
+    assert rel_diff(gem.detach(), fast["gem"]) < 1e-5
+
+
+def test_position_embedding_is_kept_per_grid_until_it_changes():
+    model = tiny_clip(14)
+    tower = GemVisionTower(model.visual)
+    with torch.no_grad():
+        first = tower._position_embedding((5, 7))
+        assert tower._position_embedding((5, 7)) is first
+        other = tower._position_embedding((3, 4))
+        assert other.shape == (1 + 12, 48)
+        model.visual.positional_embedding.mul_(2.0)  # an in-place change (as load_state_dict makes)
+        again = tower._position_embedding((3, 4))
+    assert again is not other
+    assert torch.allclose(again, 2.0 * other, atol=1e-5)

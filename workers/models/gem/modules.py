@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import METHODS
 
 __all__ = [
@@ -97,10 +98,14 @@ def self_self_attention(
 ) -> torch.Tensor:
     """GEM's self-self attention on per-head features ``[B, H, N, d]``; returns ``[B, H, N, d]``.
 
-    The three branches (v-v, k-k, q-q) are stacked on the batch axis so that each step is one fused
+    On fp32 CPU tensors without autograd this runs on oneDNN (:func:`kernels.self_self_attention_rows`:
+    row blocks per head, the three final softmax matrices summed before one product with v). Elsewhere the
+    three branches (v-v, k-k, q-q) are stacked on the batch axis so that each step is one fused
     ``scaled_dot_product_attention`` call. A per-image inverse temperature (tensor ``[B]``) is folded into the
     queries; a scalar goes to ``scale=``.
     """
+    if kernels.onednn_usable(q, k, v):
+        return kernels.self_self_attention_rows(q, k, v, inv_temp, iters)
     b = q.shape[0]
     xs = torch.stack([v, k, q], dim=0)  # [3, B, H, N, d]
     if isinstance(inv_temp, torch.Tensor):
@@ -166,19 +171,21 @@ class BlockAttention:
         """Per-head q, k, v ``[B, heads, N, head_dim]`` of ``h = ln_1(x)`` (one matmul when fused)."""
         fused = getattr(self.module, "in_proj_weight", None)
         if fused is not None:
-            q, k, v = F.linear(h, fused, self.module.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = kernels.linear(h, fused, self.module.in_proj_bias).chunk(3, dim=-1)
         else:
-            q, k, v = (F.linear(h, w, b) for w, b in self._projections())
+            q, k, v = (kernels.linear(h, w, b) for w, b in self._projections())
         return _heads(q, self.num_heads), _heads(k, self.num_heads), _heads(v, self.num_heads)
 
     def value(self, h: torch.Tensor) -> torch.Tensor:
         """Per-head v ``[B, heads, N, head_dim]`` alone (q and k are not computed)."""
         w, b = self._projections()[2]
-        return _heads(F.linear(h, w, b), self.num_heads)
+        return _heads(kernels.linear(h, w, b), self.num_heads)
 
-    def out(self, o: torch.Tensor) -> torch.Tensor:
-        """The output projection of per-head features ``[B, heads, N, head_dim]``; returns ``[B, N, C]``."""
-        return self.module.out_proj(_merge(o))
+    def out(self, o: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The output projection of per-head features ``[B, heads, N, head_dim]``; returns ``[B, N, C]``,
+        plus ``residual`` when given (fused into the product where the kernels allow)."""
+        proj = self.module.out_proj
+        return kernels.linear(_merge(o), proj.weight, proj.bias, residual=residual)
 
 
 class GemVisionTower(nn.Module):
@@ -224,11 +231,24 @@ class GemVisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         cls = vis.class_embedding.to(x.dtype).reshape(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        pos = resample_pos_embed(vis.positional_embedding, tuple(vis.grid_size), grid)
-        x = x + pos.to(x.dtype)
+        x = x + self._position_embedding(grid).to(x.dtype)
         x = vis.patch_dropout(x)
         x = vis.ln_pre(x)
         return x, grid
+
+    def _position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position embedding resampled to ``grid``, kept for the last grid while the parameter is
+        unchanged (same tensor, same in-place version) and no gradient is recorded."""
+        pos = self.visual.positional_embedding
+        if torch.is_grad_enabled() and pos.requires_grad:
+            return resample_pos_embed(pos, tuple(self.visual.grid_size), grid)
+        key = (grid, pos.data_ptr(), pos._version, pos.dtype, pos.device)
+        cached = getattr(self, "_pos_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = (key, resample_pos_embed(pos, tuple(self.visual.grid_size), grid))
+            self._pos_cache = cached
+        return cached[1]
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.visual.ln_post(x)
@@ -237,13 +257,44 @@ class GemVisionTower(nn.Module):
         return x
 
     @staticmethod
-    def _block(block: nn.Module, attn: BlockAttention, x: torch.Tensor) -> torch.Tensor:
-        """One unchanged ViT block, its attention on q/k/v from :class:`BlockAttention` and fused
-        ``scaled_dot_product_attention`` (no N×N attention matrix, unlike ``nn.MultiheadAttention``'s CPU
-        fast path); the same numbers as ``block(x)``."""
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A block's own attention ``softmax(q kᵀ / √d) v`` (oneDNN row blocks on the CPU, else SDPA)."""
+        return kernels.attention(q, k, v)
+
+    @staticmethod
+    def _residual_attention(block: nn.Module, attn: BlockAttention, x: torch.Tensor, o: torch.Tensor):
+        """``x + ls_1(out_proj(o))``, the add fused into the output projection when ``ls_1`` is identity."""
+        if isinstance(block.ls_1, nn.Identity):
+            return attn.out(o, residual=x)
+        return x + block.ls_1(attn.out(o))
+
+    @staticmethod
+    def _mlp(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``x + ls_2(mlp(ln_2(x)))``: open_clip's c_fc / GELU / c_proj MLP on :func:`kernels.linear` (GELU
+        and the residual add fused where they can be), any other MLP through its own module."""
+        mlp, h = block.mlp, block.ln_2(x)
+        parts = dict(mlp.named_children()) if isinstance(mlp, nn.Sequential) else {}
+        if set(parts) != {"c_fc", "gelu", "c_proj"} or not all(
+            isinstance(parts[n], nn.Linear) for n in ("c_fc", "c_proj")
+        ):
+            return x + block.ls_2(mlp(h))
+        fc, act, proj = parts["c_fc"], parts["gelu"], parts["c_proj"]
+        if isinstance(act, nn.GELU) and act.approximate == "none":
+            h = kernels.linear(h, fc.weight, fc.bias, gelu=True)
+        else:
+            h = act(kernels.linear(h, fc.weight, fc.bias))
+        if isinstance(block.ls_2, nn.Identity):
+            return kernels.linear(h, proj.weight, proj.bias, residual=x)
+        return x + block.ls_2(kernels.linear(h, proj.weight, proj.bias))
+
+    @classmethod
+    def _block(cls, block: nn.Module, attn: BlockAttention, x: torch.Tensor) -> torch.Tensor:
+        """One unchanged ViT block, its attention on q/k/v from :class:`BlockAttention` and :meth:`_attend`
+        (no N×N attention matrix, unlike ``nn.MultiheadAttention``'s CPU fast path); the same numbers as
+        ``block(x)``."""
         q, k, v = attn.qkv(block.ln_1(x))
-        x = x + block.ls_1(attn.out(F.scaled_dot_product_attention(q, k, v)))
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
+        x = cls._residual_attention(block, attn, x, cls._attend(q, k, v))
+        return cls._mlp(block, x)
 
     def _blocks(self, x: torch.Tensor, stop: int) -> torch.Tensor:
         """The unchanged blocks ``[0, stop)`` applied to tokens ``x``."""
@@ -293,11 +344,10 @@ class GemVisionTower(nn.Module):
             block, attn = blocks[i], self._attentions[i]
             h = block.ln_1(x)
             q, k, v = attn.qkv(h)
-            x_side = x_side + block.ls_1(attn.out(side_attention(q, k, v, h, attn.head_dim)))
+            x_side = self._residual_attention(block, attn, x_side, side_attention(q, k, v, h, attn.head_dim))
             if i == last and not original:
                 return self._head(x_side), None
-            x = x + block.ls_1(attn.out(F.scaled_dot_product_attention(q, k, v)))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            x = self._mlp(block, self._residual_attention(block, attn, x, self._attend(q, k, v)))
         return self._head(x_side), self._head(x)
 
     def clip_surgery(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""The tower's inner products on the CPU: oneDNN linear layers and row-chunked attention built on them.
+
+PyTorch's fp32 ``F.linear`` and matrix products on the CPU go to MKL's sgemm, and its fused
+``scaled_dot_product_attention`` kernel to the same sgemm on small tiles. On CPUs where MKL does not pick
+its widest kernels (AMD's AVX-512 parts among them) oneDNN's own just-in-time kernels, which dispatch on the
+CPU's features, run the same fp32 products about twice as fast. So, for fp32 tensors on the CPU with no
+gradient to record:
+
+- :func:`linear` calls ``torch.ops.mkldnn._linear_pointwise`` (optionally with GELU or a residual add
+  fused into the product);
+- :func:`attention` computes ``softmax(q kᵀ · scale) v`` per (image, head) on blocks of query rows: the
+  ``rows × N`` score block stays in cache, and both products run on oneDNN;
+- :func:`self_self_attention_rows` is GEM's self-self attention on the same scheme, with the three
+  branches' final softmax matrices summed before their one product with v.
+
+Every function is exact fp32 arithmetic, the same as the plain PyTorch path up to the order of the
+additions (relative differences of order 1e-7). Anywhere else (CUDA, half precision, autograd, a build
+without oneDNN) they fall back to ``F.linear`` and ``F.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention", "linear", "onednn_usable", "self_self_attention_rows"]
+
+
+def _find_linear_op():
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        op.default, op.binary  # noqa: B018 (resolve both overloads now, not in the forward)
+    except (AttributeError, RuntimeError):
+        return None
+    return op if torch.backends.mkldnn.is_available() else None
+
+
+_LINEAR = _find_linear_op()
+_REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _LINEAR is not None else None
+_SCORE_BLOCK = 1 << 20  # score-block elements per (image, head) step: 4 MiB of fp32
+
+
+def onednn_usable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the oneDNN kernels apply: fp32 CPU tensors and no gradient to record."""
+    if _LINEAR is None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype != torch.float32 or (grad and t.requires_grad):
+            return False
+    return True
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x Wᵀ + b``, then the exact (erf) GELU when ``gelu``, plus ``residual`` when given (never both)."""
+    if gelu and residual is not None:
+        raise ValueError("linear fuses either gelu or a residual, not both")
+    if onednn_usable(x, weight, bias, residual):
+        if residual is not None and residual.shape == (*x.shape[:-1], weight.shape[0]):
+            return _LINEAR.binary(x, residual.contiguous(), weight.contiguous(), bias, "add")
+        if residual is None:
+            w = weight.contiguous()  # a strided weight takes oneDNN's slow reference reorder
+            return _LINEAR(x, w, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+    y = F.linear(x, weight, bias)
+    if gelu:
+        y = F.gelu(y)
+    return y if residual is None else residual + y
+
+
+def _rows(n: int) -> int:
+    """Query rows per step for ``n`` keys: a score block of about ``_SCORE_BLOCK`` elements."""
+    return max(16, min(n, _SCORE_BLOCK // max(n, 1)))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q kᵀ · scale) v`` for per-head tensors ``[B, H, N, d]`` (scale default ``d ** -0.5``).
+
+    The result is a ``[B, H, N, d]`` view of a ``[B, N, H, d]`` buffer, so merging the heads back to
+    ``[B, N, H·d]`` costs no copy."""
+    if not onednn_usable(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    b, h, n, d = q.shape
+    scale = d**-0.5 if scale is None else float(scale)
+    out = q.new_empty(b, n, h, v.shape[-1])
+    rows = _rows(k.shape[-2])
+    for i in range(b):
+        for j in range(h):
+            qh = q[i, j] * scale
+            kh = _weight(k[i, j].contiguous(), rows, n)  # oneDNN weights: contiguous (or packed)
+            vt = _weight(v[i, j].t().contiguous(), rows, n)
+            for r in range(0, n, rows):
+                s = _LINEAR(qh[r : r + rows], kh, None, "none", [], "")
+                out[i, r : r + rows, j] = _LINEAR(torch.softmax(s, dim=-1), vt, None, "none", [], "")
+    return out.transpose(1, 2)
+
+
+def _weight(w: torch.Tensor, rows: int, n: int) -> torch.Tensor:
+    """``w`` as a oneDNN weight for ``n`` rows in blocks of ``rows`` (packed once for several blocks)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, rows) if n > rows and _REORDER is not None else w
+
+
+def self_self_attention_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_temp: torch.Tensor | float, iters: int
+) -> torch.Tensor:
+    """GEM's self-self attention (see :func:`workers.models.gem.modules.self_self_attention`) on the oneDNN
+    kernels; the caller checks :func:`onednn_usable`. Returns ``[B, H, N, d]`` (a view, as
+    :func:`attention`). Per (image, head) and block of query rows; the final step sums the three branches'
+    softmax matrices and multiplies the sum with v once."""
+    b, h, n, d = q.shape
+    if isinstance(inv_temp, torch.Tensor):
+        temps = [float(t) for t in inv_temp.reshape(-1)]
+    else:
+        temps = [float(inv_temp)] * b
+    out = q.new_empty(b, n, h, d)
+    rows = _rows(n)
+    for i in range(b):
+        t = temps[i]
+        for j in range(h):
+            branches = [v[i, j].contiguous(), k[i, j].contiguous(), q[i, j].contiguous()]
+            for _ in range(iters):
+                branches = [attention_step(F.normalize(z, dim=-1), t, rows) for z in branches]
+            unit = [F.normalize(z, dim=-1) for z in branches]
+            scaled = [z * t for z in unit]
+            keys = [_weight(z, rows, n) for z in unit]
+            vt = _weight(v[i, j].t().contiguous(), rows, n)
+            for r in range(0, n, rows):
+                acc = None
+                for zq, zk in zip(scaled, keys, strict=True):
+                    p = torch.softmax(_LINEAR(zq[r : r + rows], zk, None, "none", [], ""), dim=-1)
+                    acc = p if acc is None else acc.add_(p)
+                out[i, r : r + rows, j] = _LINEAR(acc, vt, None, "none", [], "").div_(3.0)
+    return out.transpose(1, 2)
+
+
+def attention_step(z: torch.Tensor, inv_temp: float, rows: int) -> torch.Tensor:
+    """One self-self step on one head's unit rows ``z [N, d]``: ``softmax(z zᵀ · inv_temp) z``."""
+    n = z.shape[0]
+    zq, zt, key = z * inv_temp, _weight(z.t().contiguous(), rows, n), _weight(z, rows, n)
+    out = torch.empty_like(z)
+    for r in range(0, n, rows):
+        s = _LINEAR(zq[r : r + rows], key, None, "none", [], "")
+        out[r : r + rows] = _LINEAR(torch.softmax(s, dim=-1), zt, None, "none", [], "")
+    return out
