@@ -24,7 +24,7 @@ from rq.registry import FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from groundlabel.protocol import JobPayload, result_key, spec_tag
-from groundlabel.redis_queue import RESULT_PREFIX
+from groundlabel.redis_queue import COMPRESS_MAX_BYTES, RESULT_PREFIX, make_queues
 from groundlabel.settings import Settings
 from groundlabel.spec import parse_label_config
 from labeling_backend.app import create_app
@@ -258,3 +258,22 @@ def test_worker_honours_the_job_deadline(redis_server, worker):
     assert queue.cache_get([result_key(f"deadline-{i}", "") for i in range(3)]) == [None] * 3
     assert queue.pending_get([f"deadline-{i}" for i in range(3)]) == [None] * 3
     queue.close()
+
+
+def test_a_large_payload_is_stored_undeflated_and_read_back_by_rq(redis_server):
+    """Deflating base64 images costs milliseconds and saves little: a payload over COMPRESS_MAX_BYTES is
+    stored as a stored-only zlib stream, a small one is deflated; RQ reads both back."""
+    conn = redis.Redis.from_url(redis_server.url)
+    queue = make_queues(conn, Settings.from_env({}).queue)["batch"]
+    try:
+        for size, deflated in ((2_000, True), (COMPRESS_MAX_BYTES + 1_000, False)):
+            text = "A" * size
+            job = queue.create_job("workers.jobs.run_job", args=({"tasks": [], "blob": text},))
+            job.save()
+            raw = conn.hget(job.key, "data")
+            assert (len(raw) < size // 10) is deflated, len(raw)
+            back = Job.fetch(job.id, connection=conn, serializer=JSONSerializer)
+            assert back.args[0]["blob"] == text
+            job.delete()
+    finally:
+        conn.close()
