@@ -8,11 +8,13 @@
 - A job naming any function but groundlabel's own job function (or a foreign callback) is refused
   without running.
 - A worker killed while it waits for a job leaves no connection behind that would take the next one.
+- A job's bookkeeping costs the worker two Redis round trips.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 
 import pytest
@@ -24,7 +26,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from slow_http import SlowImageServer
 
-from groundlabel.protocol import JOB_FUNCTION, JobPayload, QueueUnavailable
+from groundlabel.protocol import JOB_FUNCTION, JobPayload, QueueUnavailable, result_key
 from groundlabel.settings import Settings
 from groundlabel.spec import parse_label_config
 from labeling_backend.app import create_app
@@ -152,3 +154,47 @@ def test_worker_killed_while_idle_does_not_swallow_the_next_job(redis_url, start
     _wait(lambda: _finished(queue, job_id), 60, "the job to be run by the live worker", log=alive)
     conn.close()
     queue.close()
+
+
+def test_a_job_costs_the_worker_two_round_trips_of_bookkeeping(redis_url, tiny_gem_env, monkeypatch):
+    """Between its dequeue and its next one, a job's bookkeeping is two pipelines: one to start it, one
+    to store its result with the result cache (RQ's own worker sends about a dozen)."""
+    from redis.connection import AbstractConnection
+
+    from workers import engines
+    from workers.worker import build_worker
+
+    settings = Settings.from_env(tiny_gem_env, redis_url=redis_url)
+    previous = engines.settings()
+    engines.configure(settings)
+    queue = RedisJobQueue(settings.queue)
+    worker = build_worker(settings.queue, heartbeat=60)  # no lease renewal during the job
+    sends: list[int] = []
+    original_send, original_execute = AbstractConnection.send_packed_command, worker.execute_job
+
+    def counting_send(self, *args, **kwargs):
+        sends.append(1)
+        return original_send(self, *args, **kwargs)
+
+    def counted_execute(job, job_queue):
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", counting_send)
+        try:
+            original_execute(job, job_queue)
+        finally:
+            monkeypatch.setattr(AbstractConnection, "send_packed_command", original_send)
+
+    worker.execute_job = counted_execute
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # work() sets them
+    try:
+        job_id, _ = queue.submit(_payload(5, png_data_uri(seed=5)), ["two-trips"], interactive=True)
+        assert worker.work(burst=True, max_jobs=1)
+        state = queue.poll([job_id])[job_id]
+        assert state.status == "finished", state
+        assert state.results and state.results[0].get("result") is not None
+        assert queue.cache_get([result_key("two-trips", state.results[0]["model_version"])])[0]
+        assert len(sends) == 2, len(sends)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        engines.configure(previous)
+        queue.close()
