@@ -10,6 +10,7 @@ and writes benchmarks/results/quality.json.
     .venv/bin/python benchmarks/quality.py --target shape  # shapes as the classes
     .venv/bin/python benchmarks/quality.py --methods --distill-steps 300 --scenes 150
     .venv/bin/python benchmarks/quality.py --sam             # GEM, +PAMR, +tiny SAM; clicks → SAM vs GEM
+    .venv/bin/python benchmarks/quality.py --sam-tune        # refine=sam's rule on the tuning scenes
 """
 
 from __future__ import annotations
@@ -62,9 +63,16 @@ def main() -> int:
         action="store_true",
         help="refine=sam and clicks with the tiny SAM (tests/assets/tiny_sam.pt): mIoU and boundary F",
     )
+    parser.add_argument(
+        "--sam-tune",
+        action="store_true",
+        help="refine=sam's min_iou × min_score on the tuning scenes (never the held-out ones)",
+    )
     parser.add_argument("--sam-checkpoint", default=str(ROOT / "tests" / "assets" / "tiny_sam.pt"))
     args = parser.parse_args()
 
+    if args.sam_tune:
+        return sam_tune_table(args)
     if args.sam:
         return sam_table(args)
     if args.methods or args.distill_steps:
@@ -243,6 +251,34 @@ def sam_table(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    print(f"wrote {out}")
+    return 0
+
+
+def sam_tune_table(args: argparse.Namespace) -> int:
+    """The ``+sam`` rows for every ``min_iou`` × ``min_score`` on the tuning scenes (``--scenes``, at most
+    150); GEM's temperature and every row's threshold are chosen on validation scenes as in ``--sam``."""
+    import torch
+
+    from workers.evaluation.sam_quality import TUNING_SEED, tune_refinement
+
+    torch.set_num_threads(args.threads)
+    temp, _ = select_gem_temperature(args.checkpoint, scenes=min(args.scenes, 150), target="colour")
+    n = min(args.scenes, 150)
+    rows = tune_refinement(args.checkpoint, args.sam_checkpoint, scenes=n, temperature=temp)
+    print(f"tuning scenes (seed {TUNING_SEED}); GEM inverse temperature {temp}")
+    print(f"{'method':<16} | min_iou | min_score | mIoU  | boundary F | threshold")
+    seen = set()
+    for r in rows:
+        key = (r["method"], r["threshold"]) if "+sam" not in r["method"] else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        print(f"{r['method']:<16} | {r['min_iou']:7.2f} | {r['min_score']:9.2f} | {r['mIoU']:5.2f} | "
+              f"{r['boundary_F']:10.2f} | {r['threshold']}")  # fmt: skip
+    out = Path(args.out).with_name("quality_sam_tuning.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"seed": TUNING_SEED, "gem_inverse_temperature": temp, "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0
 

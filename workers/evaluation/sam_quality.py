@@ -5,8 +5,9 @@ object colours; the tiny SAM (``tests/assets/tiny_sam.pt``, ``groundlabel train-
 other scenes of the same generator) sharpens them. Rows:
 
 - ``gem``, ``gem +pamr``, ``gem +sam``, ``gem +pamr +sam``: the label map (background below a threshold
-  chosen per row on validation scenes, ``gem +sam`` keeps GEM's), scored by mIoU (background and the seven
-  colours) and the mean boundary F-score at a 2-pixel tolerance;
+  chosen per row on validation scenes: for a ``+sam`` row, the threshold whose refined map scores best
+  there), scored by mIoU (background and the seven colours) and the mean boundary F-score at a 2-pixel
+  tolerance;
 - ``click → sam`` and ``click → gem component``: one positive click at each visible object's centre (the
   point deepest inside it), the object's mask from SAM, or from GEM's map of the object's colour
   (:func:`workers.pipeline.click_mask`), scored per object by IoU and boundary F.
@@ -15,7 +16,7 @@ other scenes of the same generator) sharpens them. Rows:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ from workers.evaluation.quality import BACKGROUND_PROMPTS, EVAL_SEED, THRESHOLDS
 from workers.evaluation.scenes import COLOURS, Scene, make_scenes
 
 TOLERANCE = 2.0  # boundary F tolerance in pixels
+#: ``refine=sam``'s rule (``min_score``, ``min_iou``) is tuned on scenes of this seed (not the held-out ones).
+TUNING_SEED = 555_001
+MIN_SCORES: tuple[float, ...] = (0.0, 0.3, 0.4, 0.5, 0.6)
 
 
 @dataclass
@@ -61,11 +65,11 @@ def tiny_gem(checkpoint: str, *, temperature: float | None, pamr: bool) -> Any:
     return GemEngine(GemConfig(**options), clip_model=model, tokenizer=tokenizer)
 
 
-def tiny_sam(checkpoint: str) -> Any:
-    """The tiny SAM engine (CPU)."""
+def tiny_sam(checkpoint: str, **rule: float) -> Any:
+    """The tiny SAM engine (CPU); ``rule``: ``min_iou`` / ``min_score`` of ``refine=sam`` (else defaults)."""
     from workers.models.sam import SamConfig, SamEngine
 
-    return SamEngine(SamConfig(model=checkpoint, device="cpu"))
+    return SamEngine(SamConfig(model=checkpoint, device="cpu", **rule))
 
 
 def label_map(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -75,14 +79,18 @@ def label_map(scores: np.ndarray, threshold: float) -> np.ndarray:
     return labels
 
 
-def best_threshold(maps: Sequence[np.ndarray], scenes: Sequence[Scene]) -> float:
-    """The background threshold of :data:`THRESHOLDS` with the best mIoU on ``scenes``."""
+def best_threshold(
+    maps: Sequence[np.ndarray], scenes: Sequence[Scene], refine: Callable[..., np.ndarray] | None = None
+) -> float:
+    """The background threshold of :data:`THRESHOLDS` with the best mIoU on ``scenes``; ``refine``
+    (``refine(scene, labels, scores)``): the label map it gives is scored instead."""
     k = len(COLOURS) + 1
     best, best_t = -1.0, THRESHOLDS[0]
     for t in THRESHOLDS:
         cm = ConfusionMatrix(k)
         for scores, scene in zip(maps, scenes, strict=True):
-            cm.update(label_map(scores, t), scene.colour_labels)
+            labels = label_map(scores, t)
+            cm.update(labels if refine is None else refine(scene, labels, scores), scene.colour_labels)
         miou = cm.summary()["mIoU"]
         if miou > best:
             best, best_t = miou, t
@@ -109,30 +117,62 @@ def evaluate_refinement(
     validation_scenes: int = 100,
     temperature: float | None = None,
     seed: int = EVAL_SEED,
+    **rule: float,
 ) -> list[Row]:
     """The label-map rows (module docstring) on ``scenes`` held-out scenes; thresholds are chosen on
-    ``validation_scenes`` scenes of their own seed. ``temperature``: GEM's inverse temperature."""
+    ``validation_scenes`` scenes of their own seed. ``temperature``: GEM's inverse temperature; ``rule``:
+    ``min_iou`` / ``min_score`` of ``refine=sam`` (else its defaults)."""
     from workers.models.sam.refine import refine_label_map
 
     held = make_scenes(scenes, seed, 48)
     val = make_scenes(validation_scenes, VALIDATION_SEED, 48)
     names = list(COLOURS)
-    sam = tiny_sam(sam_checkpoint)
+    sam = tiny_sam(sam_checkpoint, **rule)
     rows = []
+
+    def refine(scene: Scene, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        return refine_label_map(sam, scene.image, labels, scores)
+
     for pamr in (False, True):
         gem = tiny_gem(clip_checkpoint, temperature=temperature, pamr=pamr)
-        t = best_threshold(gem.heatmaps([s.image for s in val], names), val)
+        val_maps = gem.heatmaps([s.image for s in val], names)
         start = time.perf_counter()
         maps = gem.heatmaps([s.image for s in held], names)
-        preds = [label_map(m, t) for m in maps]
         coarse_seconds = time.perf_counter() - start
         base = "gem +pamr" if pamr else "gem"
-        rows.append(score_label_maps(base, preds, held, coarse_seconds, threshold=t))
-        start = time.perf_counter()
-        sharp = [refine_label_map(sam, s.image, p, m) for s, p, m in zip(held, preds, maps, strict=True)]
-        seconds = coarse_seconds + time.perf_counter() - start
-        rows.append(score_label_maps(f"{base} +sam", sharp, held, seconds, threshold=t))
+        for name, refined in ((base, None), (f"{base} +sam", refine)):
+            t = best_threshold(val_maps, val, refined)
+            start = time.perf_counter()
+            preds = [label_map(m, t) for m in maps]
+            if refined is not None:
+                preds = [refined(s, p, m) for s, p, m in zip(held, preds, maps, strict=True)]
+            seconds = coarse_seconds + time.perf_counter() - start
+            rows.append(score_label_maps(name, preds, held, seconds, threshold=t))
     return rows
+
+
+def tune_refinement(
+    clip_checkpoint: str,
+    sam_checkpoint: str,
+    *,
+    min_scores: Sequence[float] = MIN_SCORES,
+    min_ious: Sequence[float] = (0.0, 0.5),
+    scenes: int = 100,
+    validation_scenes: int = 100,
+    temperature: float | None = None,
+) -> list[dict]:
+    """``refine=sam``'s rule on the tuning scenes (:data:`TUNING_SEED`, neither held-out nor validation):
+    the ``+sam`` rows for every ``min_iou`` × ``min_score`` (thresholds still chosen on validation)."""
+    out = []
+    for min_iou in min_ious:
+        for min_score in min_scores:
+            rows = evaluate_refinement(
+                clip_checkpoint, sam_checkpoint, scenes=scenes, validation_scenes=validation_scenes,
+                temperature=temperature, seed=TUNING_SEED, min_iou=min_iou, min_score=min_score,
+            )  # fmt: skip
+            for r in rows:
+                out.append({"min_iou": min_iou, "min_score": min_score, **r.as_dict()})
+    return out
 
 
 def object_clicks(scene: Scene) -> list[tuple[np.ndarray, int, tuple[float, float]]]:

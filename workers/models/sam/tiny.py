@@ -5,12 +5,14 @@ input) learns point and box prompts → the prompted shape's mask on the scenes 
 :mod:`workers.evaluation.scenes`. Each training prompt is one of: a click inside the object (sometimes
 with a second click, sometimes with a click outside it), its box (jittered), or the box and peak points
 of a *coarse* version of its mask (the mask pooled to the tiny CLIP's patch grid and upsampled, as GEM's
-maps look), which is what ``refine=sam`` sends. The loss: binary cross-entropy + dice on the best of the three
+maps look). With ``--gem-clip``, part of each batch is what ``refine=sam`` really sends (:class:`GemParts`):
+the parts of GEM's label maps, an object's or, for a part GEM put on the background, an empty target. The
+loss: binary cross-entropy + dice on the best of the three
 candidate masks (SAM's focal loss starts too slowly for a few minutes of training), and the predicted IoU's
 squared error.
 
 Train it with ``groundlabel train-tiny-sam --out tests/assets/tiny_sam.pt`` (deterministic for a given seed
-and thread count); ``--init`` continues from an earlier checkpoint on fresh scenes (the asset's four stages
+and thread count); ``--init`` continues from an earlier checkpoint on fresh scenes (the asset's six stages
 are in docs/sam.md).
 """
 
@@ -110,6 +112,56 @@ def training_prompt(rng: np.random.Generator, mask: np.ndarray) -> Any:
     return max(parts, key=lambda p: int((p.mask & mask).sum())).prompt
 
 
+class GemParts:
+    """Prompts exactly as ``refine=sam`` sends them: the connected parts of GEM's label maps (the tiny CLIP,
+    with or without PAMR) of freshly generated scenes. A part over an object of its colour has that object
+    as its target (the one it overlaps most); a part on the background (a distractor GEM took for an
+    object) has an empty target, so the tiny SAM learns to predict a low IoU there."""
+
+    def __init__(self, clip_checkpoint: str | Path, *, temperature: float = 80.0, positive: float = 0.5):
+        from workers.evaluation.sam_quality import tiny_gem
+
+        self.engines = [
+            tiny_gem(str(clip_checkpoint), temperature=temperature, pamr=pamr) for pamr in (False, True)
+        ]
+        self.positive = positive
+        self.calls = 0
+
+    def draw(self, rng: np.random.Generator, n: int) -> list[tuple[Any, Any, np.ndarray]]:
+        """``n`` (scene, prompt, target mask) triples, from GEM and GEM + PAMR in turn."""
+        from workers.evaluation.sam_quality import label_map
+        from workers.evaluation.scenes import COLOURS, make_scene
+
+        from .refine import mask_parts
+
+        engine = self.engines[self.calls % 2]
+        self.calls += 1
+        out: list[tuple[Any, Any, np.ndarray]] = []
+        while len(out) < n:
+            scenes = [make_scene(rng, SCENE_SIZE) for _ in range(n)]
+            for scene, scores in zip(scenes, engine.heatmaps([s.image for s in scenes], list(COLOURS)),
+                                     strict=True):  # fmt: skip
+                labels = label_map(scores, float(rng.uniform(0.5, 0.75)))
+                objects = instance_masks(scene, min_area=1)
+                colours = [int(np.bincount(scene.colour_labels[o]).argmax()) for o in objects]
+                pos, neg = [], []
+                for c in (int(c) for c in np.unique(labels) if c):
+                    for part in mask_parts(labels == c, scores[c - 1]):
+                        overlap = [
+                            int((part.mask & o).sum()) if k == c else 0
+                            for o, k in zip(objects, colours, strict=True)
+                        ]
+                        if overlap and max(overlap) > 0:
+                            pos.append((part.prompt, objects[int(np.argmax(overlap))]))
+                        else:
+                            neg.append((part.prompt, np.zeros_like(part.mask)))
+                pool = pos if pos and (not neg or rng.random() < self.positive) else neg
+                if pool and len(out) < n:
+                    prompt, target = pool[rng.integers(len(pool))]
+                    out.append((scene, prompt, target))
+        return out
+
+
 def train_tiny_sam(
     *,
     steps: int = 1500,
@@ -123,13 +175,16 @@ def train_tiny_sam(
     image_size: int = TINY_INPUT,
     patch_size: int = 8,
     init: str | Path | None = None,
+    gem_clip: str | Path | None = None,
+    gem_fraction: float = 0.5,
     log_every: int = 50,
     save_every: int = 0,
     out: str | Path | None = None,
 ) -> tuple[Any, dict]:
     """Train the tiny SAM on freshly generated scenes (training seed ``seed``, never the held-out one);
     the learning rate warms up, then decays with a cosine. ``init``: a checkpoint to continue from (its
-    architecture; ``width``, ``layers``, ``image_size`` and ``patch_size`` are then ignored). Returns the
+    architecture; ``width``, ``layers``, ``image_size`` and ``patch_size`` are then ignored). ``gem_clip``:
+    a tiny CLIP checkpoint; ``gem_fraction`` of each batch is then :class:`GemParts` prompts. Returns the
     model (eval) and a summary."""
     import torch
     import torch.nn.functional as F
@@ -152,6 +207,8 @@ def train_tiny_sam(
             # transformers draws them at hidden_size / 2, so high in frequency that no position generalises
             model.shared_image_embedding.positional_embedding.normal_(0.0, 1.0)
     engine = SamEngine(_train_config(), model=model, family_name="sam")
+    gem_parts = GemParts(gem_clip) if gem_clip else None
+    n_gem = int(round(gem_fraction * batch_size)) if gem_parts else 0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     start = time.perf_counter()
     loss_ema = iou_ema = float("nan")
@@ -161,6 +218,11 @@ def train_tiny_sam(
         for group in opt.param_groups:
             group["lr"] = lr * frac
         pixels, targets, prompts = [], [], []
+        if n_gem:
+            for scene, prompt, mask in gem_parts.draw(rng, n_gem):
+                pixels.append(engine.preprocess(scene.image))
+                targets.append(mask)
+                prompts.append(prompt)
         while len(prompts) < batch_size:
             scene = make_scene(rng, SCENE_SIZE)
             masks = instance_masks(scene)
@@ -205,7 +267,8 @@ def train_tiny_sam(
     summary = {
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "width": vision.hidden_size,
         "layers": vision.num_hidden_layers, "image_size": vision.image_size, "patch_size": vision.patch_size,
-        "init": Path(init).name if init else None, "loss": loss_ema, "train_mask_iou": iou_ema,
+        "init": Path(init).name if init else None, "gem_fraction": gem_fraction if gem_parts else 0.0,
+        "loss": loss_ema, "train_mask_iou": iou_ema,
         "seconds": time.perf_counter() - start,
     }  # fmt: skip
     if out:
@@ -260,7 +323,8 @@ def _train_command(args: argparse.Namespace) -> int:
     _, summary = train_tiny_sam(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
         width=args.width, layers=args.layers, image_size=args.image_size, patch_size=args.patch_size,
-        init=args.init, save_every=args.save_every, out=args.out,
+        init=args.init, gem_clip=args.gem_clip, gem_fraction=args.gem_fraction, save_every=args.save_every,
+        out=args.out,
     )  # fmt: skip
     size = Path(args.out).stat().st_size / 2**20
     print(
@@ -290,6 +354,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--image-size", type=int, default=TINY_INPUT, help="network input size (scenes are 48 px)")
     p.add_argument("--patch-size", type=int, default=8, help="ViT patch size in input pixels")
     p.add_argument("--init", default=None, help="a train-tiny-sam checkpoint to continue training from")
+    p.add_argument(
+        "--gem-clip", default=None,
+        help="a tiny CLIP checkpoint: part of each batch is then the parts of GEM's label maps "
+        "(refine=sam's prompts)",
+    )  # fmt: skip
+    p.add_argument("--gem-fraction", type=float, default=0.5, help="share of each batch from --gem-clip")
     p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it slightly)")
     p.set_defaults(handler=_train_command)
