@@ -673,3 +673,35 @@ def test_position_embedding_is_kept_per_grid_until_it_changes():
         again = tower._position_embedding((3, 4))
     assert again is not other
     assert torch.allclose(again, 2.0 * other, atol=1e-5)
+
+
+def test_packed_linear_weights_follow_in_place_changes_and_can_be_turned_off():
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    torch.manual_seed(15)
+    layer = torch.nn.Linear(24, 10)
+    x, res = torch.randn(3, 7, 24), torch.randn(3, 7, 10)
+    with torch.no_grad():
+        first = kernels.linear(x, layer.weight, layer.bias)
+        assert id(layer.weight) in kernels._packed  # packed on first use
+        packed = kernels._packed[id(layer.weight)][2]
+        assert rel_diff(kernels.linear(x, layer.weight, layer.bias), first) < 1e-6
+        assert kernels._packed[id(layer.weight)][2] is packed  # reused while unchanged
+        assert rel_diff(first, F.linear(x, layer.weight, layer.bias)) < 1e-5
+        layer.load_state_dict({"weight": -2.0 * layer.weight, "bias": layer.bias})  # in place
+        fused = kernels.linear(x, layer.weight, layer.bias, residual=res)
+        assert rel_diff(fused, res + F.linear(x, layer.weight, layer.bias)) < 1e-5
+        assert kernels._packed[id(layer.weight)][2] is not packed  # repacked after the change
+        view = torch.randn(20, 24)[:10]  # a view is used as it is, never kept
+        assert rel_diff(kernels.linear(x, view), F.linear(x, view)) < 1e-5
+        assert id(view) not in kernels._packed
+        try:
+            kernels.set_weight_packing(False)
+            assert not kernels._packed
+            assert rel_diff(kernels.linear(x, layer.weight, layer.bias, residual=res), fused) < 1e-6
+            assert not kernels._packed
+        finally:
+            kernels.set_weight_packing(True)
+    key = id(layer.weight)
+    del layer
+    assert key not in kernels._packed  # released with its weight

@@ -7,7 +7,11 @@ CPU's features, run the same fp32 products about twice as fast. So, for fp32 ten
 gradient to record:
 
 - :func:`linear` calls ``torch.ops.mkldnn._linear_pointwise`` (optionally with GELU or a residual add
-  fused into the product);
+  fused into the product). A weight that is a tensor of its own (a module's parameter, not a view) is
+  reordered once into oneDNN's blocked layout and the packed copy kept for later calls while the weight is
+  unchanged (same storage, same in-place version); without it oneDNN reorders the weight on every call.
+  The packed copies take as much memory as the weights they stand for (about 340 MB for ViT-B/16's
+  tower); :func:`set_weight_packing` turns this off (and frees them);
 - :func:`attention` computes ``softmax(q kᵀ · scale) v`` per (image, head) on blocks of query rows: the
   ``rows × N`` score block stays in cache, and both products run on oneDNN;
 - :func:`self_self_attention_rows` is GEM's self-self attention on the same scheme, with the three
@@ -20,10 +24,12 @@ without oneDNN) they fall back to ``F.linear`` and ``F.scaled_dot_product_attent
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "linear", "onednn_usable", "self_self_attention_rows"]
+__all__ = ["attention", "linear", "onednn_usable", "self_self_attention_rows", "set_weight_packing"]
 
 
 def _find_linear_op():
@@ -38,6 +44,36 @@ def _find_linear_op():
 _LINEAR = _find_linear_op()
 _REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _LINEAR is not None else None
 _SCORE_BLOCK = 1 << 20  # score-block elements per (image, head) step: 4 MiB of fp32
+_PACK_ROWS = 1024  # the row count oneDNN's weight layout is chosen for (any count computes exactly)
+_packing = True
+_packed: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}  # id(weight) -> (weight, key, packed)
+
+
+def set_weight_packing(enabled: bool) -> None:
+    """Keep oneDNN-packed copies of the linear weights (the default) or not; ``False`` frees them."""
+    global _packing
+    _packing = bool(enabled)
+    if not _packing:
+        _packed.clear()
+
+
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in oneDNN's layout, packed on first use and kept while the weight is unchanged; ``weight``
+    itself when packing is off or does not apply (a view, a strided tensor, an inference tensor)."""
+    if not _packing or _REORDER is None or weight._base is not None or not weight.is_contiguous():
+        return weight
+    if weight.is_inference():
+        return weight
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    entry = _packed.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == key:
+        return entry[2]
+    with torch.inference_mode(False), torch.no_grad():
+        packed = _REORDER(weight.detach(), _PACK_ROWS)
+    if entry is None or entry[0]() is not weight:
+        weakref.finalize(weight, _packed.pop, id(weight), None)
+    _packed[id(weight)] = (weakref.ref(weight), key, packed)
+    return packed
 
 
 def onednn_usable(*tensors: torch.Tensor | None) -> bool:
@@ -65,10 +101,10 @@ def linear(
     if gelu and residual is not None:
         raise ValueError("linear fuses either gelu or a residual, not both")
     if onednn_usable(x, weight, bias, residual):
+        w = _packed_weight(weight.contiguous())  # a strided weight takes oneDNN's slow reference reorder
         if residual is not None and residual.shape == (*x.shape[:-1], weight.shape[0]):
-            return _LINEAR.binary(x, residual.contiguous(), weight.contiguous(), bias, "add")
+            return _LINEAR.binary(x, residual.contiguous(), w, bias, "add")
         if residual is None:
-            w = weight.contiguous()  # a strided weight takes oneDNN's slow reference reorder
             return _LINEAR(x, w, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
     y = F.linear(x, weight, bias)
     if gelu:
