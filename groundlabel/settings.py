@@ -237,6 +237,7 @@ class EngineSettings:
     sam_min_score: float | None = None
     sam_cache_mb: int | None = None
     lavt_refine: str | None = None
+    gem_pack_weights: bool = True  # CPU: keep oneDNN-packed copies of GEM's linear weights (faster, +memory)
     hub: HubSettings = field(default_factory=HubSettings)  # hub access for every engine's downloads
 
     def validate(self) -> None:
@@ -385,8 +386,9 @@ VARIABLES: tuple[str, ...] = (
     "GROUNDLABEL_GEM_MODEL", "GROUNDLABEL_GEM_MODEL_CONFIG", "GROUNDLABEL_GEM_PRETRAINED",
     "GROUNDLABEL_WEIGHTS_DIR", "GROUNDLABEL_GEM_IMAGE_SIZE", "GROUNDLABEL_GEM_METHOD",
     "GROUNDLABEL_GEM_REFINE", "GROUNDLABEL_GEM_TEMPLATES", "GROUNDLABEL_GEM_BATCH", "GROUNDLABEL_GEM_DEPTH",
-    "GROUNDLABEL_GEM_TEMPERATURE", "GROUNDLABEL_DEVICE", "GROUNDLABEL_LAVT_CHECKPOINT",
-    "GROUNDLABEL_LAVT_VARIANT", "GROUNDLABEL_LAVT_TOKENIZER", "GROUNDLABEL_ENGINE", "GROUNDLABEL_SAM3_MODEL",
+    "GROUNDLABEL_GEM_TEMPERATURE", "GROUNDLABEL_GEM_PACK_WEIGHTS", "GROUNDLABEL_DEVICE",
+    "GROUNDLABEL_LAVT_CHECKPOINT", "GROUNDLABEL_LAVT_VARIANT", "GROUNDLABEL_LAVT_TOKENIZER",
+    "GROUNDLABEL_ENGINE", "GROUNDLABEL_SAM3_MODEL",
     "GROUNDLABEL_SAM3_BATCH", "GROUNDLABEL_SAM_MODEL", "GROUNDLABEL_SAM_FAMILY", "GROUNDLABEL_SAM_MIN_IOU",
     "GROUNDLABEL_SAM_MIN_SCORE",
     "GROUNDLABEL_SAM_CACHE_MB", "GROUNDLABEL_LAVT_REFINE", *OFFLINE_VARIABLES, "HF_ENDPOINT",
@@ -453,6 +455,7 @@ def _engine_settings(e: _Env) -> EngineSettings:
         sam_min_score=e.number("GROUNDLABEL_SAM_MIN_SCORE", None, float, minimum=0.0),
         sam_cache_mb=e.number("GROUNDLABEL_SAM_CACHE_MB", None, int, minimum=0),
         lavt_refine=e.text("GROUNDLABEL_LAVT_REFINE"),
+        gem_pack_weights=e.bool("GROUNDLABEL_GEM_PACK_WEIGHTS", True),
         hub=hub_settings(e.env),
     )
 

@@ -268,3 +268,22 @@ def test_gem_temperature_option_is_validated() -> None:
         gem_config(Settings.from_env({"GROUNDLABEL_GEM_TEMPERATURE": "-1"}).engines)
     with pytest.raises(UserError, match="GROUNDLABEL_GEM_DEPTH"):
         gem_config(Settings.from_env({"GROUNDLABEL_GEM_DEPTH": "seven"}).engines)
+
+
+@pytest.mark.parametrize(("value", "packing"), [("false", False), ("true", True)])
+def test_workers_gem_engine_follows_the_pack_weights_setting(tiny_gem_env, value, packing):
+    from groundlabel.settings import Settings
+    from workers import engines
+    from workers.models.gem import kernels
+
+    engines.configure(Settings.from_env({**tiny_gem_env, "GROUNDLABEL_GEM_PACK_WEIGHTS": value}))
+    try:
+        kernels.set_weight_packing(not packing)
+        engine = engines.get_gem_engine()
+        assert kernels._packing is packing
+        maps = engine.heatmaps([Image.new("RGB", (40, 32), (200, 30, 30))], ["red"])
+        assert maps[0].shape[-2:] == (32, 40)
+        assert bool(kernels._packed) is (packing and kernels.onednn_usable())
+    finally:
+        engines.configure(Settings())
+        kernels.set_weight_packing(True)

@@ -158,11 +158,9 @@ def get_gem_engine(project: str | None = None) -> Any:
     with _lock:
         engine = _engines.get("gem")
         if engine is None:
-            from workers.models.gem import GemEngine
-
             config = gem_config(_settings.engines, register=True)
             log.info("loading GEM %s (weights %s)", config.model_name, config.pretrained)
-            engine = GemEngine(config)
+            engine = _new_gem_engine(config)
             _engines["gem"] = engine
         return engine
 
@@ -233,13 +231,22 @@ def _build_project_lavt(version: Any) -> Any:
     return LavtEngine(_weights(version), LavtConfig(**_settings.engines.lavt_options()))
 
 
+def _new_gem_engine(config: Any) -> Any:
+    """A GEM engine for ``config``, with the deployment's choice of packed CPU weights
+    (``GROUNDLABEL_GEM_PACK_WEIGHTS``)."""
+    from workers.models.gem import GemEngine
+    from workers.models.gem.kernels import set_weight_packing
+
+    set_weight_packing(_settings.engines.gem_pack_weights)
+    return GemEngine(config)
+
+
 def _build_project_gem(version: Any) -> Any:
     from dataclasses import replace
 
-    from workers.models.gem import GemEngine
-
     config = gem_config(_settings.engines, register=True)
-    return GemEngine(replace(config, pretrained=_weights(version)))  # the distilled CLIP, same architecture
+    # the distilled CLIP, in the same architecture
+    return _new_gem_engine(replace(config, pretrained=_weights(version)))
 
 
 def _project_engine(version: Any, build: Any) -> Any:
