@@ -31,7 +31,7 @@ import numpy as np
 from groundlabel.errors import UserError
 from groundlabel.model_store import ModelStore
 from groundlabel.settings import EngineSettings
-from workers.training.lavt import HELDOUT_SPLIT, TRAIN_SPLIT, Progress, Recipe
+from workers.training.lavt import HELDOUT_SPLIT, TRAIN_SPLIT, Progress, Recipe, settle
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +281,5 @@ def distill_project(
         },
     )
     comparison = f"held-out mIoU {new['mIoU']:.2f} vs {base['mIoU']:.2f} (percent) for {parent}"
-    if better:
-        reason = f"promoted: {comparison}"
-        store.promote(project, version.name, reason)
-    else:
-        reason = f"not promoted ({comparison}, needs a gain above {recipe.min_gain:g}): {parent} serves on"
-    log.info("project %s: stored %s, %s", project, version.name, reason)
+    reason = settle(store, project, version.name, parent, better, comparison, recipe.min_gain)
     return GemOutcome(version.name, parent, better, reason, base, new, len(train_files), len(heldout.images))

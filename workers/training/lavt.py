@@ -72,6 +72,19 @@ class Outcome:
         return asdict(self)
 
 
+def settle(
+    store: ModelStore, project: str, name: str, parent: str, better: bool, comparison: str, min_gain: float
+) -> str:
+    """Promote the stored version ``name`` for ``project`` when ``better``; the reason, as logged."""
+    if better:
+        reason = f"promoted: {comparison}"
+        store.promote(project, name, reason)
+    else:
+        reason = f"not promoted ({comparison}, needs a gain above {min_gain:g}): {parent} serves on"
+    log.info("project %s: stored %s, %s", project, name, reason)
+    return reason
+
+
 def current_model(store: ModelStore, project: str, engines: EngineSettings) -> tuple[str | None, str, Any]:
     """What the project serves: ``(checkpoint, or None for random weights; its version; LavtConfig)``."""
     from workers.models.lavt.config import LavtConfig, lavt_model_version
@@ -206,10 +219,5 @@ def fine_tune_project(
         },
     )
     comparison = f"held-out oIoU {new['oIoU']:.4f} vs {base['oIoU']:.4f} for {parent}"
-    if better:
-        reason = f"promoted: {comparison}"
-        store.promote(project, version.name, reason)
-    else:
-        reason = f"not promoted ({comparison}, needs a gain above {recipe.min_gain:g}): {parent} serves on"
-    log.info("project %s: stored %s, %s", project, version.name, reason)
+    reason = settle(store, project, version.name, parent, better, comparison, recipe.min_gain)
     return Outcome(version.name, parent, better, reason, base, new, train_refs, heldout_refs)
