@@ -146,6 +146,17 @@ def tiny_gem_env(tiny_gem_config: Path) -> dict[str, str]:
     }
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the test: small models train fastest so, and CI's two cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_tiny_gem_engine(seed: int = 0, image_size: int = 64):
     """A GemEngine on the tiny CLIP with random weights, built in this process."""
     import open_clip

@@ -21,15 +21,6 @@ from workers.models.lavt.text import load_tokenizer  # noqa: E402
 from workers.models.lavt.train import TrainOptions, evaluate, parameter_groups, poly_lambda, train  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    """Small models train fastest on one thread, and CI's two cores are shared by other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
     root = make_dataset(tmp_path_factory.mktemp("refs"), images=6, val_images=3, size=64, seed=7)

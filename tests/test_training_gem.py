@@ -48,14 +48,6 @@ SIZE = 48  # the tiny CLIP's input size
 TEMPERATURE = 80.0  # GEM's inverse temperature validated on the tiny CLIP (docs/quality.md)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def scene_export(tmp_path, images: int, seed: int = 31) -> tuple[list[dict], str]:
     """Label Studio tasks of generated scenes, one brush mask per visible colour; and the files' root."""
     folder = tmp_path / "files" / "scenes"

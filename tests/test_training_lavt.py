@@ -28,14 +28,6 @@ def tiny_base_checkpoint(path, seed: int = 0, image_size: int = 64):
     return path
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_current_model_is_the_promoted_version_else_the_workers_checkpoint(tmp_path):
     store = ModelStore(tmp_path / "store")
     with pytest.raises(UserError, match="GROUNDLABEL_LAVT_CHECKPOINT"):
