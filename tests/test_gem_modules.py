@@ -15,7 +15,7 @@ import torch.nn.functional as F  # noqa: E402
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from workers.models.gem import GemConfig, GemEngine, kernels  # noqa: E402
+from workers.models.gem import GemConfig, GemEngine, kernels, rowexp  # noqa: E402
 from workers.models.gem.modules import (  # noqa: E402
     DENSE_METHODS,
     GemVisionTower,
@@ -642,6 +642,28 @@ def test_onednn_attention_kernels_match_plain_torch(monkeypatch, score_block):
     qkv = torch.randn(2, 23, 3 * 3 * 8)
     ref = F.gelu(F.linear(qkv, torch.randn(5, 72), torch.randn(5)))
     assert rel_diff(lin, ref) < 1e-5
+
+
+@pytest.mark.parametrize("score_block", [1 << 20, 40])
+@pytest.mark.parametrize("temp", [None, 4.0, 120.0, -2.0])  # adaptive; fixed; past exp's range; nonsense
+def test_compiled_row_exponentials_match_torch_softmax(monkeypatch, score_block, temp):
+    """The numba row-exponential path (softmax's scaling moved after the product with v, GEM's known row
+    maximum, the branches' sum accumulated block by block) gives torch.softmax's numbers."""
+    if not (torch.backends.mkldnn.is_available() and rowexp.AVAILABLE):
+        pytest.skip("needs oneDNN and numba")
+    monkeypatch.setattr(kernels, "_SCORE_BLOCK", score_block)
+    torch.manual_seed(21)
+    q, k, v = (torch.randn(2, 3, 37, 8) * 2 for _ in range(3))
+    inv_temp = torch.tensor([1.5, 6.0]) if temp is None else temp
+    with torch.inference_mode():
+        att = kernels.attention(q, k, v)
+        ss = self_self_attention(q, k, v, inv_temp, iters=1)
+        with monkeypatch.context() as m:
+            m.setattr(rowexp, "AVAILABLE", False)
+            assert rel_diff(att, kernels.attention(q, k, v)) < 2e-6
+            assert rel_diff(ss, self_self_attention(q, k, v, inv_temp, iters=1)) < 2e-6
+        _plain_torch(monkeypatch)
+        assert rel_diff(ss, self_self_attention(q, k, v, inv_temp, iters=1)) < 2e-6
 
 
 def test_tower_on_onednn_matches_plain_torch(monkeypatch):

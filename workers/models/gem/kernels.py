@@ -17,17 +17,27 @@ gradient to record:
 - :func:`self_self_attention_rows` is GEM's self-self attention on the same scheme, with the three
   branches' final softmax matrices summed before their one product with v.
 
+Between the two products, the softmax is one compiled pass (:mod:`.rowexp`, with numba) instead of
+``torch.softmax``'s three: ``exp(s - row max)`` in place with the row sums, the division by the sums applied
+to the product's ``rows × d`` numbers; GEM's self-self scores ``t · ẑ ẑᵀ`` of unit rows need no maximum
+pass (it is ``t``, on the diagonal), and the three branches' softmax matrices are summed row by row into the
+first one's memory. Without numba it is ``torch.softmax``.
+
 Every function is exact fp32 arithmetic, the same as the plain PyTorch path up to the order of the
-additions (relative differences of order 1e-7). Anywhere else (CUDA, half precision, autograd, a build
-without oneDNN) they fall back to ``F.linear`` and ``F.scaled_dot_product_attention``.
+additions and the exponential's last bit (relative differences of order 1e-7). Anywhere else (CUDA, half
+precision, autograd, a build without oneDNN) they fall back to ``F.linear`` and
+``F.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from . import rowexp
 
 __all__ = ["attention", "linear", "onednn_usable", "self_self_attention_rows", "set_weight_packing"]
 
@@ -135,8 +145,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
             vt = _weight(v[i, j].t().contiguous(), rows, n)
             for r in range(0, n, rows):
                 s = _LINEAR(qh[r : r + rows], kh, None, "none", [], "")
-                out[i, r : r + rows, j] = _LINEAR(torch.softmax(s, dim=-1), vt, None, "none", [], "")
+                _times_values(*_softmax_rows(s), vt, out[i, r : r + rows, j])
     return out.transpose(1, 2)
+
+
+def _softmax_rows(s: torch.Tensor, row_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``softmax(s)`` along rows as ``(p, sums)`` with ``softmax(s) = p / sums`` (``sums`` ``None`` when ``p``
+    is already normalised). With numba ``p`` is ``s`` itself, overwritten with ``exp(s - max)`` in one pass;
+    ``row_max`` is the rows' maximum when the caller knows it (GEM's unit-row self-self scores: the
+    temperature, on the diagonal)."""
+    if not rowexp.AVAILABLE:
+        return torch.softmax(s, dim=-1), None
+    rows = s.shape[0]
+    sums = s.new_empty(rows, 1)
+    rowexp.exp_rows(s.numpy(), _shift(s, row_max).numpy(), sums.numpy().reshape(rows))
+    return s, sums
+
+
+def _times_values(
+    p: torch.Tensor, sums: torch.Tensor | None, values_t: torch.Tensor, out: torch.Tensor
+) -> None:
+    """``out = (p / sums) @ values`` for the oneDNN weight ``values_t`` (values transposed or packed), the
+    division done on the product's ``rows × d`` numbers rather than on ``p``."""
+    product = _LINEAR(p, values_t, None, "none", [], "")
+    if sums is None:
+        out.copy_(product)
+    else:
+        torch.div(product, sums, out=out)
 
 
 def _weight(w: torch.Tensor, rows: int, n: int) -> torch.Tensor:
@@ -169,12 +204,37 @@ def self_self_attention_rows(
             keys = [_weight(z, rows, n) for z in unit]
             vt = _weight(v[i, j].t().contiguous(), rows, n)
             for r in range(0, n, rows):
-                acc = None
-                for zq, zk in zip(scaled, keys, strict=True):
-                    p = torch.softmax(_LINEAR(zq[r : r + rows], zk, None, "none", [], ""), dim=-1)
-                    acc = p if acc is None else acc.add_(p)
-                out[i, r : r + rows, j] = _LINEAR(acc, vt, None, "none", [], "").div_(3.0)
+                scores = (
+                    _LINEAR(zq[r : r + rows], zk, None, "none", [], "")
+                    for zq, zk in zip(scaled, keys, strict=True)
+                )
+                _times_values(*_mean_softmax(scores, t), vt, out[i, r : r + rows, j])
     return out.transpose(1, 2)
+
+
+def _mean_softmax(scores: Iterator[torch.Tensor], row_max: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mean of the softmax matrices of GEM's branch scores (each of known row maximum ``row_max``) as
+    ``(p, sums)`` like :func:`_softmax_rows`, accumulated in the first score block's memory while the next
+    blocks are computed one at a time (no third ``N × N`` block alive)."""
+    acc, sums = _softmax_rows(next(scores), row_max)
+    count = 1
+    for s in scores:
+        count += 1
+        if sums is None:  # torch.softmax: already normalised
+            acc.add_(torch.softmax(s, dim=-1))
+        else:
+            rowexp.exp_rows_add(s.numpy(), _shift(s, row_max).numpy(), acc.numpy(), sums.numpy().reshape(-1))
+        del s
+    if sums is None:
+        return acc.div_(count), None
+    return acc, sums.mul_(count)
+
+
+def _shift(s: torch.Tensor, row_max: float | None) -> torch.Tensor:
+    """The rows' maxima of ``s``: ``row_max`` when the caller knows it (a positive self-self temperature)."""
+    if row_max is None or not row_max > 0:
+        return s.amax(dim=-1)
+    return s.new_full((s.shape[0],), row_max)
 
 
 def attention_step(z: torch.Tensor, inv_temp: float, rows: int) -> torch.Tensor:
@@ -184,5 +244,5 @@ def attention_step(z: torch.Tensor, inv_temp: float, rows: int) -> torch.Tensor:
     out = torch.empty_like(z)
     for r in range(0, n, rows):
         s = _LINEAR(zq[r : r + rows], key, None, "none", [], "")
-        out[r : r + rows] = _LINEAR(torch.softmax(s, dim=-1), zt, None, "none", [], "")
+        _times_values(*_softmax_rows(s, inv_temp), zt, out[r : r + rows])
     return out
