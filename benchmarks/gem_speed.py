@@ -5,7 +5,10 @@ open_clip 2.23 (the version gem-torch needs) runs them, sequence-first through
 ``F.multi_head_attention_forward``; GEM's blocks use explicit N×N attention matrices and softmax, the three
 self-self branches (v-v, k-k, q-q) one after the other, and the last block's original attention, MLP and head
 are computed too. Both run on the same random-weight CLIP (ViT-B-16 by default) in the same invocation under
-``torch.inference_mode``; on CUDA both run under bf16 autocast.
+``torch.inference_mode``; on CUDA both run under bf16 autocast. The project's tower is timed on the call the
+GEM engine makes, ``dense_features(pixels, "gem")`` (the GEM tokens, the same numbers as gem-torch's
+``feat_gem``, without the last block's original attention and MLP that nothing reads); ``--path both`` times
+``GemVisionTower.forward`` instead, which returns the CLIP tokens as well.
 
 ``--official DIR`` adds the official ``gem-torch`` itself (its ``GEMWrapper`` on ``open_clip_torch`` 2.23.0,
 the version it needs) as a third implementation: DIR is a folder where both are importable, e.g. made with
@@ -191,7 +194,9 @@ def build(model_name: str, device: str, threads: int | None, tree: str | None = 
     return model, GemVisionTower(model.visual, gem_depth=7)
 
 
-def runner(impl: str, model, tower, device: str):
+def runner(impl: str, model, tower, device: str, path: str = "gem"):
+    """The forward to time: the project's tower on ``path`` (``gem``: GEM tokens alone, as the engine asks for
+    them; ``both``: GEM and CLIP tokens), or the naive reference (always both, as gem-torch)."""
     import torch
 
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
@@ -199,7 +204,7 @@ def runner(impl: str, model, tower, device: str):
     def run(pixels):
         with torch.inference_mode(), amp:
             if impl == "project":
-                return tower(pixels)
+                return tower.dense_features(pixels, "gem") if path == "gem" else tower(pixels)
             return naive_gem(model.visual, pixels)
 
     return run
@@ -222,7 +227,7 @@ def measure(impl: str, size: int, args) -> dict:
     else:
         tree = args.baseline if impl == BASELINE else None
         model, tower = build(args.model, args.device, args.threads, tree)
-        run = runner("project" if impl == BASELINE else impl, model, tower, args.device)
+        run = runner("project" if impl == BASELINE else impl, model, tower, args.device, args.path)
         patch = tower.patch_size[0]
     with contextlib.suppress(OSError):  # reset the peak RSS: loading the weights is not the forward's
         Path("/proc/self/clear_refs").write_text("5")
@@ -279,13 +284,19 @@ def agreement(args) -> dict:
     model, tower = build(args.model, args.device, args.threads)
     size = min(args.sizes)
     pixels = torch.randn(2, 3, size, size, device=args.device)
-    gem_p, ori_p = runner("project", model, tower, args.device)(pixels)
+    gem_p = runner("project", model, tower, args.device, "gem")(pixels)
+    both_p, ori_p = runner("project", model, tower, args.device, "both")(pixels)
     gem_n, ori_n = runner("naive", model, tower, args.device)(pixels)
 
     def rel(a, b):
         return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
-    result = {"size": size, "gem_rel_diff": rel(gem_p, gem_n), "original_rel_diff": rel(ori_p, ori_n)}
+    result = {
+        "size": size,
+        "gem_rel_diff": rel(gem_p, gem_n),
+        "gem_both_rel_diff": rel(both_p, gem_n),
+        "original_rel_diff": rel(ori_p, ori_n),
+    }
     if args.official:
         gen = torch.Generator().manual_seed(1)
         probe = torch.randn(2, 3, size, size, generator=gen).to(args.device)
@@ -295,7 +306,7 @@ def agreement(args) -> dict:
             if "error" in row:
                 result["official_error"] = row["error"]
             else:
-                mine = runner("project", model, tower, args.device)(probe)[0]
+                mine = runner("project", model, tower, args.device, "gem")(probe)
                 result["official_gem_rel_diff"] = rel(mine, torch.load(out).to(args.device))
     return result
 
@@ -320,6 +331,8 @@ def measure_in_subprocess(
         str(repeats or args.repeats),
         "--warmup",
         str(args.warmup),
+        "--path",
+        args.path,
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -410,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: 3 CPU, 10 CUDA)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--path",
+        choices=("gem", "both"),
+        default="gem",
+        help="what the project's tower computes: gem = GEM tokens alone, the engine's call (default); "
+        "both = GEM and CLIP tokens (GemVisionTower.forward). The naive path and gem-torch compute both",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (every implementation)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the sweep, rotating the order")
     parser.add_argument(
@@ -484,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"GEM dense features, {args.model} random weights, {args.device} ({device_name}), "
         f"torch {torch.__version__}, threads {threads}, {'bf16 autocast' if cuda else 'fp32'}, "
+        f"project path {args.path}, "
         f"median of {args.repeats} after {args.warmup} warm-up per round, {args.rounds} round(s), "
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
     )
@@ -503,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": threads,
         "precision": "bf16-autocast" if cuda else "fp32",
+        "project_path": args.path,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "rounds": args.rounds,
