@@ -63,32 +63,27 @@ if AVAILABLE:
         p = p * r * r + r + np.float32(1.0)
         return p * _f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
 
+    @numba.njit(cache=True, nogil=True, fastmath=_FLAGS, inline="always")
+    def _exp_row(row, m):
+        """In place ``row[j] = exp(row[j] - m)``; returns the row's sum."""
+        total = np.float32(0.0)
+        for j in range(row.shape[0]):
+            e = _exp(row[j] - m)
+            row[j] = e
+            total += e
+        return total
+
     @numba.njit(cache=True, nogil=True, fastmath=_FLAGS)
     def _exp_rows(s, shift, sums):
-        rows, cols = s.shape
-        for i in range(rows):
-            row = s[i]
-            m = shift[i]
-            total = np.float32(0.0)
-            for j in range(cols):
-                e = _exp(row[j] - m)
-                row[j] = e
-                total += e
-            sums[i] = total
+        for i in range(s.shape[0]):
+            sums[i] = _exp_row(s[i], shift[i])
 
     @numba.njit(cache=True, nogil=True, fastmath=_FLAGS)
     def _exp_rows_add(s, shift, acc, acc_sums):
-        rows, cols = s.shape
-        for i in range(rows):
+        for i in range(s.shape[0]):
             row, out = s[i], acc[i]
-            m = shift[i]
-            total = np.float32(0.0)
-            for j in range(cols):
-                e = _exp(row[j] - m)
-                row[j] = e
-                total += e
-            w = acc_sums[i] / total
-            for j in range(cols):  # the row is still in L1
+            w = acc_sums[i] / _exp_row(row, shift[i])
+            for j in range(row.shape[0]):  # the row is still in L1
                 out[j] += row[j] * w
 
 
