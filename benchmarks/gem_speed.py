@@ -44,7 +44,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import peak_rss_mib  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 IMPLS = ("project", "naive")
@@ -260,7 +262,7 @@ def measure(impl: str, size: int, args) -> dict:
     if args.device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        peak = peak_rss_mib() - base
     best = min(times)
     return {
         "impl": impl,

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -36,14 +35,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import peak_rss_mib  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LABELS = ("car", "person", "dog", "traffic light", "bicycle", "bus", "tree", "building")
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> int:

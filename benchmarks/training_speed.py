@@ -17,13 +17,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import peak_rss_mib  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -66,10 +67,7 @@ def measure(variant: str, batch: int, image_size: int, steps: int, device) -> di
     if gpu:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    if gpu:
-        memory = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    memory = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss_mib()
     return {
         "variant": variant,
         "batch": batch,
