@@ -122,10 +122,11 @@ def fill_runs(
 
 
 @compiled
-def index_runs(index: np.ndarray, best: np.ndarray, threshold: np.float32) -> np.ndarray:
+def index_runs(index: np.ndarray | None, best: np.ndarray, threshold: np.float32) -> np.ndarray:
     """Horizontal runs of pixels of one label whose ``best`` score is at least ``threshold``:
-    ``[R, 4]`` int32 rows of (row, first col, end col, label index), in raster order."""
-    height, width = index.shape
+    ``[R, 4]`` int32 rows of (row, first col, end col, label index), in raster order. With ``index``
+    None every pixel is label 0 (numba compiles that case without the label reads)."""
+    height, width = best.shape
     runs = np.empty((max(1024, 4 * height), 4), np.int32)
     n = 0
     for r in range(height):
@@ -135,10 +136,10 @@ def index_runs(index: np.ndarray, best: np.ndarray, threshold: np.float32) -> np
                 c += 1
             if c == width:
                 break
-            label = index[r, c]
+            label = 0 if index is None else index[r, c]
             start = c
             c += 1
-            while c < width and best[r, c] >= threshold and index[r, c] == label:
+            while c < width and best[r, c] >= threshold and (index is None or index[r, c] == label):
                 c += 1
             if n == runs.shape[0]:  # twice as long (an element loop: a slice copy compiles for seconds)
                 grown = np.empty((2 * n, 4), np.int32)
@@ -154,35 +155,9 @@ def index_runs(index: np.ndarray, best: np.ndarray, threshold: np.float32) -> np
     return runs[:n]
 
 
-@compiled
 def mask_runs(mask: np.ndarray) -> np.ndarray:
     """Horizontal runs of the nonzero pixels of a uint8 mask, as :func:`index_runs` gives them (label 0)."""
-    height, width = mask.shape
-    runs = np.empty((max(1024, 4 * height), 4), np.int32)
-    n = 0
-    for r in range(height):
-        c = 0
-        while c < width:
-            while c < width and mask[r, c] == 0:
-                c += 1
-            if c == width:
-                break
-            start = c
-            c += 1
-            while c < width and mask[r, c] != 0:
-                c += 1
-            if n == runs.shape[0]:  # twice as long (an element loop: a slice copy compiles for seconds)
-                grown = np.empty((2 * n, 4), np.int32)
-                for i in range(n):
-                    for j in range(4):
-                        grown[i, j] = runs[i, j]
-                runs = grown
-            runs[n, 0] = r
-            runs[n, 1] = start
-            runs[n, 2] = c
-            runs[n, 3] = 0
-            n += 1
-    return runs[:n]
+    return index_runs(None, mask, np.uint8(1))
 
 
 @compiled
