@@ -31,7 +31,7 @@ import numpy as np
 from groundlabel.errors import UserError
 from groundlabel.model_store import ModelStore
 from groundlabel.settings import EngineSettings
-from workers.training.lavt import HELDOUT_SPLIT, TRAIN_SPLIT, Progress, Recipe, settle
+from workers.training.lavt import HELDOUT_SPLIT, TRAIN_SPLIT, JobOutcome, Progress, Recipe, settle
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +45,12 @@ BG_THRESHOLD = 0.5
 
 
 @dataclass
-class GemOutcome:
-    """What a distillation job did: the version it stored, whether it serves now, and why."""
+class GemOutcome(JobOutcome):
+    """What a distillation job did (metrics: mIoU), and how many images it trained on and was scored on."""
 
-    version: str
-    parent: str
-    promoted: bool
-    reason: str
-    base: dict[str, Any]
-    new: dict[str, Any]
     train_images: int
     heldout_images: int
     kind: str = "gem"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON (the job's result)."""
-        return asdict(self)
 
 
 @dataclass

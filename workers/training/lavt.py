@@ -54,22 +54,29 @@ class Recipe:
 
 
 @dataclass
-class Outcome:
-    """What a training job did: the version it stored, whether it serves now, and why."""
+class JobOutcome:
+    """What a training job did: the version it stored, whether it serves now, and why, with the current
+    (``base``) and the new model's held-out metrics; each kind of job adds its data counts and kind."""
 
     version: str
     parent: str
     promoted: bool
     reason: str
-    base: dict[str, float]
-    new: dict[str, float]
-    train_refs: int
-    heldout_refs: int
-    kind: str = "lavt"
+    base: dict[str, Any]
+    new: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (the job's result)."""
         return asdict(self)
+
+
+@dataclass
+class Outcome(JobOutcome):
+    """What a fine-tuning job did (metrics: oIoU, mIoU), and how many refs it trained on and was scored on."""
+
+    train_refs: int
+    heldout_refs: int
+    kind: str = "lavt"
 
 
 def settle(
