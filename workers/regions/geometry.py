@@ -460,9 +460,10 @@ def clean_ring(points: np.ndarray) -> np.ndarray:
 
 
 @compiled
-def clean_points(points: np.ndarray) -> np.ndarray:
+def clean_points(points: np.ndarray, collinear: bool = True) -> np.ndarray:
     """:func:`clean_ring` of a non-empty float64 ``(N, 2)`` ring: vertices equal to their predecessor
-    dropped, then those where the ring goes straight on (kept when fewer than 3 would remain)."""
+    dropped, then (unless ``collinear`` is False) those where the ring goes straight on (kept when fewer
+    than 3 would remain)."""
     n = points.shape[0]
     keep = np.empty(n, np.bool_)
     kept = 0
@@ -472,7 +473,7 @@ def clean_points(points: np.ndarray) -> np.ndarray:
         kept += keep[i]
     pts = points[keep] if kept > 0 else points[:1].copy()
     m = pts.shape[0]
-    if m < 3:
+    if not collinear or m < 3:
         return pts
     turn = np.empty(m, np.bool_)
     turns = 0
@@ -528,22 +529,22 @@ def upsampled_rings(up: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]
     return out
 
 
-@compiled
 def contour_corners(contour: np.ndarray) -> np.ndarray:
     """Pixel corners (float64 ``(N, 2)``, crop coordinates) of a contour traced on the x2 upsampled,
     bordered mask: each sub-pixel centre snapped to its nearest corner, repeats of the previous dropped."""
+    return clean_points(snapped_corners(contour), False)
+
+
+@compiled
+def snapped_corners(contour: np.ndarray) -> np.ndarray:
+    """Each sub-pixel centre of a contour traced on the x2 upsampled, bordered mask snapped to its
+    nearest pixel corner (float64 ``(N, 2)``, crop coordinates)."""
     n = contour.shape[0]
     corners = np.empty((n, 2), np.float64)
     for i in range(n):
         corners[i, 0] = np.rint(((contour[i, 0] - 1.0) + 0.5) / 2.0)  # - 1: undo the border
         corners[i, 1] = np.rint(((contour[i, 1] - 1.0) + 0.5) / 2.0)
-    keep = np.empty(n, np.bool_)
-    kept = 0
-    for i in range(n):
-        p = i - 1 if i > 0 else n - 1
-        keep[i] = corners[i, 0] != corners[p, 0] or corners[i, 1] != corners[p, 1]
-        kept += keep[i]
-    return corners[keep] if kept > 0 else corners[:1].copy()
+    return corners
 
 
 def midpoint_ring(ring: np.ndarray) -> np.ndarray:
