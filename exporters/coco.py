@@ -10,13 +10,14 @@ segmentation's mask, except that a rectangle keeps the exact box the annotator d
 from __future__ import annotations
 
 import datetime
+import functools
+import gc
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-from pycocotools import mask as mask_utils
 
 from groundlabel.errors import UserError
 from groundlabel.ls_format import brush_rle_encode, make_result, pixels_to_percent
@@ -117,8 +118,7 @@ def build_coco(
             if region.kind != "brush":
                 segmentation: Any = region.polygons
             elif brush_format == "polygon":
-                mask = mask_utils.decode(region.rle).astype(bool)
-                segmentation = geometry.mask_to_polygons(mask, tolerance=polygon_tolerance)
+                segmentation = geometry.rle_to_polygons(region.rle, tolerance=polygon_tolerance)
                 if not segmentation:
                     summary.skip(
                         "empty mask", where, "no outline with 3 points left after polygon conversion"
@@ -161,13 +161,68 @@ def build_coco(
     return coco, ann_ids
 
 
-def write_json(data: Any, path: Path) -> None:
-    """Write JSON compactly (large datasets) with a trailing newline.
+#: A number that ``json.dumps`` writes otherwise: below 1e-4 ``json`` writes ``1e-05``, orjson
+#: ``0.00001`` or ``1e-5``.
+_SMALL_NUMBER = re.compile(rb"[:,\[]-?(?:0\.0000|\d[\d.]*e-)")
 
-    ``json.dumps`` runs the C encoder over the whole document (``json.dump`` to a file would stream it
-    through the pure-Python one, 5x slower); the text is the same."""
+
+def _unlike_json(raw: bytes) -> bool:
+    """Whether orjson's text ``raw`` may differ from ``json.dumps``'s: a top-level scalar, ``null``
+    (orjson also writes it for NaN and infinities, ``json`` writes ``NaN``, ``Infinity``) or a number
+    below 1e-4. A match inside a string only sends the document the slow way."""
+    if raw[:1] not in (b"{", b"[") or b"null" in raw:
+        return True
+    for needle in (b"e-", b"0.0000"):
+        i = raw.find(needle)
+        while i >= 0:
+            if _SMALL_NUMBER.search(raw, max(0, i - 32), i + len(needle)):
+                return True
+            i = raw.find(needle, i + 1)
+    return False
+
+
+_NOT_ASCII = re.compile("[\x7f-\U0010ffff]")
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 | (code >> 10):04x}\\u{0xDC00 | (code & 0x3FF):04x}"
+
+
+def _orjson_default(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is left to the json module")
+
+
+def dumps_compact(data: Any) -> str:
+    """``json.dumps(data, separators=(",", ":"))``, the same text, written by orjson (10x faster on
+    COCO polygons) when the document holds nothing that orjson writes differently; anything else
+    (subclasses, dataclasses, dates, non-string keys, integers beyond 64 bits, numbers below 1e-4,
+    ``null``/NaN) goes to ``json.dumps``. Non-ASCII characters are escaped as ``json`` escapes them."""
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover - orjson comes with the export extra
+        orjson = None
+    if orjson is not None:
+        passthrough = orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS
+        try:
+            raw = orjson.dumps(
+                data, default=_orjson_default, option=passthrough | orjson.OPT_PASSTHROUGH_DATETIME
+            )
+        except TypeError:
+            raw = None
+        if raw is not None and not _unlike_json(raw):
+            text = raw.decode("utf-8")
+            return text if text.isascii() and "\x7f" not in text else _NOT_ASCII.sub(_json_escape, text)
+    return json.dumps(data, separators=(",", ":"))
+
+
+def write_json(data: Any, path: Path) -> None:
+    """Write JSON compactly (large datasets) with a trailing newline: :func:`dumps_compact`'s text."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, separators=(",", ":"))
+    text = dumps_compact(data)
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.write("\n")
@@ -181,8 +236,8 @@ def prepare(
     annotations: str,
     include_predictions: bool,
     image_key: str | None,
-    text_from: str | None,
-    expression_key: str | None,
+    text_from: str | None = None,
+    expression_key: str | None = None,
     resolver: ImageResolver,
     progress: bool,
 ) -> tuple[LabelingSpec | None, list[ImageRecord], list[str]]:
@@ -209,6 +264,55 @@ def prepare(
     return spec, records, categories
 
 
+def read_and_place(
+    tasks: Sequence[dict[str, Any]],
+    summary: ExportSummary,
+    resolver: ImageResolver | None,
+    images_dir: Path,
+    images: str,
+    **read_options: Any,
+) -> tuple[list[ImageRecord], list[str], dict[int, str]]:
+    """:func:`prepare` (``read_options`` are its keywords) then :func:`place_images`, closing the
+    resolver: ``(records whose image was placed, categories, {image_id: file_name})``."""
+    resolver = resolver or ImageResolver()
+    try:
+        _, records, categories = prepare(tasks, summary, resolver=resolver, **read_options)
+        records, names = place_images(
+            records, resolver, images_dir, images, summary, progress=read_options["progress"]
+        )
+    finally:
+        resolver.close()
+    return records, categories, names
+
+
+def finish(summary: ExportSummary, coco: dict[str, Any], out: Path) -> ExportSummary:
+    """Count the dataset's images, annotations and categories and write the summary into ``out``."""
+    for key in ("images", "annotations", "categories"):
+        summary.count(key, len(coco[key]))
+    summary.write(out)
+    return summary
+
+
+def without_gc(fn: Callable[..., ExportSummary]) -> Callable[..., ExportSummary]:
+    """Run an export with the cyclic garbage collector paused: building millions of small lists and
+    dicts next to the loaded export (which every full collection walks) otherwise spends a third of
+    the time in collections that find nothing. Reference counting still frees everything; the
+    collector runs again afterwards."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> ExportSummary:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return run
+
+
+@without_gc
 def export_coco(
     tasks: Sequence[dict[str, Any]],
     out_dir: str | Path,
@@ -231,32 +335,23 @@ def export_coco(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary("coco")
-    resolver = resolver or ImageResolver()
-    try:
-        _, records, categories = prepare(
-            tasks,
-            summary,
-            label_config=label_config,
-            annotations=annotations,
-            include_predictions=include_predictions,
-            image_key=image_key,
-            text_from=None,
-            expression_key=None,
-            resolver=resolver,
-            progress=progress,
-        )
-        records, names = place_images(records, resolver, out / "images", images, summary, progress=progress)
-    finally:
-        resolver.close()
+    records, categories, names = read_and_place(
+        tasks,
+        summary,
+        resolver,
+        out / "images",
+        images,
+        label_config=label_config,
+        annotations=annotations,
+        include_predictions=include_predictions,
+        image_key=image_key,
+        progress=progress,
+    )
     coco, _ = build_coco(
         records, categories, names, summary, brush_format=brush_format, polygon_tolerance=polygon_tolerance
     )
     write_json(coco, out / "instances.json")
-    summary.count("images", len(coco["images"]))
-    summary.count("annotations", len(coco["annotations"]))
-    summary.count("categories", len(coco["categories"]))
-    summary.write(out)
-    return summary
+    return finish(summary, coco, out)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,14 +24,14 @@ import hashlib
 import json
 import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from groundlabel.errors import UserError
 from groundlabel.spec import LabelingSpec
 
-from .coco import build_coco, place_images, prepare, write_json
+from .coco import build_coco, finish, read_and_place, without_gc, write_json
 from .images import ImageResolver
 from .labelstudio import ImageRecord
 from .summary import ExportSummary
@@ -200,168 +200,99 @@ def build_refs(
     return refs
 
 
-def _export_refs(
-    tasks: Sequence[dict[str, Any]],
-    out_dir: str | Path,
-    *,
-    generalized: bool,
-    dataset_name: str,
-    split_by: str,
-    fractions: Sequence[float] | None,
-    seed: int,
-    label_config: str | LabelingSpec | None,
-    annotations: str,
-    include_predictions: bool,
-    images: str,
-    resolver: ImageResolver | None,
-    image_key: str | None,
-    text_from: str | None,
-    expression_key: str | None,
-    polygon_tolerance: float,
-    progress: bool,
-) -> ExportSummary:
-    if split_by not in SPLIT_SCHEMES:
-        raise UserError(f"--splits must be one of {', '.join(SPLIT_SCHEMES)}, got {split_by!r}")
-    if not dataset_name or "/" in dataset_name or dataset_name in (".", ".."):
-        raise UserError(f"--dataset-name must be a plain folder name, got {dataset_name!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = ExportSummary("grefcoco" if generalized else "refcoco")
-    resolver = resolver or ImageResolver()
-    image_dir = (
-        out / "images" / "train2014" if generalized else out / "images" / "mscoco" / "images" / "train2014"
-    )
-    try:
-        _, records, categories = prepare(
+def _refs_exporter(generalized: bool, doc: str) -> Callable[..., ExportSummary]:
+    """The export function of RefCOCO (``generalized`` False) or gRefCOCO, documented by ``doc``."""
+    default_name = "grefcoco" if generalized else "refcoco"
+
+    def export(
+        tasks: Sequence[dict[str, Any]],
+        out_dir: str | Path,
+        *,
+        dataset_name: str = default_name,
+        split_by: str = "unc",
+        fractions: Sequence[float] | None = None,
+        seed: int = 0,
+        label_config: str | LabelingSpec | None = None,
+        annotations: str = "latest",
+        include_predictions: bool = False,
+        image_key: str | None = None,
+        text_from: str | None = None,
+        expression_key: str | None = None,
+        images: str = "copy",
+        resolver: ImageResolver | None = None,
+        polygon_tolerance: float = 0.0,
+        progress: bool = False,
+    ) -> ExportSummary:
+        if split_by not in SPLIT_SCHEMES:
+            raise UserError(f"--splits must be one of {', '.join(SPLIT_SCHEMES)}, got {split_by!r}")
+        if not dataset_name or "/" in dataset_name or dataset_name in (".", ".."):
+            raise UserError(f"--dataset-name must be a plain folder name, got {dataset_name!r}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = ExportSummary(default_name)
+        image_dir = (
+            out / "images" / "train2014"
+            if generalized
+            else out / "images" / "mscoco" / "images" / "train2014"
+        )
+        records, categories, names = read_and_place(
             tasks,
             summary,
+            resolver,
+            image_dir,
+            images,
             label_config=label_config,
             annotations=annotations,
             include_predictions=include_predictions,
             image_key=image_key,
             text_from=text_from,
             expression_key=expression_key,
-            resolver=resolver,
             progress=progress,
         )
-        records, names = place_images(records, resolver, image_dir, images, summary, progress=progress)
-    finally:
-        resolver.close()
-    coco, ann_ids = build_coco(
-        records,
-        categories,
-        names,
-        summary,
-        brush_format="polygon",
-        polygon_tolerance=polygon_tolerance,
-        description=f"{dataset_name} exported by groundlabel",
-    )
-    refs = build_refs(
-        records,
-        coco,
-        ann_ids,
-        summary,
-        generalized=generalized,
-        split_by=split_by,
-        fractions=fractions,
-        seed=seed,
-    )
-    data_dir = out / dataset_name
-    write_json(coco, data_dir / "instances.json")
-    if generalized:
-        (data_dir / f"grefs({split_by}).json").write_text(json.dumps(refs) + "\n", encoding="utf-8")
-    else:
-        with open(data_dir / f"refs({split_by}).p", "wb") as fh:
-            pickle.dump(refs, fh, protocol=2)
-    summary.count("images", len(coco["images"]))
-    summary.count("annotations", len(coco["annotations"]))
-    summary.count("categories", len(coco["categories"]))
-    summary.write(out)
-    return summary
+        coco, ann_ids = build_coco(
+            records,
+            categories,
+            names,
+            summary,
+            brush_format="polygon",
+            polygon_tolerance=polygon_tolerance,
+            description=f"{dataset_name} exported by groundlabel",
+        )
+        refs = build_refs(
+            records,
+            coco,
+            ann_ids,
+            summary,
+            generalized=generalized,
+            split_by=split_by,
+            fractions=fractions,
+            seed=seed,
+        )
+        data_dir = out / dataset_name
+        write_json(coco, data_dir / "instances.json")
+        if generalized:
+            (data_dir / f"grefs({split_by}).json").write_text(json.dumps(refs) + "\n", encoding="utf-8")
+        else:
+            with open(data_dir / f"refs({split_by}).p", "wb") as fh:
+                pickle.dump(refs, fh, protocol=2)
+        return finish(summary, coco, out)
+
+    name = f"export_{default_name}"
+    export.__name__, export.__qualname__, export.__doc__ = name, name, doc
+    return without_gc(export)
 
 
-def export_refcoco(
-    tasks: Sequence[dict[str, Any]],
-    out_dir: str | Path,
-    *,
-    dataset_name: str = "refcoco",
-    split_by: str = "unc",
-    fractions: Sequence[float] | None = None,
-    seed: int = 0,
-    label_config: str | LabelingSpec | None = None,
-    annotations: str = "latest",
-    include_predictions: bool = False,
-    images: str = "copy",
-    resolver: ImageResolver | None = None,
-    image_key: str | None = None,
-    text_from: str | None = None,
-    expression_key: str | None = None,
-    polygon_tolerance: float = 0.0,
-    progress: bool = False,
-) -> ExportSummary:
+export_refcoco = _refs_exporter(
+    False,
     """Write a RefCOCO dataset: ``<out>/<dataset_name>/refs(<split_by>).p`` (pickle protocol 2),
     ``<out>/<dataset_name>/instances.json`` (polygons) and ``<out>/images/mscoco/images/train2014/``.
-    """
-    return _export_refs(
-        tasks,
-        out_dir,
-        generalized=False,
-        dataset_name=dataset_name,
-        split_by=split_by,
-        fractions=fractions,
-        seed=seed,
-        label_config=label_config,
-        annotations=annotations,
-        include_predictions=include_predictions,
-        images=images,
-        resolver=resolver,
-        image_key=image_key,
-        text_from=text_from,
-        expression_key=expression_key,
-        polygon_tolerance=polygon_tolerance,
-        progress=progress,
-    )
+    """,
+)
 
-
-def export_grefcoco(
-    tasks: Sequence[dict[str, Any]],
-    out_dir: str | Path,
-    *,
-    dataset_name: str = "grefcoco",
-    split_by: str = "unc",
-    fractions: Sequence[float] | None = None,
-    seed: int = 0,
-    label_config: str | LabelingSpec | None = None,
-    annotations: str = "latest",
-    include_predictions: bool = False,
-    images: str = "copy",
-    resolver: ImageResolver | None = None,
-    image_key: str | None = None,
-    text_from: str | None = None,
-    expression_key: str | None = None,
-    polygon_tolerance: float = 0.0,
-    progress: bool = False,
-) -> ExportSummary:
+export_grefcoco = _refs_exporter(
+    True,
     """Write a gRefCOCO dataset: ``<out>/<dataset_name>/grefs(<split_by>).json``,
     ``<out>/<dataset_name>/instances.json`` and ``<out>/images/train2014/``; multi-target refs have
     ``ann_id`` lists, no-target refs ``ann_id: [-1]`` and ``category_id: [-1]``.
-    """
-    return _export_refs(
-        tasks,
-        out_dir,
-        generalized=True,
-        dataset_name=dataset_name,
-        split_by=split_by,
-        fractions=fractions,
-        seed=seed,
-        label_config=label_config,
-        annotations=annotations,
-        include_predictions=include_predictions,
-        images=images,
-        resolver=resolver,
-        image_key=image_key,
-        text_from=text_from,
-        expression_key=expression_key,
-        polygon_tolerance=polygon_tolerance,
-        progress=progress,
-    )
+    """,
+)

@@ -301,3 +301,46 @@ def test_rotated_rectangle_round_trip():
     # the axis-aligned box around a 50x10 px box turned by 30 degrees about its top-left corner (40, 30)
     c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
     assert bbox == pytest.approx([40 - 10 * s, 30, 50 * c + 10 * s, 50 * s + 10 * c], abs=1e-3)
+
+
+def _random_json(rng, depth=0):
+    k = rng.integers(8 if depth < 3 else 5)
+    if k == 0:  # floats of every size, the exponent forms and NaN/inf included
+        choice = rng.integers(4)
+        if choice == 0:
+            return round(float(rng.uniform(-1000, 1000)), int(rng.integers(0, 4)))
+        if choice == 1:
+            return float(rng.choice([-1, 1]) * 10 ** rng.uniform(-320, 308))
+        if choice == 2:
+            return float(rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-5, 1e16]))
+        return float(np.frombuffer(rng.bytes(8), np.float64)[0])
+    if k == 1:
+        return int(rng.choice([rng.integers(-1000, 1000), rng.integers(-(2**62), 2**62)])) * int(
+            rng.choice([1, 1, 2**10])
+        )
+    if k == 2:  # ASCII, control characters, DEL, accents, CJK, astral
+        ranges = [(0, 0x80), (0x7F, 0x800), (0x800, 0xD800), (0x10000, 0x110000)]
+        return "".join(
+            chr(int(rng.integers(*ranges[int(rng.integers(4))]))) for _ in range(int(rng.integers(0, 8)))
+        )
+    if k == 3:
+        return [True, False, None][int(rng.integers(3))]
+    if k == 4:
+        return float(rng.random())
+    if k == 5:
+        return [_random_json(rng, depth + 1) for _ in range(int(rng.integers(4)))]
+    if k == 6:
+        return {str(_random_json(rng, 3)): _random_json(rng, depth + 1) for _ in range(int(rng.integers(4)))}
+    return tuple(_random_json(rng, depth + 1) for _ in range(int(rng.integers(3))))
+
+
+def test_dumps_compact_is_json_dumps():
+    """instances.json's writer (orjson where it writes the same text) gives json.dumps' text exactly."""
+    from exporters.coco import dumps_compact
+
+    rng = np.random.default_rng(3)
+    docs = [_random_json(rng) for _ in range(4000)]
+    docs += [{"a": [_random_json(rng, 3) for _ in range(50)]} for _ in range(500)]
+    docs += [{"file_name": "image-1e-5.jpg", "bbox": [0.5, 1e-05]}, {"x": 2**64}, {1: 2}, 7, "s"]
+    for doc in docs:
+        assert dumps_compact(doc) == json.dumps(doc, separators=(",", ":")), doc

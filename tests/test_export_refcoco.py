@@ -313,3 +313,58 @@ def test_expression_from_task_data(tmp_path):
 def test_tokenize():
     assert tokenize("The man's hat, LEFT-most!") == ["the", "man's", "hat", "left", "most"]
     assert tokenize("  ...  ") == []
+
+
+def _masks(rng, count):
+    """Random masks of every kind the outline tracer meets: noise, blobs, boxes, empty, full, holes."""
+    for i in range(count):
+        h, w = int(rng.integers(1, 70)), int(rng.integers(1, 70))
+        kind = i % 5
+        if kind == 0:
+            m = rng.random((h, w)) < rng.random()
+        elif kind == 1:
+            m = random_mask(rng, w, h)
+        elif kind == 2:
+            m = np.zeros((h, w), bool)
+            y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+            m[y : y + int(rng.integers(1, h + 1)), x : x + int(rng.integers(1, w + 1))] = True
+        elif kind == 3:
+            m = np.zeros((h, w), bool) if i % 2 else np.ones((h, w), bool)
+        else:
+            m = np.ones((h, w), bool)
+            m[rng.random((h, w)) < 0.1] = False
+        yield m
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1.5])
+def test_rle_to_polygons_is_mask_to_polygons(tolerance):
+    """The export's brush path (RLE painted straight into the upsampled box) gives the polygons of the
+    plain one (full decode, row-major copy, crop, upsampling), with counts as bytes or text."""
+    from exporters.geometry import mask_to_polygons, rle_to_polygons
+
+    rng = np.random.default_rng(11)
+    for m in _masks(rng, 600):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        want = mask_to_polygons(m, tolerance=tolerance)
+        assert rle_to_polygons(rle, tolerance=tolerance) == want, m.shape
+        text = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        assert rle_to_polygons(text, tolerance=tolerance) == want, m.shape
+
+
+def test_fill_upsampled_plain_python_matches_compiled():
+    """The compiled RLE painter and its plain Python source paint the same pixels."""
+    from exporters.geometry import _fill_upsampled
+
+    rng = np.random.default_rng(5)
+    for m in _masks(rng, 60):
+        if not m.any():
+            continue
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
+        counts = np.frombuffer(rle["counts"], dtype=np.uint8)
+        a, b = np.zeros((2 * h, 2 * w), np.uint8), np.zeros((2 * h, 2 * w), np.uint8)
+        _fill_upsampled(counts, m.shape[0], x, y, a)
+        _fill_upsampled.py_func(counts, m.shape[0], x, y, b)
+        assert np.array_equal(a, b)
+        crop = m[y : y + h, x : x + w].astype(np.uint8)
+        assert np.array_equal(a, np.repeat(np.repeat(crop, 2, axis=0), 2, axis=1))
