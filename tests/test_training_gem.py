@@ -144,21 +144,25 @@ def test_distilling_a_project_stores_a_version_promoted_only_if_better_and_worke
     engines, env = tiny_engines(tmp_path)
     store = ModelStore(tmp_path / "store")
     seen: list[dict] = []
-    recipe = Recipe(epochs=10, batch_size=8, lr=3e-4, seed=0)
-    outcome = distill_project(
-        tmp_path / "coco",
-        store=store,
-        project="5",
-        annotation_count=60,
-        classes=mask_classes(CONFIG),
-        engines=engines,
-        recipe=recipe,
-        splits=split_coco_images(tmp_path / "coco", 0.3, 0),
-        decode=decode_segmentation,
-        work_dir=tmp_path / "work",
-        on_progress=seen.append,
-        progress_bar=False,
-    )
+
+    def distill(recipe: Recipe, work_dir: str, **options):
+        """Project 5's distillation on the exported images (30 % held out, seed 0)."""
+        return distill_project(
+            tmp_path / "coco",
+            store=store,
+            project="5",
+            annotation_count=60,
+            classes=mask_classes(CONFIG),
+            engines=engines,
+            recipe=recipe,
+            splits=split_coco_images(tmp_path / "coco", 0.3, 0),
+            decode=decode_segmentation,
+            work_dir=tmp_path / work_dir,
+            progress_bar=False,
+            **options,
+        )
+
+    outcome = distill(Recipe(epochs=10, batch_size=8, lr=3e-4, seed=0), "work", on_progress=seen.append)
     base_name = model_versions(engines)["gem"]
     assert outcome.version == "gem-tiny-clip-trained-p5-v1" and outcome.parent == base_name
     assert outcome.kind == "gem" and outcome.train_images + outcome.heldout_images == 60
@@ -176,19 +180,7 @@ def test_distilling_a_project_stores_a_version_promoted_only_if_better_and_worke
 
     # Asked for a gain no model can reach, the next run is stored and not promoted; it starts from what
     # the project serves and is scored on the same held-out images.
-    again = distill_project(
-        tmp_path / "coco",
-        store=store,
-        project="5",
-        annotation_count=60,
-        classes=mask_classes(CONFIG),
-        engines=engines,
-        recipe=Recipe(epochs=1, batch_size=8, lr=3e-4, seed=0, min_gain=1.0),
-        splits=split_coco_images(tmp_path / "coco", 0.3, 0),
-        decode=decode_segmentation,
-        work_dir=tmp_path / "work2",
-        progress_bar=False,
-    )
+    again = distill(Recipe(epochs=1, batch_size=8, lr=3e-4, seed=0, min_gain=1.0), "work2")
     served = outcome.version if better else base_name
     assert again.version == "gem-tiny-clip-trained-p5-v2" and again.parent == served and not again.promoted
     served_miou = outcome.new["mIoU"] if better else outcome.base["mIoU"]
