@@ -104,6 +104,7 @@ def main() -> int:
         small = tmp_path / "small.json"
         small.write_text(json.dumps(make_export(5, regions_per_task=args.regions, seed=args.seed)))
         run_timed(export_cmd(small, tmp_path / "warm", config), ROOT)  # compiles and caches the loops
+        run_timed(export_cmd(small, tmp_path / "warm-ref", config, "refcoco"), ROOT)  # and the tracer's
 
         def add(tool: str, what: str, wall: float, cpu: float) -> None:
             rows.append({"tool": tool, "what": what, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
