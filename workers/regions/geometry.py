@@ -456,14 +456,14 @@ def clean_ring(points: np.ndarray) -> np.ndarray:
     """Drop repeated and collinear vertices of a closed ring (lossless)."""
     if len(points) == 0:
         return points
-    return clean_points(np.asarray(points, dtype=np.float64))
+    return clean_points(np.asarray(points, dtype=np.float64), True)
 
 
 @compiled
-def clean_points(points: np.ndarray, collinear: bool = True) -> np.ndarray:
+def clean_points(points: np.ndarray, collinear: bool) -> np.ndarray:
     """:func:`clean_ring` of a non-empty float64 ``(N, 2)`` ring: vertices equal to their predecessor
-    dropped, then (unless ``collinear`` is False) those where the ring goes straight on (kept when fewer
-    than 3 would remain)."""
+    dropped, then with ``collinear`` those where the ring goes straight on (kept when fewer than 3 would
+    remain)."""
     n = points.shape[0]
     keep = np.empty(n, np.bool_)
     kept = 0
