@@ -317,6 +317,16 @@ INTERACTIVE_CONFIG = """
 """
 
 
+def brush_config(labels: list[str]) -> str:
+    """A label config of one brush-mask control with these labels, every prediction shown (threshold 0)."""
+    return (
+        '<View><Image name="image" value="$image"/>'
+        '<BrushLabels name="mask" toName="image" model_score_threshold="0.0">'
+        + "".join(f'<Label value="{c}"/>' for c in labels)
+        + "</BrushLabels></View>"
+    )
+
+
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
     """This process's environment without groundlabel's connection settings, plus ``extra``."""
     env = {

@@ -11,8 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from groundlabel.cli import main
-from groundlabel.errors import UserError
-from groundlabel.model_store import ModelStore, store_path
+from groundlabel.model_store import ModelStore
 from groundlabel.settings import Settings
 from groundlabel.training_queue import LOCK_PREFIX, read_status
 from labeling_backend.app import create_app
@@ -135,29 +134,6 @@ def test_a_failing_training_job_keeps_the_promoted_version_and_says_why(redis_ur
         assert connection.get(LOCK_PREFIX + "5") is None  # released: the next press starts a new job
         assert 'groundlabel_training_failed{project="5"} 1.0' in client.get("/metrics").text
         assert webhook(client, "START_TRAINING", 5).json()["job"] != job
-
-
-def test_versions_are_immutable_and_rollback_steps_back(tmp_path):
-    store = ModelStore(tmp_path)
-    v1, v2 = add_version(store, "3", tmp_path), add_version(store, "3", tmp_path)
-    assert (v1.name, v2.name) == ("lavt-tiny-p3-v1", "lavt-tiny-p3-v2")
-    assert (
-        store.get("3", v1.name).annotation_count == 12 and store.weights_path(v2).read_bytes() == b"weights"
-    )
-    store.promote("3", v1.name, "better")
-    store.promote("3", v2.name, "better")
-    assert store.rollback("3") == v1.name and store.promoted_name("3") == v1.name
-    assert store.rollback("3") is None and store.promoted_name("3") is None
-    with pytest.raises(UserError, match="base models already"):
-        store.rollback("3")
-    assert [e.get("rollback", False) for e in store.history("3")] == [False, False, True, True]
-    with pytest.raises(UserError, match="no version"):
-        store.promote("3", "lavt-tiny-p3-v9", "typo")
-    with pytest.raises(UserError, match="not a valid project"):
-        store.versions("../etc")
-    assert store_path("file:///srv/models") == store_path("/srv/models")
-    with pytest.raises(UserError, match="S3"):
-        store_path("s3://bucket/models")
 
 
 def test_models_cli_lists_promotes_and_rolls_back(tmp_path, capsys):

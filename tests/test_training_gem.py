@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("pycocotools")
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, brush_config  # noqa: E402
 
 from exporters.coco import export_coco  # noqa: E402
 from exporters.geometry import decode_segmentation  # noqa: E402
@@ -38,12 +38,7 @@ from workers.training.gem import distill_project, mask_classes, read_dataset  # 
 from workers.training.lavt import Recipe  # noqa: E402
 
 CLASSES = list(COLOURS)
-CONFIG = (
-    '<View><Image name="image" value="$image"/>'
-    '<BrushLabels name="mask" toName="image" model_score_threshold="0.0">'
-    + "".join(f'<Label value="{c}"/>' for c in CLASSES)
-    + "</BrushLabels></View>"
-)
+CONFIG = brush_config(CLASSES)
 SIZE = 48  # the tiny CLIP's input size
 TEMPERATURE = 80.0  # GEM's inverse temperature validated on the tiny CLIP (docs/quality.md)
 

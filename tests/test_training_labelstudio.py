@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, brush_config, free_port
 from labelstudio_server import require_label_studio, shared_label_studio
 
 torch = pytest.importorskip("torch")
@@ -57,6 +57,31 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     env.pop("REDIS_URL", None)
     env.update(extra, PYTHONPATH=str(REPO))
     return env
+
+
+def _service_env(redis_url: str, store: ModelStore, label_studio, models: dict[str, str]) -> dict[str, str]:
+    """What backend, worker and trainer share: Redis, the model store, Label Studio, the CPU, ``models``."""
+    return {
+        "REDIS_URL": redis_url,
+        "GROUNDLABEL_MODEL_STORE": str(store.root),
+        **models,
+        "GROUNDLABEL_DEVICE": "cpu",
+        "GROUNDLABEL_WORKER_HEARTBEAT": "1",
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.legacy_token,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def _start_services(procs, common: dict[str, str], training: dict[str, str]) -> str:
+    """Start the backend, a prediction worker and a training worker; returns the backend's URL."""
+    port = free_port()
+    procs.start("serve", ["serve", "--host", "127.0.0.1", "--port", str(port)], _env(common))
+    procs.start("worker", ["worker", "--heartbeat", "1"], _env(common))
+    procs.start("trainer", ["worker", "--queues", "train", "--heartbeat", "1"], _env({**common, **training}))
+    return f"http://127.0.0.1:{port}"
 
 
 def _tasks(label_studio, scenes: Path, folder: str) -> tuple[list[dict], list[list[dict]]]:
@@ -158,22 +183,14 @@ def test_start_training_in_label_studio_promotes_a_better_model_that_serves_the_
         base, LavtNetwork(LavtConfig(variant="tiny", image_size=SIZE)), tokenizer_vocab=vocabulary()
     )
     store = ModelStore(tmp_path / "store")
-    common = {
-        "REDIS_URL": redis_url,
-        "GROUNDLABEL_MODEL_STORE": str(store.root),
+    models = {
         "GROUNDLABEL_LAVT_CHECKPOINT": str(base),
         "GROUNDLABEL_LAVT_VARIANT": "tiny",
         "GROUNDLABEL_GEM_MODEL_CONFIG": str(tmp_path / "tinyclip.json"),
         "GROUNDLABEL_GEM_PRETRAINED": "none",
         "GROUNDLABEL_GEM_IMAGE_SIZE": "64",
-        "GROUNDLABEL_DEVICE": "cpu",
-        "GROUNDLABEL_WORKER_HEARTBEAT": "1",
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.legacy_token,
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
     }
+    common = _service_env(redis_url, store, label_studio, models)
     from conftest import TINY_GEM_CONFIG
 
     (tmp_path / "tinyclip.json").write_text(__import__("json").dumps(TINY_GEM_CONFIG))
@@ -185,15 +202,9 @@ def test_start_training_in_label_studio_promotes_a_better_model_that_serves_the_
         "GROUNDLABEL_TRAIN_SEED": "3",
         "GROUNDLABEL_TRAIN_LOADERS": "0",
     }
-    port = free_port()
-    backend = f"http://127.0.0.1:{port}"
     procs = Processes(tmp_path)
     try:
-        procs.start("serve", ["serve", "--host", "127.0.0.1", "--port", str(port)], _env(common))
-        procs.start("worker", ["worker", "--heartbeat", "1"], _env(common))
-        procs.start(
-            "trainer", ["worker", "--queues", "train", "--heartbeat", "1"], _env({**common, **training})
-        )
+        backend = _start_services(procs, common, training)
 
         project = label_studio.create_project("training loop", CONFIG)
         folder = f"train{project}"
@@ -301,44 +312,25 @@ def test_start_training_on_a_project_without_expressions_distils_gem_and_serves_
     require_label_studio()
     label_studio = shared_label_studio()
     classes = list(COLOURS)
-    config = (
-        '<View><Image name="image" value="$image"/>'
-        '<BrushLabels name="mask" toName="image" model_score_threshold="0.0">'
-        + "".join(f'<Label value="{c}"/>' for c in classes)
-        + "</BrushLabels></View>"
-    )
+    config = brush_config(classes)
     clip_config, clip_weights = export_open_clip(REPO / "tests/assets/tiny_clip.pt", tmp_path / "clip")
     store = ModelStore(tmp_path / "store")
-    common = {
-        "REDIS_URL": redis_url,
-        "GROUNDLABEL_MODEL_STORE": str(store.root),
+    models = {
         "GROUNDLABEL_GEM_MODEL_CONFIG": str(clip_config),
         "GROUNDLABEL_GEM_PRETRAINED": str(clip_weights),
         "GROUNDLABEL_GEM_IMAGE_SIZE": "48",
         "GROUNDLABEL_GEM_TEMPERATURE": "80",
-        "GROUNDLABEL_DEVICE": "cpu",
-        "GROUNDLABEL_WORKER_HEARTBEAT": "1",
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.legacy_token,
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
     }
+    common = _service_env(redis_url, store, label_studio, models)
     training = {
         "GROUNDLABEL_TRAIN_EPOCHS": "10",
         "GROUNDLABEL_TRAIN_BATCH": "8",
         "GROUNDLABEL_TRAIN_LR": "3e-4",
         "GROUNDLABEL_TRAIN_HOLDOUT": "0.3",
     }
-    port = free_port()
-    backend = f"http://127.0.0.1:{port}"
     procs = Processes(tmp_path)
     try:
-        procs.start("serve", ["serve", "--host", "127.0.0.1", "--port", str(port)], _env(common))
-        procs.start("worker", ["worker", "--heartbeat", "1"], _env(common))
-        procs.start(
-            "trainer", ["worker", "--queues", "train", "--heartbeat", "1"], _env({**common, **training})
-        )
+        backend = _start_services(procs, common, training)
         project = label_studio.create_project("distil gem", config)
         folder = f"gem{project}"
         label_studio.add_local_storage(project, folder)

@@ -16,7 +16,7 @@ from conftest import free_port
 
 from groundlabel.cli import main
 from groundlabel.errors import UserError
-from groundlabel.model_store import CLAIM, META, FolderBackend, ModelStore, S3Backend
+from groundlabel.model_store import CLAIM, META, FolderBackend, ModelStore, S3Backend, store_path
 from groundlabel.settings import Settings
 
 boto3 = pytest.importorskip("boto3")
@@ -104,6 +104,12 @@ def test_versions_are_immutable_promotions_are_per_project_and_rollback_steps_ba
         store.promote("3", "lavt-tiny-p3-v9", "typo")
     with pytest.raises(UserError, match="not a valid project"):
         store.versions("../etc")
+
+
+def test_store_path_takes_a_folder_or_a_file_url_and_sends_buckets_to_the_s3_store():
+    assert store_path("file:///srv/models") == store_path("/srv/models")
+    with pytest.raises(UserError, match="S3"):
+        store_path("s3://bucket/models")
 
 
 def test_a_half_written_version_is_invisible_and_its_name_stays_taken(store, tmp_path):
