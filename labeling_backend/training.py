@@ -9,7 +9,8 @@ train is answered with the reason and nothing else changes. The Redis layout of 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 from prometheus_client.core import GaugeMetricFamily
@@ -28,6 +29,7 @@ from groundlabel.training_queue import (
 )
 
 log = logging.getLogger("groundlabel.backend")
+T = TypeVar("T")
 
 
 class TrainingUnavailable(UserError):
@@ -110,21 +112,20 @@ class Training:
 
     def promoted(self, project: str | None) -> str | None:
         """The trained version ``project`` serves, or None (the base models); a broken store is logged."""
-        if self.store is None or not project:
-            return None
-        try:
-            return self.store.promoted_name(project)
-        except UserError as exc:
-            log.warning("model store: %s", exc)
-            return None
+        return self._read_store(lambda store: store.promoted_name(project), project)
 
     def promoted_version(self, project: str | None) -> ModelVersion | None:
         """The record of the trained version ``project`` serves (its ``kind`` says which engine), or None;
         a broken store is logged."""
+        return self._read_store(lambda store: store.promoted(project), project)
+
+    def _read_store(self, read: Callable[[ModelStore], T], project: str | None) -> T | None:
+        """``read(store)`` for a project, or None without a store or project, or when the store is broken
+        (logged)."""
         if self.store is None or not project:
             return None
         try:
-            return self.store.promoted(project)
+            return read(self.store)
         except UserError as exc:
             log.warning("model store: %s", exc)
             return None
