@@ -224,7 +224,7 @@ def _mean_softmax(scores: Iterator[torch.Tensor], row_max: float) -> tuple[torch
             acc.add_(torch.softmax(s, dim=-1))
         else:
             rowexp.exp_rows_add(s.numpy(), _shift(s, row_max).numpy(), acc.numpy(), sums.numpy().reshape(-1))
-        del s
+        del s  # freed before the next block is computed
     if sums is None:
         return acc.div_(count), None
     return acc, sums.mul_(count)
