@@ -666,6 +666,19 @@ def test_compiled_row_exponentials_match_torch_softmax(monkeypatch, score_block,
         assert rel_diff(ss, self_self_attention(q, k, v, inv_temp, iters=1)) < 2e-6
 
 
+def test_row_exponentials_find_the_maximum_when_the_temperature_does_not_give_it():
+    """A known row maximum is used only for a positive temperature: with a negative one the diagonal is
+    the rows' minimum, and exp(s - t) would overflow."""
+    if not rowexp.AVAILABLE:
+        pytest.skip("needs numba")
+    z = F.normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(4)), dim=-1)
+    for t in (-60.0, 60.0):
+        s = (z * t) @ z.T
+        want = torch.softmax(s, dim=-1)
+        p, sums = kernels._softmax_rows(s.clone(), t)
+        assert torch.isfinite(p).all() and rel_diff(p / sums, want) < 1e-5, t
+
+
 def test_tower_on_onednn_matches_plain_torch(monkeypatch):
     model = tiny_clip(13, layers=4, ls_init_value=0.5)
     tower = GemVisionTower(model.visual, gem_depth=3, ss_attn_iter=2)
