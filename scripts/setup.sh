@@ -38,7 +38,9 @@ install_locked() {
   local venv=$1 lock=$2 project=${3:-} stamp="$1/.groundlabel-lock" want
   want=$(fingerprint "$lock" requirements/build.txt ${project:+pyproject.toml})
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  # Up to date when the locks are those installed last and nothing was added or changed by hand since.
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+     && "$venv/bin/python" scripts/sync_env.py "$lock" ${project:+--keep "$project"} 2>/dev/null; then
     return 0
   fi
   echo "setup: installing $lock into $venv (the first time takes minutes)" >&2

@@ -13,7 +13,8 @@ def test_compose_file_structure():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
     assert set(services) == {"redis", "label-studio", "backend", "worker", "trainer"}
-    assert services["label-studio"]["image"].startswith("heartexlabs/label-studio")
+    # The same Label Studio release as the tests' locked one.
+    assert services["label-studio"]["image"] == "heartexlabs/label-studio:1.23.2"
     backend, worker = services["backend"], services["worker"]
     assert backend["build"]["target"] == "backend" and worker["build"]["target"] == "worker"
     assert backend["command"][:2] == ["groundlabel", "serve"] and "0.0.0.0" in backend["command"]
@@ -41,5 +42,9 @@ def test_dockerfile_has_backend_without_torch_and_worker_with_extras():
     text = (REPO / "docker" / "Dockerfile").read_text()
     backend = text.split("AS backend", 1)[1].split("FROM", 1)[0]
     worker = text.split("AS worker", 1)[1]
-    assert "pip install ." in backend and "[worker]" not in backend
-    assert 'pip install ".[worker]"' in worker
+    # Each image installs its lock with hashes, then the project alone (no resolution of its own).
+    assert "--require-hashes --no-deps -r requirements/backend.txt" in backend
+    assert "pip install --no-deps --no-build-isolation ." in backend and "worker" not in backend
+    assert "--require-hashes --no-deps -r requirements/worker.txt" in worker
+    assert '--no-deps --no-build-isolation ".[worker,s3]"' in worker
+    assert "--require-hashes --no-deps -r requirements/build.txt" in text.split("AS backend", 1)[0]
