@@ -15,13 +15,11 @@ Every job runner (RQ on Redis in the backend, child processes in the workers' in
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from groundlabel.spec import LabelingSpec
+from groundlabel.spec import LabelingSpec, spec_tag
 
 #: Queue names, in the order a worker listens to them: interactive requests before batches.
 QUEUE_INTERACTIVE = "interactive"
@@ -127,12 +125,6 @@ def result_key(task_key: str, model_version: str) -> str:
     the worker actually ran, so a worker with another model never fills the cache of the announced one.
     """
     return f"{task_key}@{model_version}"
-
-
-def spec_tag(spec: LabelingSpec) -> str:
-    """A short hash of everything in the label spec that changes the output (labels, prompts, options)."""
-    blob = json.dumps(spec.to_dict(), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 def versioned(model_version: str, spec: LabelingSpec) -> str:

@@ -11,14 +11,26 @@ own value is its prompt. Per-control options are read from the control tag's att
 Engines: ``engine="sam3"`` on a control has SAM 3 answer its class prompts and typed phrases with one
 region per instance; ``engine="gem"`` (or no attribute: the deployment's ``GROUNDLABEL_ENGINE``, GEM by
 default) keeps GEM's score maps (docs/sam3.md).
+
+This module is the one reader of label configs for ``serve``, ``prelabel``, ``predict`` and the training
+job: :func:`read_spec` parses a config, checks its numeric options against :data:`OPTION_BOUNDS` and
+gives every control the settings' defaults (``GROUNDLABEL_DEFAULT_THRESHOLD``); :func:`spec_tag` is the
+hash that model versions carry, so the same config and settings give the same version everywhere.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from groundlabel.errors import UserError
+
+if TYPE_CHECKING:
+    from groundlabel.settings import Settings
 
 #: Control tags that groundlabel fills, mapped to the ``type`` of the results it writes for them.
 SUPPORTED_CONTROLS: dict[str, str] = {
@@ -33,6 +45,16 @@ CLASS_ENGINES = ("gem", "sam3")
 
 #: Control tags that may be present but that groundlabel neither fills nor complains about.
 PASSIVE_CONTROLS = {"TextArea", "Choices", "Labels", "Number", "Rating", "Taxonomy", "Relations"}
+
+#: Numeric control options and the closed range each must lie in (``None``: unbounded). A config with an
+#: option outside its range is refused when it is read; the region converters read them checked too.
+OPTION_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "model_score_threshold": (0.0, 1.0),
+    "polygon_tolerance": (0.0, None),
+    "min_region_area": (0.0, None),
+    "min_hole_area": (0.0, None),
+    "point_width": (0.0, 100.0),
+}
 
 
 @dataclass
@@ -60,6 +82,18 @@ class ControlSpec:
             return float(raw)
         except ValueError as exc:
             raise UserError(f"control {self.name!r}: attribute {key}={raw!r} is not a number") from exc
+
+    def number(self, key: str, default: float) -> float:
+        """The numeric option ``key`` (one of :data:`OPTION_BOUNDS`), else ``default``, checked to be a
+        finite number in its range; :class:`UserError` naming the control and the option otherwise."""
+        low, high = OPTION_BOUNDS[key]
+        value = self.option_float(key, default)
+        outside = (low is not None and value < low) or (high is not None and value > high)
+        if not math.isfinite(value) or outside:
+            bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            shown = self.options.get(key) or value
+            raise UserError(f"control {self.name!r}: {key}={shown!r} must lie in {bounds}")
+        return value
 
     def engine(self, default: str = "gem") -> str:
         """The engine of this control's class prompts: its ``engine`` attribute, else ``default``."""
@@ -219,3 +253,45 @@ def parse_label_config(xml: str) -> LabelingSpec:
             f"(one of {', '.join(SUPPORTED_CONTROLS)}){extra}"
         )
     return LabelingSpec(image.name, image_key, controls, text_name, text_key)
+
+
+def check_options(spec: LabelingSpec) -> None:
+    """Refuse a control option of :data:`OPTION_BOUNDS` that is not a finite number in its range."""
+    for control in spec.controls:
+        for key in OPTION_BOUNDS:
+            if key in control.options:
+                control.number(key, 0.0)
+
+
+def spec_defaults(settings: Settings | None = None, *, threshold: float | None = None) -> dict[str, str]:
+    """The options every control that sets none is given: ``model_score_threshold`` from ``threshold`` (a
+    command's own option) or else the settings' ``GROUNDLABEL_DEFAULT_THRESHOLD``."""
+    if threshold is None and settings is not None:
+        threshold = settings.backend.default_threshold
+    return {} if threshold is None else {"model_score_threshold": repr(float(threshold))}
+
+
+@functools.lru_cache(maxsize=64)
+def _read_spec(xml: str, defaults: tuple[tuple[str, str], ...]) -> LabelingSpec:
+    spec = parse_label_config(xml)
+    check_options(spec)
+    for control in spec.controls:
+        for key, value in defaults:
+            control.options.setdefault(key, value)
+    return spec
+
+
+def read_spec(
+    xml: str, settings: Settings | None = None, *, threshold: float | None = None
+) -> LabelingSpec:
+    """The label spec of ``xml`` as every command uses it: parsed, its options checked, and the defaults of
+    :func:`spec_defaults` given to the controls that set none (so they travel in the spec, its tag and
+    the model version). Parsed once per distinct config and defaults; the spec is shared, not copied."""
+    defaults = spec_defaults(settings, threshold=threshold)
+    return _read_spec(xml, tuple(sorted(defaults.items())))
+
+
+def spec_tag(spec: LabelingSpec) -> str:
+    """A short hash of everything in the label spec that changes the output (labels, prompts, options)."""
+    blob = json.dumps(spec.to_dict(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]

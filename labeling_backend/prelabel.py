@@ -3,7 +3,8 @@
 Label Studio's own "Retrieve predictions" action sends every selected task in one synchronous
 ``/predict`` call with a 100 s budget; a large project does not fit. This command instead:
 
-1. reads the project's label config (the same :func:`parse_label_config` as the backend);
+1. reads the project's label config with the backend's reader (:func:`groundlabel.spec.read_spec`, with the
+   same settings' defaults, so it names the model version as ``serve`` does);
 2. lists the project's tasks and skips those that already hold a prediction whose ``model_version`` is
    one of those groundlabel's configured engines write now (``--force`` re-predicts them): a re-run
    resumes where the last stopped;
@@ -133,14 +134,14 @@ def run_prelabel(
     from tqdm import tqdm
 
     from groundlabel.ls_client import get_project, iter_tasks
-    from groundlabel.spec import parse_label_config
+    from groundlabel.spec import read_spec
     from labeling_backend.metrics import Metrics
     from labeling_backend.service import Dispatcher
 
     if chunk_size < 1:
         raise UserError("--chunk-size must be at least 1")
     project = get_project(client, project_id)
-    spec = parse_label_config(project.label_config or "")
+    spec = read_spec(project.label_config or "", settings)
     tasks = list(iter_tasks(client, project_id))
     tagged = None if settings.backend.model_version else spec  # the operator's name is kept as it is
     plan = plan_tasks(tasks, project_id, model_version, force=force, versions=versions, spec=tagged)

@@ -9,11 +9,13 @@
 - ``png_data_uri`` / ``png_header_only``: images inside task data, no HTTP server needed.
 - ``label_studio_session`` / ``serve_backend``: the session's real Label Studio and one ``groundlabel serve``
   on the tiny model connected to it, shared by the end-to-end and the browser tests.
+- ``serve_process(env, log_path)``: another ``groundlabel serve`` with its own environment, for one test.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -348,22 +350,13 @@ def label_studio_session():
     return shared_label_studio()
 
 
-@pytest.fixture(scope="session")
-def serve_backend(label_studio_session, tiny_gem_env, tmp_path_factory) -> Iterator[str]:
-    """``groundlabel serve`` on a free port with GEM on the tiny random CLIP (jobs in-process), downloading
-    images from the session's Label Studio with a personal access token; yields its URL once the engines
-    are loaded. One per session: the end-to-end and the browser tests share it."""
+@contextlib.contextmanager
+def serve_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """``groundlabel serve`` on a free port with ``env``; yields its URL once the engines are loaded and
+    stops it at the end."""
     import httpx
 
     port = free_port()
-    log_path = tmp_path_factory.mktemp("backend") / "serve.log"
-    env = clean_env(
-        {
-            **tiny_gem_env,
-            "LABEL_STUDIO_URL": label_studio_session.url,
-            "LABEL_STUDIO_API_KEY": label_studio_session.personal_access_token(),
-        }
-    )
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "groundlabel", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -397,3 +390,20 @@ def serve_backend(label_studio_session, tiny_gem_env, tmp_path_factory) -> Itera
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def serve_backend(label_studio_session, tiny_gem_env, tmp_path_factory) -> Iterator[str]:
+    """``groundlabel serve`` on a free port with GEM on the tiny random CLIP (jobs in-process), downloading
+    images from the session's Label Studio with a personal access token; yields its URL once the engines
+    are loaded. One per session: the end-to-end and the browser tests share it."""
+    log_path = tmp_path_factory.mktemp("backend") / "serve.log"
+    env = clean_env(
+        {
+            **tiny_gem_env,
+            "LABEL_STUDIO_URL": label_studio_session.url,
+            "LABEL_STUDIO_API_KEY": label_studio_session.personal_access_token(),
+        }
+    )
+    with serve_process(env, log_path) as url:
+        yield url

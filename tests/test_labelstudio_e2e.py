@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, clean_env, png_bytes
+from conftest import REPO, clean_env, png_bytes, serve_process
 from labelstudio_server import PROJECT_CONFIG
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -32,8 +32,10 @@ def backend(serve_backend):
     return serve_backend
 
 
-def _make_project(label_studio, title: str, n: int) -> tuple[int, list[int]]:
-    project = label_studio.create_project(title, PROJECT_CONFIG)
+def _make_project(
+    label_studio, title: str, n: int, config: str = PROJECT_CONFIG
+) -> tuple[int, list[int]]:
+    project = label_studio.create_project(title, config)
     folder = f"e2e{project}"
     label_studio.add_local_storage(project, folder)
     tasks = []
@@ -115,3 +117,42 @@ def test_prelabel_command_and_resume(label_studio, tiny_gem_env):
     assert again.returncode == 0, again.stdout + again.stderr[-3000:]
     assert "done:    0" in again.stdout and "skipped: 3" in again.stdout
     assert _check_predictions(label_studio, ids, MODEL_VERSION) == stored
+
+
+def test_serve_and_prelabel_agree_under_a_default_threshold(label_studio, tiny_gem_env, tmp_path):
+    """With GROUNDLABEL_DEFAULT_THRESHOLD set and a config whose controls set no threshold, ``serve`` and
+    ``prelabel`` read the same spec: the same model version, so prelabel skips every task serve predicted."""
+    config = PROJECT_CONFIG.replace(' model_score_threshold="0.0"', "")
+    assert "model_score_threshold" not in config
+    project, ids = _make_project(label_studio, "e2e default threshold", 2, config)
+    env = clean_env(
+        {
+            **tiny_gem_env,
+            "GROUNDLABEL_DEFAULT_THRESHOLD": "0.0",
+            "LABEL_STUDIO_URL": label_studio.url,
+            "LABEL_STUDIO_API_KEY": label_studio.personal_access_token(),
+        }
+    )
+    with serve_process(env, tmp_path / "serve.log") as backend:
+        ml = label_studio.api_json(
+            "POST",
+            "/api/ml",
+            json={"url": backend, "project": project, "title": "groundlabel", "is_interactive": False},
+        )
+        assert ml["id"] and ml.get("state") != "ER", ml
+        response = label_studio.api(
+            "POST",
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project},
+            json={"selectedItems": {"all": True, "excluded": []}},
+        )
+        assert response.status_code == 200, response.text[:500]
+    stored = _check_predictions(label_studio, ids, MODEL_VERSION)
+    (served,) = {label_studio.predictions(t)[0]["model_version"] for t in ids}
+
+    argv = [sys.executable, "-m", "groundlabel", "prelabel", "--project", str(project)]
+    run = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert f"model version {served}:" in run.stdout, (served, run.stdout)
+    assert "done:    0" in run.stdout and "skipped: 2" in run.stdout
+    assert _check_predictions(label_studio, ids, MODEL_VERSION) == stored  # no second prediction

@@ -21,7 +21,7 @@ from groundlabel.ls_client import (
 )
 from groundlabel.protocol import versioned
 from groundlabel.settings import Settings
-from groundlabel.spec import parse_label_config
+from groundlabel.spec import parse_label_config, read_spec
 from labeling_backend.prelabel import PrelabelReport, chunked, plan_tasks, run_prelabel
 from workers.engines import announced_version, model_versions
 
@@ -63,6 +63,48 @@ def test_summary_groups_failures_by_reason():
     assert "done:    2 (1 with no region found)" in text
     assert "2 task(s) (3, 4): not found" in text and "1 task(s) (5): timeout" in text
     assert "failed:  3" in text
+
+
+class _NoJobs:
+    """A job runner that refuses every job: a run that plans nothing to predict never asks it for one."""
+
+    where = "nowhere"
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the runner was asked to {name}")
+
+    def stats(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+def test_prelabel_names_the_version_serve_answers_under_a_default_threshold(monkeypatch):
+    """With GROUNDLABEL_DEFAULT_THRESHOLD set, prelabel reads the label config as serve does: the same model
+    version, so a task that holds serve's prediction is skipped and no second prediction is made."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    import groundlabel.ls_client as ls_client
+    from labeling_backend.app import create_app
+
+    config = PROJECT_CONFIG.replace(' model_score_threshold="0.0"', "")
+    settings = Settings.from_env({"GROUNDLABEL_DEFAULT_THRESHOLD": "0.05"})
+    with TestClient(create_app(settings, runner=_NoJobs(), model_version="gem-x")) as client:
+        served = client.post("/setup", json={"project": "7", "schema": config}).json()["model_version"]
+    assert served == versioned("gem-x", read_spec(config, settings))
+    assert served != versioned("gem-x", parse_label_config(config))  # the default is in the version
+
+    task = {"id": 1, "data": {"image": "a.png"}, "predictions_model_versions": served}
+    monkeypatch.setattr(ls_client, "get_project", lambda client, pid: SimpleNamespace(label_config=config))
+    monkeypatch.setattr(ls_client, "iter_tasks", lambda client, pid: iter([task]))
+    report = run_prelabel(
+        object(), 7, settings=settings, runner=_NoJobs(), model_version="gem-x", progress=False
+    )
+    assert report.plan.model_version == served
+    assert report.plan.skipped == [1] and report.plan.todo == [] and report.done == []
 
 
 # --- CLI errors --------------------------------------------------------------------------------------

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from groundlabel.errors import UserError
-from groundlabel.spec import _parse_tags, parse_label_config
+from groundlabel.settings import Settings
+from groundlabel.spec import (
+    OPTION_BOUNDS,
+    LabelingSpec,
+    _parse_tags,
+    parse_label_config,
+    read_spec,
+    spec_defaults,
+    spec_tag,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,3 +125,61 @@ def test_parsing_does_not_import_the_sdk() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- the one reader: options checked against their bounds, the settings' defaults, the version tag ------
+
+BOUNDED = """<View><Image name="image" value="$image"/>
+<PolygonLabels name="poly" toName="image" polygon_tolerance="2"><Label value="Car"/></PolygonLabels>
+<KeyPointLabels name="kp" toName="image" model_score_threshold="0.3"><Label value="Eye"/></KeyPointLabels>
+</View>"""
+
+
+@pytest.mark.parametrize(
+    ("attribute", "shown"),
+    [
+        ('model_score_threshold="1.5"', "model_score_threshold='1.5' must lie in [0.0, 1.0]"),
+        ('model_score_threshold="nan"', "model_score_threshold='nan' must lie in [0.0, 1.0]"),
+        ('polygon_tolerance="-1"', "polygon_tolerance='-1' must lie in [0.0, inf]"),
+        ('min_region_area="-0.5"', "min_region_area='-0.5' must lie in [0.0, inf]"),
+        ('min_hole_area="-2"', "min_hole_area='-2' must lie in [0.0, inf]"),
+        ('point_width="101"', "point_width='101' must lie in [0.0, 100.0]"),
+        ('point_width="abc"', "attribute point_width='abc' is not a number"),
+    ],
+)
+def test_read_spec_refuses_options_outside_their_bounds(attribute: str, shown: str) -> None:
+    xml = BOUNDED.replace('polygon_tolerance="2"', attribute)
+    assert attribute.split("=")[0] in OPTION_BOUNDS
+    with pytest.raises(UserError, match=re.escape(f"control 'poly': {shown}")):
+        read_spec(xml)
+    parse_label_config(xml)  # the bare parser reads it; the checks belong to read_spec
+
+
+def test_the_region_converters_read_the_same_bounds() -> None:
+    from workers.regions import control_model
+
+    control = parse_label_config(BOUNDED.replace('polygon_tolerance="2"', 'min_hole_area="-2"')).controls[0]
+    message = "control 'poly': min_hole_area='-2' must lie in [0.0, inf]"
+    with pytest.raises(UserError, match=re.escape(message)):
+        control_model(control)
+    assert control.number("model_score_threshold", 0.25) == 0.25  # unset: the default, checked too
+    with pytest.raises(UserError, match=re.escape("model_score_threshold=2.0 must lie in [0.0, 1.0]")):
+        control.number("model_score_threshold", 2.0)
+    with pytest.raises(KeyError):
+        control.number("undeclared_option", 1.0)  # every numeric option has its bounds declared
+
+
+def test_read_spec_gives_controls_the_settings_defaults() -> None:
+    settings = Settings.from_env({"GROUNDLABEL_DEFAULT_THRESHOLD": "0.05"})
+    spec = read_spec(BOUNDED, settings)
+    poly, kp = spec.controls
+    assert poly.options == {"polygon_tolerance": "2", "model_score_threshold": "0.05"}
+    assert kp.options == {"model_score_threshold": "0.3"}  # a control's own threshold wins
+    assert read_spec(BOUNDED, settings, threshold=0.2).controls[0].options["model_score_threshold"] == "0.2"
+    assert "model_score_threshold" not in read_spec(BOUNDED, Settings.from_env({})).controls[0].options
+    assert spec_defaults(settings) == {"model_score_threshold": "0.05"} and spec_defaults() == {}
+    # the default is part of the spec, so of its tag and of every model version named after it
+    assert spec_tag(spec) != spec_tag(parse_label_config(BOUNDED))
+    assert spec_tag(spec) == spec_tag(read_spec(BOUNDED, settings)) == spec_tag(
+        LabelingSpec.from_dict(spec.to_dict())
+    )

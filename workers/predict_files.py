@@ -95,8 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "promptable SAM (--sam-model, docs/sam.md); default none")
     model.add_argument("--templates", default="paper", choices=["paper", "ensemble"])
     model.add_argument("--threshold", type=float, default=None,
-                       help="background below this calibrated score (default 0.5; a control's "
-                            "model_score_threshold attribute wins)")
+                       help="background below this calibrated score (default GROUNDLABEL_DEFAULT_THRESHOLD, "
+                            "else 0.5; a control's model_score_threshold attribute wins)")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     model.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     sam3 = p.add_argument_group("SAM 3 (docs/sam3.md)")
@@ -153,9 +153,11 @@ def default_label_config(labels: list[tuple[str, list[str]]], controls: list[str
     return "\n".join(lines) + "\n"
 
 
-def load_spec(args: argparse.Namespace) -> tuple[LabelingSpec, str]:
-    """The parsed spec and its XML, from ``--label-config`` or ``--labels``/``--control``."""
-    from groundlabel.spec import parse_label_config
+def load_spec(args: argparse.Namespace, settings: Settings | None = None) -> tuple[LabelingSpec, str]:
+    """The spec and its XML, from ``--label-config`` or ``--labels``/``--control``, read as ``serve`` reads
+    it (:func:`groundlabel.spec.read_spec`); ``--threshold``, else ``GROUNDLABEL_DEFAULT_THRESHOLD``, is the
+    threshold of the controls that set none."""
+    from groundlabel.spec import read_spec
 
     if args.label_config:
         if args.control:
@@ -167,7 +169,7 @@ def load_spec(args: argparse.Namespace) -> tuple[LabelingSpec, str]:
             raise UserError(f"--label-config {path}: cannot be read ({exc.strerror or exc})") from exc
     else:
         xml = default_label_config(parse_labels(args.labels), args.control)
-    return parse_label_config(xml), xml
+    return read_spec(xml, settings, threshold=args.threshold), xml
 
 
 # ----------------------------------------------------------------------------- images
@@ -288,8 +290,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--batch-size must be at least 1")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must lie in [0, 1], got {args.threshold}")
-    fetch = Settings.from_env().fetch
-    spec, xml = load_spec(args)
+    settings = Settings.from_env()
+    fetch = settings.fetch
+    spec, xml = load_spec(args, settings)
     if args.save_config:
         Path(args.save_config).write_text(xml, encoding="utf-8")
     sources = expand_images(args.images)

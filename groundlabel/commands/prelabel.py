@@ -73,10 +73,10 @@ def _run(args: argparse.Namespace) -> int:
     client = make_client(url, api_key)
 
     if args.dry_run:
-        from groundlabel.spec import parse_label_config
+        from groundlabel.spec import read_spec
 
         project = get_project(client, args.project)
-        spec = parse_label_config(project.label_config or "")
+        spec = read_spec(project.label_config or "", settings)
         tasks = list(iter_tasks(client, args.project))
         tagged = None if settings.backend.model_version else spec  # as run_prelabel names them
         plan = plan_tasks(

@@ -30,12 +30,8 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 def control_threshold(control: ControlSpec, default: float | None = None) -> float:
     """The score below which a pixel is background for this control: its ``model_score_threshold``
-    attribute, else ``default``, else :data:`DEFAULT_THRESHOLD`; checked to lie in [0, 1]."""
-    fallback = DEFAULT_THRESHOLD if default is None else float(default)
-    value = control.option_float("model_score_threshold", fallback)
-    if not (np.isfinite(value) and 0.0 <= value <= 1.0):
-        raise UserError(f"control {control.name!r}: model_score_threshold={value!r} must lie in [0.0, 1.0]")
-    return value
+    attribute, else ``default``, else :data:`DEFAULT_THRESHOLD`; checked against the spec's bounds."""
+    return control.number("model_score_threshold", DEFAULT_THRESHOLD if default is None else float(default))
 
 
 class ControlModel:
@@ -57,20 +53,10 @@ class ControlModel:
             raise ValueError(f"{type(self).__name__} converts {self.control_type}, not {control.type}")
         self.control = control
         self.threshold = control_threshold(control, threshold)
-        self.min_region_area = self.option_float("min_region_area", DEFAULT_MIN_REGION_AREA, low=0.0)
+        self.min_region_area = control.number("min_region_area", DEFAULT_MIN_REGION_AREA)
         self.skip = self.option_bool("model_skip", False)
 
-    # -- options -------------------------------------------------------------------------------
-    def option_float(
-        self, key: str, default: float, *, low: float | None = None, high: float | None = None
-    ) -> float:
-        """A numeric tag attribute checked against its range; ``UserError`` with the reason."""
-        value = self.control.option_float(key, default)
-        if not np.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-            raise UserError(f"control {self.control.name!r}: {key}={value!r} must lie in {bounds}")
-        return value
-
+    # -- options (numeric ones are read with ControlSpec.number, bounded by the spec) -------------
     def option_bool(self, key: str, default: bool) -> bool:
         """A yes/no tag attribute (true/false, 1/0, yes/no, on/off)."""
         raw = self.control.options.get(key)

@@ -30,7 +30,7 @@ class KeyPointLabelsModel(ControlModel):
     def __init__(self, control: ControlSpec, *, threshold: float | None = None) -> None:
         super().__init__(control, threshold=threshold)
         self.per_region = self.option_bool("keypoint_per_region", False)
-        self.point_width = self.option_float("point_width", DEFAULT_POINT_WIDTH, low=0.0, high=100.0)
+        self.point_width = control.number("point_width", DEFAULT_POINT_WIDTH)
 
     def component_regions(
         self, label: str, comps: Components, score_map: np.ndarray | None, *, width: int, height: int

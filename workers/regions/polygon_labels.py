@@ -40,8 +40,8 @@ class PolygonLabelsModel(ControlModel):
 
     def __init__(self, control: ControlSpec, *, threshold: float | None = None) -> None:
         super().__init__(control, threshold=threshold)
-        self.tolerance = self.option_float("polygon_tolerance", DEFAULT_POLYGON_TOLERANCE, low=0.0)
-        self.min_hole_area = self.option_float("min_hole_area", self.min_region_area, low=0.0)
+        self.tolerance = control.number("polygon_tolerance", DEFAULT_POLYGON_TOLERANCE)
+        self.min_hole_area = control.number("min_hole_area", self.min_region_area)
 
     def component_regions(
         self, label: str, comps: Components, score_map: np.ndarray | None, *, width: int, height: int
