@@ -176,6 +176,25 @@ class FetchSettings:
         return dataclasses.replace(self, label_studio_url=url, api_key=None)
 
 
+    def token_url(self, request_url: str | None) -> str | None:
+        """Where Label Studio's API may be called with the token: ``LABEL_STUDIO_URL`` when it is set (the
+        request's URL is then ignored); without it, the request's URL only when its host is listed by name
+        in ``GROUNDLABEL_ALLOWED_HOSTS`` (a pattern such as ``*`` allows images, never the token); None
+        without either. A :class:`UserError` says why a request's URL is refused: a request never chooses
+        where the token goes."""
+        if self.label_studio_url or not request_url:
+            return self.label_studio_url
+        url = normalise_base_url(request_url, "the request's Label Studio URL") or ""
+        parts = urlsplit(url)
+        if self.host_rule(parts.hostname or "", _port(parts)) != "explicit":
+            raise UserError(
+                f"LABEL_STUDIO_URL is not set, and the Label Studio URL a request named "
+                f"({redact_url(url)}) is not a host listed by name in {self.hosts_setting}: the token is "
+                "sent only to hosts the operator named"
+            )
+        return url
+
+
 def _split_host_port(entry: str) -> tuple[str, int | None]:
     if entry.startswith("["):  # [v6]:port
         host, _, rest = entry[1:].partition("]")

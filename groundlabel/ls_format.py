@@ -8,6 +8,7 @@ compiled loop (:mod:`groundlabel.jit`).
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,33 @@ from groundlabel.jit import compiled
 
 #: Result types that carry a region on an image.
 REGION_TYPES = ("polygonlabels", "brushlabels", "rectanglelabels", "keypointlabels")
+
+
+#: The largest project id accepted: Label Studio's ids are 32-bit database keys.
+MAX_PROJECT_ID = 2**31 - 1
+#: A project field as Label Studio writes it: the id in decimal, without leading zeros, optionally followed
+#: by ``.<timestamp>`` (``/setup``, ``/predict`` and ``/train`` send ``"<id>.<created_at>"``).
+_PROJECT_FIELD = re.compile(r"([1-9][0-9]{0,9})(?:\.[0-9]{1,20})?")
+
+
+def project_id(value: Any) -> str:
+    """The canonical spelling of a Label Studio project id: ``"41"`` for ``41``, ``"41"`` or
+    ``"41.1712345678"``; a ``ValueError`` for anything else (``"0041"``, ``"4_1"``, ``True``, ``None``,
+    ``41.0``, a number outside 1..:data:`MAX_PROJECT_ID`), so that one project has one name everywhere
+    (training locks, statuses, metrics, the model store).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and (match := _PROJECT_FIELD.fullmatch(value)):
+        number = int(match.group(1))
+    else:
+        raise ValueError(
+            "a project id is a positive integer (or Label Studio's \"<id>.<timestamp>\"), "
+            "written without leading zeros"
+        )
+    if not 1 <= number <= MAX_PROJECT_ID:
+        raise ValueError(f"a project id lies in 1..{MAX_PROJECT_ID}")
+    return str(number)
 
 
 def new_region_id() -> str:
@@ -322,7 +350,7 @@ class Click:
 def _coordinate(kind: str, value: dict[str, Any], key: str) -> float:
     raw = value.get(key, 0.0)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not np.isfinite(raw):
-        raise UserError(f"the context's {kind} region has {key}={raw!r}; a finite number is expected")
+        raise UserError(f"the context's {kind} region has a {key} that is not a finite number")
     return float(raw)
 
 
@@ -342,7 +370,7 @@ def context_clicks(context: Any) -> list[Click]:
             raise UserError(f"the context's {kind} region has a value that is not an object")
         labels = value.get(kind) or []
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise UserError(f"the context's {kind} region has {kind}={labels!r}; a list of labels expected")
+            raise UserError(f"the context's {kind} region's {kind} is not a list of label names")
         if not labels:
             continue
         out.append(

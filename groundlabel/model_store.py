@@ -2,10 +2,10 @@
 
 A store is a folder, named by a path or a ``file://`` URL (``GROUNDLABEL_MODEL_STORE``)::
 
-    <store>/<project>/<version>/meta.json     name, kind, project, parent, annotation count, time,
-                                              config, metrics (held-out: the parent's and this one's)
-    <store>/<project>/<version>/<weights>     the weights (LAVT: a training checkpoint, ``model.pth``)
-    <store>/<project>/promoted.json           {"version": ..., "history": [{"version", "at", "reason"}]}
+    <store>/<project>/<version>/meta.json          name, kind, project, parent, annotation count, time,
+                                                   config, metrics (held-out: the parent's and this one's)
+    <store>/<project>/<version>/model.safetensors  the weights, as safetensors (never a pickle)
+    <store>/<project>/promoted.json                {"version": ..., "history": [{"version", "at", "reason"}]}
 
 An S3-compatible bucket (``s3://bucket/prefix``, with ``groundlabel[s3]``) holds the same keys below its
 prefix; its endpoint and credentials are :class:`~groundlabel.settings.S3Settings`. In a folder a version is
@@ -15,6 +15,12 @@ sees half a version, and an existing version is never overwritten. Version names
 Label Studio shows as the model version: ``<kind>-<variant>-p<project>-v<N>`` (``lavt-swin_b-p3-v2``).
 Promotion only rewrites ``promoted.json`` (atomically); rolling back promotes the previous entry of its
 history. This module needs no torch: the backend reads the store to answer ``/setup`` and ``/versions``.
+
+Whoever can write the store (a shared folder, a bucket) must not be able to run code where it is read, nor
+to break another project: every file read is checked (its type, fields and names: :class:`StoreFileError`
+names the file and what is wrong), projects are canonical Label Studio ids, version names cannot leave
+their project's folder, and weights are handed out only when they are a well-formed safetensors file
+(:func:`check_safetensors`), which the workers read without unpickling anything.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -33,13 +40,29 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from groundlabel.errors import UserError
+from groundlabel.ls_format import project_id
 from groundlabel.settings import S3Settings, TrainingSettings
 
 META = "meta.json"
 PROMOTED = "promoted.json"
-_PROJECT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_VERSION = re.compile(r"^[A-Za-z0-9_.+-]{1,128}$")
+#: The file name of a version's weights: a safetensors file (tensors and a JSON header, no code).
+WEIGHTS = "model.safetensors"
+#: The kinds of trained versions: which engine a version replaces for its project.
+KINDS = ("lavt", "gem")
+#: A version name: one path component that starts with a letter or digit (so never ``.`` nor ``..``).
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _NUMBER = re.compile(r"-v(\d+)$")
+#: The largest safetensors header accepted (the format's own limit).
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+class StoreFileError(UserError):
+    """A file of the model store is not what the store writes (wrong type, missing or malformed fields,
+    a name outside the rules, weights that are not safetensors); the message names the file and why.
+
+    It concerns one project: the backend answers 409 for that project's requests (or serves its base
+    models, logged), and the other projects are unaffected.
+    """
 
 
 @dataclass
@@ -69,17 +92,135 @@ class ModelVersion:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelVersion:
-        """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
+        """Inverse of :meth:`to_dict` (unknown keys are ignored; no checks: see :func:`parse_record`)."""
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def check_project(project: str | int) -> str:
-    """A project id as the store names it; refuses anything but letters, digits, ``-`` and ``_``."""
-    text = str(project).strip()
-    if not _PROJECT.match(text):
-        raise UserError(f"project {project!r} is not a valid project id")
-    return text
+    """A project id as the store names it: the canonical Label Studio id (``"41"``); anything else
+    (``"0041"``, ``"4_1"``, ``".."``) is refused with a :class:`UserError`."""
+    try:
+        return project_id(project)
+    except ValueError as exc:
+        raise UserError(f"project {str(project)[:80]!r} is not a valid project id: {exc}") from exc
+
+
+def is_version_name(name: Any) -> bool:
+    """Whether ``name`` is a valid version name (one path component, never ``.`` nor ``..``)."""
+    return isinstance(name, str) and _VERSION.fullmatch(name) is not None
+
+
+def check_version_name(name: str) -> str:
+    """``name`` when it is a valid version name, else a :class:`UserError` saying what one looks like."""
+    if not is_version_name(name):
+        raise UserError(
+            f"{str(name)[:80]!r} is not a version name (letters, digits and _ . + -, starting with a letter "
+            "or a digit, at most 128 characters)"
+        )
+    return name
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_record(data: Any, project: str, name: str, where: str) -> ModelVersion:
+    """A version record read from ``where`` (``<project>/<name>/meta.json``), checked field by field;
+    :class:`StoreFileError` saying what is wrong otherwise."""
+
+    def bad(reason: str) -> StoreFileError:
+        return StoreFileError(f"{where} is not a valid version record: {reason}")
+
+    if not isinstance(data, dict):
+        raise bad(f"a JSON object is expected, it holds a {type(data).__name__}")
+    for key in ("name", "kind", "project", "created_at", "weights", "note"):
+        if (key in data or key != "note") and not isinstance(data.get(key), str):
+            raise bad(f"{key!r} must be a string")
+    if data["name"] != name:
+        raise bad(f"its name {data['name'][:80]!r} is not its folder's, {name!r}")
+    if data["kind"] not in KINDS:
+        raise bad(f"kind {data['kind'][:40]!r} is not one of {', '.join(KINDS)}")
+    if data["project"] != project:
+        raise bad(f"its project {data['project'][:40]!r} is not {project!r}")
+    if not is_version_name(data["weights"]):
+        raise bad("'weights' must be a file name inside the version's folder")
+    parent = data.get("parent")
+    if parent is not None and (not isinstance(parent, str) or len(parent) > 256):
+        raise bad("'parent' must be a version name or null")
+    if not _is_int(data.get("annotation_count")) or data["annotation_count"] < 0:
+        raise bad("'annotation_count' must be a non-negative integer")
+    for key in ("config", "metrics"):
+        if not isinstance(data.get(key, {}), dict):
+            raise bad(f"{key!r} must be an object")
+    for key in ("base", "new"):
+        if not isinstance((data.get("metrics") or {}).get(key, {}), dict):
+            raise bad(f"'metrics.{key}' must be an object")
+    return ModelVersion.from_dict(data)
+
+
+def parse_pointer(data: Any, where: str) -> dict[str, Any]:
+    """A project's ``promoted.json`` read from ``where``, checked: ``{"version": name or null, "history":
+    [{"version": name or null, "at", "reason", "rollback"?}, ...]}``; :class:`StoreFileError` otherwise."""
+
+    def bad(reason: str) -> StoreFileError:
+        return StoreFileError(f"{where} is not a valid promotion record: {reason}")
+
+    if not isinstance(data, dict):
+        raise bad(f"a JSON object is expected, it holds a {type(data).__name__}")
+    version = data.get("version")
+    if version is not None and not is_version_name(version):
+        raise bad("'version' must be a version name or null")
+    history = data.get("history") or []
+    if not isinstance(history, list):
+        raise bad("'history' must be a list")
+    for n, entry in enumerate(history):
+        if not isinstance(entry, dict):
+            raise bad(f"history entry {n} is not an object")
+        if entry.get("version") is not None and not is_version_name(entry["version"]):
+            raise bad(f"history entry {n}: 'version' must be a version name or null")
+        if not isinstance(entry.get("rollback", False), bool):
+            raise bad(f"history entry {n}: 'rollback' must be true or false")
+    return {"version": version, "history": list(history)}
+
+
+def check_safetensors(path: str | Path, where: str | None = None) -> None:
+    """Raise :class:`StoreFileError` unless ``path`` is a well-formed safetensors file: an 8-byte
+    little-endian header length, a JSON object header (at most :data:`MAX_SAFETENSORS_HEADER` bytes) whose
+    tensors each name a dtype, a shape and a byte range inside the file. Only the header is read; a pickle,
+    a TorchScript archive or any other file is refused before anything parses it as weights."""
+    where = where or str(path)
+    refused = f"refused to load {where}: the model store's weights are read only as safetensors, and"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= length <= min(MAX_SAFETENSORS_HEADER, size - 8):
+                raise StoreFileError(f"{refused} this file is not one (no safetensors header)")
+            header = json.loads(fh.read(length).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreFileError(f"{refused} this file is not one ({type(exc).__name__})") from exc
+    if not isinstance(header, dict):
+        raise StoreFileError(f"{refused} its header is not a JSON object")
+    body = size - 8 - length
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise StoreFileError(f"{refused} its metadata is not a map of strings")
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("dtype"), str)
+            or not isinstance(entry.get("shape"), list)
+            or not all(_is_int(d) and d >= 0 for d in entry["shape"])
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= body
+        ):
+            raise StoreFileError(f"{refused} its entry {str(key)[:80]!r} is not a valid tensor entry")
 
 
 def store_path(url: str) -> Path:
@@ -384,25 +525,33 @@ class ModelStore:
     # -- reading -------------------------------------------------------------------------------------
 
     def projects(self) -> list[str]:
-        """Projects with at least one version."""
-        return sorted(p for p in self.backend.projects() if _PROJECT.match(p))
+        """Projects with at least one version (entries that are not canonical project ids are ignored)."""
+        names = [p for p in self.backend.projects() if _is_project_name(p)]
+        return sorted(names, key=int)
 
-    def _record(self, project: str, name: str) -> ModelVersion | None:
-        raw = self.backend.read(project, name, META)
+    def _json(self, project: str, name: str | None, file: str) -> Any:
+        """A JSON file of the store, parsed (None when it is missing); :class:`StoreFileError` otherwise."""
+        raw = self.backend.read(project, name, file)
         if raw is None:
             return None
         try:
-            return ModelVersion.from_dict(json.loads(raw.decode("utf-8")))
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
-            where = self.backend.where(project, name, META)
-            raise UserError(f"{where} is not a valid version record: {exc}") from exc
+            return json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            where = self.backend.where(project, name, file)
+            raise StoreFileError(f"{where} is not valid JSON: {exc}") from exc
+
+    def _record(self, project: str, name: str) -> ModelVersion | None:
+        data = self._json(project, name, META)
+        if data is None:
+            return None
+        return parse_record(data, project, name, self.backend.where(project, name, META))
 
     def versions(self, project: str | int) -> list[ModelVersion]:
         """The project's versions, oldest first."""
         project = check_project(project)
         out = []
         for name in self.backend.version_names(project):
-            if name.startswith(".") or not _VERSION.match(name):
+            if not is_version_name(name):
                 continue
             record = self._record(project, name)
             if record is not None:
@@ -411,8 +560,7 @@ class ModelStore:
 
     def get(self, project: str | int, name: str) -> ModelVersion:
         """One version by name; :class:`UserError` naming the versions there are when it is missing."""
-        if not _VERSION.match(name):
-            raise UserError(f"{name!r} is not a version name")
+        check_version_name(name)
         record = self._record(check_project(project), name)
         if record is None:
             known = ", ".join(v.name for v in self.versions(project)) or "none"
@@ -420,21 +568,26 @@ class ModelStore:
         return record
 
     def weights_path(self, version: ModelVersion) -> Path:
-        """A local file holding the weights of ``version`` (downloaded once from a bucket)."""
-        return self.backend.local_weights(check_project(version.project), version.name, version.weights)
+        """A local file holding the weights of ``version`` (downloaded once from a bucket), checked to be a
+        safetensors file (:func:`check_safetensors`); :class:`StoreFileError` saying why otherwise."""
+        project = check_project(version.project)
+        check_version_name(version.name)
+        where = self.backend.where(project, version.name, version.weights)
+        if version.weights != WEIGHTS:
+            raise StoreFileError(
+                f"refused to load {where}: the model store's weights are read only as safetensors "
+                f"({WEIGHTS}); this version was stored in another form (train the project again)"
+            )
+        path = self.backend.local_weights(project, version.name, WEIGHTS)
+        check_safetensors(path, where)
+        return path
 
     def _pointer(self, project: str | int) -> dict[str, Any]:
         project = check_project(project)
-        raw = self.backend.read(project, None, PROMOTED)
-        if raw is None:
+        data = self._json(project, None, PROMOTED)
+        if data is None:
             return {"version": None, "history": []}
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(
-                f"{self.backend.where(project, None, PROMOTED)} is not valid JSON: {exc}"
-            ) from exc
-        return {"version": data.get("version"), "history": list(data.get("history") or [])}
+        return parse_pointer(data, self.backend.where(project, None, PROMOTED))
 
     def promoted_name(self, project: str | int) -> str | None:
         """The name of the version the project serves, or None (the base models)."""
@@ -457,7 +610,7 @@ class ModelStore:
         project = check_project(project)
         names = [n for n in self.backend.version_names(project) if not n.startswith(".")]
         numbers = [int(m.group(1)) for m in map(_NUMBER.search, names) if m]
-        return f"{kind}-{variant}-p{project}-v{max(numbers, default=0) + 1}"
+        return check_version_name(f"{kind}-{variant}-p{project}-v{max(numbers, default=0) + 1}")
 
     def add(
         self,
@@ -472,12 +625,19 @@ class ModelStore:
         metrics: dict[str, Any] | None = None,
         note: str = "",
     ) -> ModelVersion:
-        """Store a new version holding a copy of ``weights``; returns its record (never overwrites)."""
+        """Store a new version holding a copy of ``weights`` (a safetensors file); returns its record (never
+        overwrites)."""
         project = check_project(project)
+        if kind not in KINDS:
+            raise UserError(f"a version's kind is one of {', '.join(KINDS)}, not {kind!r}")
         source = Path(weights)
         if not source.is_file():
             raise UserError(f"weights {source} do not exist")
-        target_name = "model" + source.suffix
+        try:
+            check_safetensors(source)
+        except StoreFileError as exc:
+            raise UserError(f"a version's weights must be a safetensors file: {source} is not one") from exc
+        target_name = WEIGHTS
         for _ in range(100):
             version = ModelVersion(
                 name=self.next_name(project, kind, variant),
@@ -500,10 +660,11 @@ class ModelStore:
         self.backend.write_pointer(project, json.dumps(pointer, indent=2).encode("utf-8"))
 
     def promote(self, project: str | int, name: str | None, reason: str, *, rollback: bool = False) -> None:
-        """Serve ``name`` for the project from now on (None: the base models); recorded in the history."""
+        """Serve ``name`` for the project from now on (None: the base models); recorded in the history.
+        The version must exist and its record be valid."""
         project = check_project(project)
         if name is not None:
-            self.get(project, name)
+            self.get(project, check_version_name(name))
         pointer = self._pointer(project)
         pointer["version"] = name
         entry = {"version": name, "at": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason}
@@ -528,6 +689,18 @@ class ModelStore:
         return previous
 
 
+def _is_project_name(name: str) -> bool:
+    try:
+        return project_id(name) == name
+    except ValueError:
+        return False
+
+
+def _metric(value: Any) -> float | None:
+    """A metric read from a record: a number, else None."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def version_summary(version: ModelVersion, promoted: str | None) -> dict[str, Any]:
     """A short description of a version for ``/versions`` and the CLI."""
     new = (version.metrics or {}).get("new") or {}
@@ -539,9 +712,9 @@ def version_summary(version: ModelVersion, promoted: str | None) -> dict[str, An
         "parent": version.parent,
         "created_at": version.created_at,
         "annotation_count": version.annotation_count,
-        "heldout_oIoU": new.get("oIoU"),  # LAVT versions
-        "parent_heldout_oIoU": base.get("oIoU"),
-        "heldout_mIoU": new.get("mIoU"),  # GEM versions: percent, eval-gem's protocol; LAVT: its mIoU
-        "parent_heldout_mIoU": base.get("mIoU"),
+        "heldout_oIoU": _metric(new.get("oIoU")),  # LAVT versions
+        "parent_heldout_oIoU": _metric(base.get("oIoU")),
+        "heldout_mIoU": _metric(new.get("mIoU")),  # GEM: percent, eval-gem's protocol; LAVT: its mIoU
+        "parent_heldout_mIoU": _metric(base.get("mIoU")),
         "promoted": version.name == promoted,
     }

@@ -11,6 +11,10 @@
   the ``reason``, and ``updated_at``. The backend's ``/metrics`` and ``/job_status`` read it.
 - ``groundlabel:train-count:<project>``: annotations created or updated since the last automatic training
   (``GROUNDLABEL_TRAIN_EVERY``).
+- ``groundlabel:train-projects``: the projects a training job has read from Label Studio, so known to
+  exist; the backend's ``/metrics`` shows training series only for these (and those in the model store).
+
+Projects are canonical Label Studio ids (:func:`groundlabel.ls_format.project_id`) in every key.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from groundlabel.protocol import QUEUE_TRAIN, TRAIN_FUNCTION, TrainPayload
 LOCK_PREFIX = "groundlabel:train-lock:"
 STATUS_PREFIX = "groundlabel:train-status:"
 COUNT_PREFIX = "groundlabel:train-count:"
+KNOWN_PROJECTS = "groundlabel:train-projects"
 #: RQ callbacks of training jobs, by dotted path.
 ON_SUCCESS = "groundlabel.training_queue.training_finished"
 ON_FAILURE = "groundlabel.training_queue.training_failed"
@@ -72,6 +77,16 @@ def all_statuses(connection: redis.Redis) -> dict[str, dict[str, Any]]:
         if raw:
             out[key.decode()[len(STATUS_PREFIX) :]] = json.loads(raw)
     return out
+
+
+def remember_project(connection: redis.Redis, project: str) -> None:
+    """Record that Label Studio answered for ``project`` (a training job read it)."""
+    connection.sadd(KNOWN_PROJECTS, project)
+
+
+def known_projects(connection: redis.Redis) -> set[str]:
+    """The projects a training job has read from Label Studio."""
+    return {p.decode() for p in connection.smembers(KNOWN_PROJECTS)}
 
 
 def reap_abandoned(connection: redis.Redis) -> None:

@@ -117,11 +117,6 @@ class BackendState:
         self.training.close()
 
 
-def project_key(project: str | None) -> str:
-    """Label Studio's ``"<id>.<timestamp>"`` project field to the project id."""
-    return (project or "").split(".")[0]
-
-
 def create_app(
     settings: Settings,
     *,

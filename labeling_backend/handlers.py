@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from groundlabel.errors import UserError
+from groundlabel.model_store import StoreFileError
 from groundlabel.protocol import QueueUnavailable
 from labeling_backend.app import BackendState
 from labeling_backend.auth import www_authenticate
@@ -43,6 +44,12 @@ def install_handlers(app: FastAPI, state: BackendState) -> None:
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(StoreFileError)
+    async def _store_error(request: Request, exc: StoreFileError) -> JSONResponse:
+        # A broken file of one project's store: a conflict for that project, never a 500.
+        log.warning("%s", exc)
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(QueueUnavailable)
     async def _unavailable(request: Request, exc: QueueUnavailable) -> JSONResponse:

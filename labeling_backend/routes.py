@@ -20,13 +20,14 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from groundlabel.errors import UserError
 from groundlabel.ls_format import context_clicks, results_text
 from groundlabel.protocol import QueueUnavailable
-from labeling_backend.app import MODEL_CLASS, BackendState, project_key
-from labeling_backend.dependencies import get_state, metrics_auth, require_auth
+from labeling_backend.app import MODEL_CLASS, BackendState
+from labeling_backend.dependencies import get_state, json_body, metrics_auth, require_auth
 from labeling_backend.schemas import (
     WEBHOOK_ACTIONS,
     JobStatusRequest,
@@ -34,6 +35,7 @@ from labeling_backend.schemas import (
     SetupRequest,
     TrainRequest,
     WebhookRequest,
+    optional_project,
 )
 from labeling_backend.service import Dispatcher
 
@@ -41,6 +43,12 @@ log = logging.getLogger("groundlabel.backend")
 
 #: The backend's state, as an endpoint parameter.
 State = Annotated[BackendState, Depends(get_state)]
+#: Request bodies, decoded and validated on a worker thread (never on the event loop).
+Setup = Annotated[SetupRequest, Depends(json_body(SetupRequest))]
+Predict = Annotated[PredictRequest, Depends(json_body(PredictRequest))]
+Webhook = Annotated[WebhookRequest, Depends(json_body(WebhookRequest))]
+Train = Annotated[TrainRequest, Depends(json_body(TrainRequest))]
+JobStatus = Annotated[JobStatusRequest, Depends(json_body(JobStatusRequest))]
 
 router = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_auth)])
@@ -76,7 +84,7 @@ def _health(state: BackendState) -> tuple[dict[str, Any], int]:
 
 
 @protected.post("/setup")
-def setup(body: SetupRequest, state: State) -> dict[str, Any]:
+def setup(body: Setup, state: State) -> dict[str, Any]:
     """Remember the project's label config; answer its model version (never loads a model).
 
     The version is the announced one followed by the spec's tag (see :func:`groundlabel.protocol.versioned`),
@@ -85,13 +93,13 @@ def setup(body: SetupRequest, state: State) -> dict[str, Any]:
     version = state.model_version
     if body.label_schema:
         spec = state.spec(body.label_schema)  # a config groundlabel cannot fill is reported now
-        version = _dispatcher(state, project_key(body.project)).announced(spec)
+        version = _dispatcher(state, body.project).announced(spec)
     if isinstance(body.extra_params, str) and body.extra_params.strip():
         try:
             json.loads(body.extra_params)
         except json.JSONDecodeError as exc:
             raise UserError(f"extra_params is not valid JSON: {exc}") from exc
-    state.projects[project_key(body.project)] = {"schema": body.label_schema, "hostname": body.hostname}
+    state.projects[body.project or ""] = {"schema": body.label_schema, "hostname": body.hostname}
     return {"model_version": version}
 
 
@@ -120,10 +128,11 @@ def _dispatcher(state: BackendState, project: str | None = None) -> Dispatcher:
 
 
 @protected.post("/predict")
-async def predict(body: PredictRequest, state: State) -> JSONResponse:
+async def predict(body: Predict, state: State) -> JSONResponse:
     """One prediction per task, in order (see the module docstring for failed tasks).
 
-    The request waits for its jobs on the event loop (no thread is held while it waits).
+    The request waits for its jobs on the event loop (no thread is held while it waits); its body is
+    decoded, and its tasks hashed and serialized, on worker threads.
     """
     settings = state.settings
     if len(body.tasks) > settings.backend.max_tasks:
@@ -131,7 +140,7 @@ async def predict(body: PredictRequest, state: State) -> JSONResponse:
             f"{len(body.tasks)} tasks in one request; the limit is {settings.backend.max_tasks} "
             "(GROUNDLABEL_MAX_TASKS)"
         )
-    project = state.projects.get(project_key(body.project), {})
+    project = state.projects.get(body.project or "", {})
     xml = body.label_config or project.get("schema")
     if not xml:
         raise UserError("the request has no label_config and no /setup gave one for this project")
@@ -143,12 +152,12 @@ async def predict(body: PredictRequest, state: State) -> JSONResponse:
         context = None
     try:
         context_clicks(context)  # a malformed click or box is refused here, not in a job
-    except UserError as exc:
+    except UserError as exc:  # the reason names the field, never its value
         raise HTTPException(422, f"invalid request: params.context: {exc}") from exc
     ls_url = body.hostname or project.get("hostname")
     tasks = [{"id": t.id, "data": t.data} for t in body.tasks]
     start = time.perf_counter()
-    dispatcher = await asyncio.to_thread(_dispatcher, state, project_key(body.project))
+    dispatcher = await asyncio.to_thread(_dispatcher, state, body.project)
     outcome = await dispatcher.answer(tasks, spec, context=context, label_studio_url=ls_url)
     mv = outcome.model_version
     results: list[Any] = []
@@ -164,7 +173,7 @@ async def predict(body: PredictRequest, state: State) -> JSONResponse:
                 results.append([])
     log.info(
         "predict project=%s tasks=%d answered=%d errors=%d jobs=%d interactive=%s %.2fs",
-        project_key(body.project) or "-",
+        body.project or "-",
         len(tasks),
         len(tasks) - len(errors),
         len(errors),
@@ -178,13 +187,13 @@ async def predict(body: PredictRequest, state: State) -> JSONResponse:
 
 
 @protected.post("/webhook")
-def webhook(body: WebhookRequest, state: State) -> JSONResponse:
+def webhook(body: Webhook, state: State) -> JSONResponse:
     """Label Studio's events. ``START_TRAINING`` (the *Start Training* button) enqueues a training job and
     answers its id at once; an annotation created or updated echoes its typed expression and counts towards
     ``GROUNDLABEL_TRAIN_EVERY``."""
     if body.action not in WEBHOOK_ACTIONS:
         return JSONResponse({"status": "Unknown event", "action": body.action}, status_code=200)
-    project_id = str((body.project or {}).get("id", ""))
+    project_id = (body.project.id if body.project else None) or ""
     hostname = state.projects.get(project_id, {}).get("hostname")
     result: dict[str, Any] = {"action": body.action, "project": project_id}
     answer: dict[str, Any] = {"status": "ok", "result": result}
@@ -207,9 +216,9 @@ def webhook(body: WebhookRequest, state: State) -> JSONResponse:
 
 
 @protected.post("/train")
-def train(body: TrainRequest, state: State) -> JSONResponse:
+def train(body: Train, state: State) -> JSONResponse:
     """Label Studio's older *Start Training* call: the same training job as ``START_TRAINING``."""
-    project_id = project_key(body.project)
+    project_id = body.project
     if not project_id:
         raise UserError("/train needs the project")
     hostname = state.projects.get(project_id, {}).get("hostname")
@@ -218,21 +227,32 @@ def train(body: TrainRequest, state: State) -> JSONResponse:
 
 
 @protected.post("/job_status")
-def training_job_status(body: JobStatusRequest, state: State) -> JSONResponse:
+def training_job_status(body: JobStatus, state: State) -> JSONResponse:
     """A training job's state (``job_status``: queued, started, finished, failed), progress and outcome;
     410 when the backend knows no such training job (Label Studio then forgets it)."""
     status = state.training.job_status(body.job)
-    if status is None:
-        return JSONResponse({"detail": f"no training job {body.job!r}"}, status_code=410)
+    if status is None or (body.project is not None and status.get("project") != body.project):
+        return JSONResponse({"detail": "no such training job"}, status_code=410)
     return JSONResponse(status)
 
 
 @protected.get("/versions")
 def versions(state: State, project: str | None = None) -> dict[str, Any]:
     """The model versions: the base models' and the trained ones (of ``?project=N``, else of every
-    project), oldest first; ``details`` has each trained version's held-out metric and promotion."""
-    details = state.training.versions(project_key(project) or None)
-    return {"versions": [state.model_version, *(d["name"] for d in details)], "details": details}
+    project), oldest first; ``details`` has each trained version's held-out metric and promotion. A project
+    whose store files are broken is left out of the whole list (``errors`` says why) and answers 409 alone."""
+    try:
+        canonical = optional_project(project)
+    except ValueError as exc:
+        raise RequestValidationError(
+            [{"loc": ("query", "project"), "msg": f"Value error, {exc}", "type": "value_error"}]
+        ) from None
+    details, errors = state.training.versions(canonical)
+    answer: dict[str, Any] = {"versions": [state.model_version, *(d["name"] for d in details)]}
+    answer["details"] = details
+    if errors:
+        answer["errors"] = errors
+    return answer
 
 
 @router.get("/metrics", dependencies=[Depends(metrics_auth)])

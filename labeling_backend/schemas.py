@@ -1,20 +1,31 @@
 """Request bodies of Label Studio's ML backend protocol, validated with pydantic.
 
 Unknown fields are kept and ignored (Label Studio adds fields between releases); the fields groundlabel
-relies on are checked, so a malformed request gets a 422 naming the field rather than a 500.
+relies on are checked, so a malformed request gets a 422 naming the field rather than a 500. Project ids
+are canonical from here on (:func:`groundlabel.ls_format.project_id`): ``"41.1712345678"`` and ``41`` are
+project ``"41"``; ``"0041"``, ``"4_1"``, ``true``, ``null`` or ``10**30`` get a 422.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from groundlabel.ls_format import project_id
 
 WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
 
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+def optional_project(value: Any) -> str | None:
+    """A request's project field: None when absent or empty, else its canonical id (``ValueError``)."""
+    if value is None or value == "":
+        return None
+    return project_id(value)
 
 
 class TaskIn(_Open):
@@ -59,8 +70,8 @@ class PredictRequest(_Open):
 
     @field_validator("project", mode="before")
     @classmethod
-    def _project_text(cls, value: Any) -> Any:
-        return None if value is None else str(value)
+    def _project_id(cls, value: Any) -> str | None:
+        return optional_project(value)
 
 
 class SetupRequest(_Open):
@@ -74,8 +85,8 @@ class SetupRequest(_Open):
 
     @field_validator("project", mode="before")
     @classmethod
-    def _project_text(cls, value: Any) -> Any:
-        return None if value is None else str(value)
+    def _project_id(cls, value: Any) -> str | None:
+        return optional_project(value)
 
 
 class WebhookRegion(_Open):
@@ -91,11 +102,24 @@ class WebhookAnnotation(_Open):
     result: list[WebhookRegion] = Field(default_factory=list)
 
 
+class WebhookProject(_Open):
+    """The project of a webhook event; its ``id``, when present, is a canonical project id."""
+
+    id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "id" in data:
+            return {**data, "id": project_id(data["id"])}
+        return data
+
+
 class WebhookRequest(_Open):
     """``POST /webhook``: a Label Studio event."""
 
     action: str
-    project: dict[str, Any] | None = None
+    project: WebhookProject | None = None
     annotation: WebhookAnnotation | None = None
     task: dict[str, Any] | None = None
 
@@ -109,11 +133,17 @@ class TrainRequest(_Open):
 
     @field_validator("project", mode="before")
     @classmethod
-    def _project_text(cls, value: Any) -> Any:
-        return None if value is None else str(value)
+    def _project_id(cls, value: Any) -> str | None:
+        return optional_project(value)
 
 
 class JobStatusRequest(_Open):
-    """``POST /job_status``: the training job Label Studio asks about."""
+    """``POST /job_status``: the training job Label Studio asks about (and its project, when sent)."""
 
     job: str = Field(min_length=1, max_length=128)
+    project: str | None = None
+
+    @field_validator("project", mode="before")
+    @classmethod
+    def _project_id(cls, value: Any) -> str | None:
+        return optional_project(value)

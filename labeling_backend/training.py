@@ -16,7 +16,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 
 from groundlabel.errors import UserError
-from groundlabel.model_store import ModelStore, ModelVersion, check_project, version_summary
+from groundlabel.model_store import ModelStore, ModelVersion, StoreFileError, check_project, version_summary
 from groundlabel.protocol import TrainPayload
 from groundlabel.redaction import redact
 from groundlabel.redis_queue import connect
@@ -26,6 +26,7 @@ from groundlabel.training_queue import (
     count_annotation,
     enqueue_training,
     job_status,
+    known_projects,
 )
 
 log = logging.getLogger("groundlabel.backend")
@@ -120,31 +121,54 @@ class Training:
         return self._read_store(lambda store: store.promoted(project), project)
 
     def _read_store(self, read: Callable[[ModelStore], T], project: str | None) -> T | None:
-        """``read(store)`` for a project, or None without a store or project, or when the store is broken
-        (logged)."""
+        """``read(store)`` for a project, or None without a store or project, or when the project's store
+        files are broken (logged: the project is served by the base models)."""
         if self.store is None or not project:
             return None
         try:
             return read(self.store)
         except UserError as exc:
-            log.warning("model store: %s", exc)
+            log.warning("model store: %s; project %s is served by the base models", exc, project)
             return None
 
-    def versions(self, project: str | None) -> list[dict[str, Any]]:
-        """The trained versions of ``project`` (every project's when None), oldest first."""
+    def versions(self, project: str | None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """``(versions, errors)``: the trained versions of ``project`` (every project's when None), oldest
+        first. With a project, a broken store file raises :class:`StoreFileError`; across projects, a
+        project whose files are broken is left out and named in ``errors`` (``{"project", "error"}``)."""
         if self.store is None:
-            return []
+            return [], []
         projects = [check_project(project)] if project else self.store.projects()
         out: list[dict[str, Any]] = []
+        errors: list[dict[str, str]] = []
         for p in projects:
-            promoted = self.store.promoted_name(p)
-            out += [version_summary(v, promoted) for v in self.store.versions(p)]
-        return out
+            try:
+                promoted = self.store.promoted_name(p)
+                out += [version_summary(v, promoted) for v in self.store.versions(p)]
+            except StoreFileError as exc:
+                if project:
+                    raise
+                log.warning("model store: %s; project %s left out of /versions", exc, p)
+                errors.append({"project": p, "error": str(exc)})
+        return out, errors
+
+    def known_projects(self) -> set[str]:
+        """Projects that exist for certain: read from Label Studio by a training job, or holding versions
+        in the model store. Only these get training series in ``/metrics``."""
+        known: set[str] = set()
+        if self.connection is not None:
+            known |= known_projects(self.connection)
+        if self.store is not None:
+            try:
+                known |= set(self.store.projects())
+            except UserError as exc:
+                log.debug("model store projects unavailable: %s", exc)
+        return known
 
     # -- monitoring ----------------------------------------------------------------------------------
 
     def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
-        """Gauges per project from the training statuses on Redis."""
+        """Gauges per project from the training statuses on Redis, for the projects known to exist
+        (:meth:`known_projects`): a caller cannot add series by asking to train projects that do not."""
 
         def gauge(name: str, text: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"groundlabel_training_{name}", text, labels=["project"])
@@ -168,10 +192,12 @@ class Training:
         statuses: dict[str, dict[str, Any]] = {}
         if self.connection is not None:
             try:
-                statuses = all_statuses(self.connection)
+                known = self.known_projects()
+                found = all_statuses(self.connection)
+                statuses = {p: s for p, s in found.items() if p in known and isinstance(s, dict)}
             except redis.RedisError as exc:
                 log.debug("training statuses unavailable: %s", exc)
-        for project, status in sorted(statuses.items()):
+        for project, status in sorted(statuses.items(), key=lambda item: (len(item[0]), item[0])):
             state = status.get("state")
             running.add_metric([project], 1 if state in ("queued", "started") else 0)
             failed.add_metric([project], 1 if state == "failed" else 0)

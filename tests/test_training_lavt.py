@@ -16,7 +16,11 @@ from groundlabel.settings import EngineSettings  # noqa: E402
 from workers.models.lavt.config import LavtConfig  # noqa: E402
 from workers.models.lavt.model import LavtNetwork  # noqa: E402
 from workers.models.lavt.synthetic import make_dataset, vocabulary  # noqa: E402
-from workers.models.lavt.weights import save_checkpoint  # noqa: E402
+from workers.models.lavt.weights import (  # noqa: E402
+    read_checkpoint,
+    save_checkpoint,
+    save_safetensors_checkpoint,
+)
 from workers.training.lavt import Recipe, current_model, fine_tune_project  # noqa: E402
 
 
@@ -28,6 +32,12 @@ def tiny_base_checkpoint(path, seed: int = 0, image_size: int = 64):
     return path
 
 
+def stored_checkpoint(checkpoint, path):
+    """``checkpoint`` in the form the model store keeps (safetensors)."""
+    save_safetensors_checkpoint(path, read_checkpoint(checkpoint))
+    return path
+
+
 def test_current_model_is_the_promoted_version_else_the_workers_checkpoint(tmp_path):
     store = ModelStore(tmp_path / "store")
     with pytest.raises(UserError, match="GROUNDLABEL_LAVT_CHECKPOINT"):
@@ -36,8 +46,9 @@ def test_current_model_is_the_promoted_version_else_the_workers_checkpoint(tmp_p
     engines = EngineSettings(lavt_enabled=True, lavt_checkpoint=str(base), device="cpu")
     checkpoint, parent, _ = current_model(store, "3", engines)
     assert checkpoint == str(base) and parent == "lavt-swin_b-base"  # the configured variant names it
+    trained = stored_checkpoint(base, tmp_path / "trained.safetensors")
     version = store.add(
-        project="3", kind="lavt", variant="tiny", weights=base, parent=parent, annotation_count=1
+        project="3", kind="lavt", variant="tiny", weights=trained, parent=parent, annotation_count=1
     )
     assert current_model(store, "3", engines)[0] == str(base)  # stored but not promoted
     store.promote("3", version.name, "test")
@@ -127,8 +138,9 @@ def test_workers_serve_the_promoted_version_per_project_without_a_restart(tmp_pa
     engines.configure(settings)
     try:
         assert engines.get_lavt_engine("7").model_version == "lavt-tiny-base"  # nothing trained yet
+        trained = stored_checkpoint(base, tmp_path / "trained.safetensors")
         version = store.add(
-            project="7", kind="lavt", variant="tiny", weights=base, parent=None, annotation_count=3
+            project="7", kind="lavt", variant="tiny", weights=trained, parent=None, annotation_count=3
         )
         store.promote("7", version.name, "test")
         assert engines.lavt_enabled("7")

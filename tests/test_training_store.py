@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import free_port
 
@@ -58,10 +59,20 @@ def store(request, tmp_path) -> ModelStore:
     return opened
 
 
-def weights(tmp_path, content: bytes, name: str = "w.pth"):
+def weights(tmp_path, content: bytes, name: str = "w.safetensors"):
+    """A safetensors file holding ``content`` as one uint8 tensor."""
+    from safetensors.numpy import save_file
+
     path = tmp_path / name
-    path.write_bytes(content)
+    save_file({"w": np.frombuffer(content, dtype=np.uint8).copy()}, str(path))
     return path
+
+
+def stored(path) -> bytes:
+    """The ``content`` of a file written by :func:`weights`."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))["w"].tobytes()
 
 
 def add(store: ModelStore, tmp_path, project: str = "3", content: bytes = b"weights", **kw):
@@ -69,7 +80,7 @@ def add(store: ModelStore, tmp_path, project: str = "3", content: bytes = b"weig
         project=project,
         kind=kw.pop("kind", "lavt"),
         variant="tiny",
-        weights=weights(tmp_path, content, f"w{len(content)}{project}.pth"),
+        weights=weights(tmp_path, content, f"w{len(content)}{project}.safetensors"),
         parent="lavt-tiny-base",
         annotation_count=12,
         metrics={"base": {"oIoU": 0.1}, "new": {"oIoU": 0.3}},
@@ -84,13 +95,14 @@ def test_versions_are_immutable_promotions_are_per_project_and_rollback_steps_ba
     assert (v1.name, v2.name, other.name) == ("lavt-tiny-p3-v1", "lavt-tiny-p3-v2", "gem-tiny-p4-v1")
     assert store.projects() == ["3", "4"] and [v.name for v in store.versions("3")] == [v1.name, v2.name]
     record = store.get("3", v1.name)
-    assert record == v1 and record.metrics["new"]["oIoU"] == 0.3 and record.weights == "model.pth"
-    assert store.weights_path(v2).read_bytes() == b"two" and store.weights_path(v1).read_bytes() == b"one"
+    assert record == v1 and record.metrics["new"]["oIoU"] == 0.3 and record.weights == "model.safetensors"
+    assert stored(store.weights_path(v2)) == b"two" and stored(store.weights_path(v1)) == b"one"
 
     # A taken name is refused and nothing of the version changes (a writer that lost the race).
     meta = json.dumps({**v1.to_dict(), "note": "overwritten"}).encode()
-    assert not store.backend.put_version("3", v1.name, weights(tmp_path, b"evil"), "model.pth", meta)
-    assert store.get("3", v1.name).note == "" and store.weights_path(v1).read_bytes() == b"one"
+    evil = weights(tmp_path, b"evil")
+    assert not store.backend.put_version("3", v1.name, evil, "model.safetensors", meta)
+    assert store.get("3", v1.name).note == "" and stored(store.weights_path(v1)) == b"one"
 
     store.promote("3", v1.name, "better")
     store.promote("3", v2.name, "better")
@@ -104,6 +116,10 @@ def test_versions_are_immutable_promotions_are_per_project_and_rollback_steps_ba
         store.promote("3", "lavt-tiny-p3-v9", "typo")
     with pytest.raises(UserError, match="not a valid project"):
         store.versions("../etc")
+    pickled = tmp_path / "w.pth"
+    pickled.write_bytes(b"\x80\x04K\x01.")  # pickle.dumps(1)
+    with pytest.raises(UserError, match="safetensors"):  # a version's weights are safetensors only
+        store.add(project="3", kind="lavt", variant="tiny", weights=pickled, parent=None, annotation_count=1)
 
 
 def test_store_path_takes_a_folder_or_a_file_url_and_sends_buckets_to_the_s3_store():
@@ -174,7 +190,7 @@ def test_models_cli_on_a_bucket(s3_server, tmp_path, monkeypatch, capsys):
 
 def test_workers_serve_a_version_promoted_in_a_bucket(s3_server, tmp_path):
     pytest.importorskip("torch")
-    from tests.test_training_lavt import tiny_base_checkpoint
+    from tests.test_training_lavt import stored_checkpoint, tiny_base_checkpoint
     from workers import engines
 
     url = f"s3://{BUCKET}/serve-{tmp_path.name}"
@@ -182,15 +198,16 @@ def test_workers_serve_a_version_promoted_in_a_bucket(s3_server, tmp_path):
     base = tiny_base_checkpoint(tmp_path / "base.pth")
     settings = Settings.from_env(env).with_(lavt_enabled=True, lavt_checkpoint=str(base), device="cpu")
     store = ModelStore.from_settings(settings.training)
+    trained = stored_checkpoint(base, tmp_path / "trained.safetensors")
     version = store.add(
-        project="7", kind="lavt", variant="tiny", weights=base, parent=None, annotation_count=3
+        project="7", kind="lavt", variant="tiny", weights=trained, parent=None, annotation_count=3
     )
     engines.configure(settings)
     try:
         assert engines.get_lavt_engine("7").model_version == "lavt-tiny-base"
         store.promote("7", version.name, "test")
         assert engines.get_lavt_engine("7").model_version == version.name  # no restart
-        cached = tmp_path / "c" / BUCKET / f"serve-{tmp_path.name}" / "7" / version.name / "model.pth"
-        assert cached.read_bytes() == base.read_bytes()  # downloaded once, into the cache
+        cached = tmp_path / "c" / BUCKET / f"serve-{tmp_path.name}" / "7" / version.name / "model.safetensors"
+        assert cached.read_bytes() == trained.read_bytes()  # downloaded once, into the cache
     finally:
         engines.configure(Settings())

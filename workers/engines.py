@@ -153,8 +153,9 @@ def get_gem_engine(project: str | None = None) -> Any:
     """The GEM engine for ``project``: its promoted trained (distilled) version, else the process's one
     (built on first use)."""
     version = project_version(project, "gem")
-    if version is not None:
-        return _project_engine(version, _build_project_gem)
+    trained = _trained_engine(version, _build_project_gem) if version is not None else None
+    if trained is not None:
+        return trained
     with _lock:
         engine = _engines.get("gem")
         if engine is None:
@@ -249,6 +250,18 @@ def _build_project_gem(version: Any) -> Any:
     return _new_gem_engine(replace(config, pretrained=_weights(version)))
 
 
+def _trained_engine(version: Any, build: Any) -> Any:
+    """The engine of a promoted trained version, or None when the model store refuses its weights (not
+    safetensors, malformed: logged, and the project gets the base models)."""
+    from groundlabel.model_store import StoreFileError
+
+    try:
+        return _project_engine(version, build)
+    except StoreFileError as exc:
+        log.warning("model store: %s; project %s gets the base models", exc, version.project)
+        return None
+
+
 def _project_engine(version: Any, build: Any) -> Any:
     """The engine of a trained version (``build(version)`` on first use), named by the version; the
     least recently used ones beyond :data:`MAX_PROJECT_ENGINES` are dropped."""
@@ -276,8 +289,9 @@ def get_lavt_engine(project: str | None = None) -> Any:
     """The LAVT engine for ``project``: its promoted trained version, else the process's configured one;
     :class:`UserError` when there is neither."""
     version = project_version(project)
-    if version is not None:
-        return _project_engine(version, _build_project_lavt)
+    trained = _trained_engine(version, _build_project_lavt) if version is not None else None
+    if trained is not None:
+        return trained
     with _lock:
         engine = _engines.get("lavt")
         if engine is None:

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from groundlabel.errors import UserError
-from groundlabel.model_store import ModelStore, version_summary
+from groundlabel.model_store import (
+    ModelStore,
+    StoreFileError,
+    check_project,
+    check_version_name,
+    version_summary,
+)
 
 #: The name that means "the base models" to ``promote``.
 BASE = "base"
@@ -31,19 +38,27 @@ def _fmt(value: float | None) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    """Handler of ``models list``."""
+    """Handler of ``models list``: 1 when a project's store files are broken (each named on stderr; the
+    other projects are listed)."""
     store = _store(args)
-    projects = [str(args.project)] if args.project is not None else store.projects()
+    projects = [check_project(args.project)] if args.project is not None else store.projects()
     rows = []
+    broken = 0
     for project in projects:
-        promoted = store.promoted_name(project)
-        rows += [version_summary(v, promoted) for v in store.versions(project)]
+        try:
+            promoted = store.promoted_name(project)
+            rows += [version_summary(v, promoted) for v in store.versions(project)]
+        except StoreFileError as exc:
+            if args.project is not None:
+                raise
+            print(f"groundlabel models: project {project} left out: {exc}", file=sys.stderr)
+            broken = 1
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return broken
     if not rows:
         print("no trained versions" + (f" for project {args.project}" if args.project is not None else ""))
-        return 0
+        return broken
     print(f"{'version':<32} {'parent':<32} {'annots':>6} {'oIoU':>7} {'parent':>7}  created")
     for r in rows:
         mark = "*" if r["promoted"] else " "
@@ -52,23 +67,25 @@ def run_list(args: argparse.Namespace) -> int:
             f"{_fmt(r['heldout_oIoU']):>7} {_fmt(r['parent_heldout_oIoU']):>7}  {r['created_at']}"
         )
     print("* promoted (served); oIoU on the held-out part, in percent")
-    return 0
+    return broken
 
 
 def run_promote(args: argparse.Namespace) -> int:
     """Handler of ``models promote`` (forced: no comparison)."""
     store = _store(args)
-    name = None if args.version == BASE else args.version
-    store.promote(str(args.project), name, args.reason or "promoted by the operator")
-    print(f"project {args.project} now serves {args.version if name else 'the base models'}")
+    project = check_project(args.project)
+    name = None if args.version == BASE else check_version_name(args.version)
+    store.promote(project, name, args.reason or "promoted by the operator")
+    print(f"project {project} now serves {name or 'the base models'}")
     return 0
 
 
 def run_rollback(args: argparse.Namespace) -> int:
     """Handler of ``models rollback``."""
     store = _store(args)
-    previous = store.rollback(str(args.project))
-    print(f"project {args.project} now serves {previous or 'the base models'}")
+    project = check_project(args.project)
+    previous = store.rollback(project)
+    print(f"project {project} now serves {previous or 'the base models'}")
     return 0
 
 

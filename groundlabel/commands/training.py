@@ -39,9 +39,19 @@ def annotation_count(tasks: list[dict[str, Any]]) -> int:
 
 
 def export_project(
-    project: str, settings: Settings, out: Path, *, label_studio_url: str | None = None
+    project: str,
+    settings: Settings,
+    out: Path,
+    *,
+    label_studio_url: str | None = None,
+    on_read: Callable[[], None] | None = None,
 ) -> tuple[str, int, dict[str, Any], str | None]:
     """Export the project's annotations split by image: ``(kind, annotations, summary, label config)``.
+
+    Label Studio is ``LABEL_STUDIO_URL``, else ``label_studio_url`` (the one its ``/setup`` named) only on
+    a host listed by name in ``GROUNDLABEL_ALLOWED_HOSTS`` (:meth:`FetchSettings.token_url`): the token is
+    never sent to a host a request chose. ``on_read`` is called once Label Studio has answered for the
+    project (it exists).
 
     ``kind`` says what the job trains: ``"lavt"`` when the project has referring expressions (a RefCOCO
     folder in ``out``), else ``"gem"`` (a COCO folder in ``out``: GEM's CLIP is distilled on the images
@@ -53,13 +63,15 @@ def export_project(
     from groundlabel.spec import parse_label_config
 
     fetch = settings.fetch
-    url = fetch.label_studio_url or label_studio_url
+    url = fetch.token_url(label_studio_url) if fetch.api_key else None  # never a host a request chose
     if not url or not fetch.api_key:
         raise UserError(
             "the training worker reads the project from Label Studio: set LABEL_STUDIO_URL and "
             "LABEL_STUDIO_API_KEY on it"
         )
     tasks, label_config, _ = fetch_project(int(project), url=url, api_key=fetch.api_key)
+    if on_read is not None:
+        on_read()
     count = annotation_count(tasks)
     if not count:
         raise UserError(f"project {project} has no annotations to train on")
@@ -112,9 +124,11 @@ def train_project(
     settings: Settings,
     *,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_read: Callable[[], None] | None = None,
     progress_bar: bool = True,
 ) -> dict[str, Any]:
-    """The whole training job for ``payload.project``; returns its outcome as JSON."""
+    """The whole training job for ``payload.project``; returns its outcome as JSON (``on_read``: see
+    :func:`export_project`)."""
     from workers.training.lavt import Recipe, fine_tune_project
 
     if not settings.training.model_store:
@@ -126,7 +140,11 @@ def train_project(
     try:
         report({"stage": "exporting"})
         kind, count, summary, label_config = export_project(
-            payload.project, settings, scratch / DATASET_DIR, label_studio_url=payload.label_studio_url
+            payload.project,
+            settings,
+            scratch / DATASET_DIR,
+            label_studio_url=payload.label_studio_url,
+            on_read=on_read,
         )
         log.info("project %s: exported %s (%s)", payload.project, summary.get("exported"), kind)
         report({"stage": "exported", "kind": kind})
@@ -170,7 +188,7 @@ def run_training(payload: dict[str, Any]) -> dict[str, Any]:
     """The RQ job of the ``train`` queue: :func:`train_project` with progress written to Redis."""
     from rq import get_current_job
 
-    from groundlabel.training_queue import write_status
+    from groundlabel.training_queue import remember_project, write_status
     from workers import engines
 
     request = TrainPayload.from_dict(payload)
@@ -183,4 +201,11 @@ def run_training(payload: dict[str, Any]) -> dict[str, Any]:
             except Exception as exc:  # progress is informative: a Redis hiccup must not fail the job
                 log.warning("training progress not recorded: %s", exc)
 
-    return train_project(request, engines.settings(), on_progress=report)
+    def found() -> None:  # Label Studio answered for the project: /metrics may show its series
+        if job is not None:
+            try:
+                remember_project(job.connection, request.project)
+            except Exception as exc:
+                log.warning("project %s not recorded as known: %s", request.project, exc)
+
+    return train_project(request, engines.settings(), on_progress=report, on_read=found)

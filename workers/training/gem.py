@@ -232,7 +232,7 @@ def distill_project(
 
     device = resolve_device(config.device)
     loaded = load_clip(config.arch, config.pretrained, config.cache_dir, hub=config.hub)
-    out = Path(work_dir) / "distilled.pt"
+    out = Path(work_dir) / "distilled.safetensors"  # the store keeps safetensors
     start = time.perf_counter()
     _, losses = distill(
         loaded.model,

@@ -131,6 +131,7 @@ def fine_tune_project(
     from workers.models.lavt.factory import load_network
     from workers.models.lavt.text import load_tokenizer
     from workers.models.lavt.train import TrainOptions, evaluate, train
+    from workers.models.lavt.weights import read_checkpoint, save_safetensors_checkpoint
 
     report = on_progress or (lambda _update: None)
     refer = Refer(data_root)
@@ -208,11 +209,13 @@ def fine_tune_project(
     result = train(options, progress=progress_bar, on_epoch=epoch_done)
     new = result["final"][HELDOUT_SPLIT]
     better = new["oIoU"] > base["oIoU"] + recipe.min_gain
+    weights = Path(work_dir) / "model.safetensors"  # the store keeps safetensors, never a pickle
+    save_safetensors_checkpoint(weights, read_checkpoint(result["checkpoint"]))
     version = store.add(
         project=project,
         kind="lavt",
         variant=variant,
-        weights=result["checkpoint"],
+        weights=weights,
         parent=parent,
         annotation_count=annotation_count,
         config=architecture,

@@ -192,7 +192,9 @@ def load_weights_file(model: Any, path: str | Path) -> None:
 
     path = str(path)
     try:
-        if is_torchscript(path):
+        if path.lower().endswith(".safetensors"):  # never sniffed for another format: tensors only
+            load_checkpoint(model, path, strict=True, weights_only=True)
+        elif is_torchscript(path):
             state = torch.jit.load(path, map_location="cpu").state_dict()
             # TorchScript keeps metadata and non-persistent buffers (the text causal mask) in its state dict.
             expected = set(model.state_dict())

@@ -1,12 +1,20 @@
 """Where LAVT weights come from and how they are checked: official checkpoints (``model`` +
 ``bert_model``, or ``lavt_one``'s ``model`` with ``text_encoder.*``), plain state dicts, our own training
-checkpoints (the same two entries plus ``config`` and ``tokenizer_vocab``), ImageNet Swin weights and
-Hugging Face BERT weights."""
+checkpoints (the same two entries plus ``config`` and ``tokenizer_vocab``), their safetensors form (what the
+model store keeps), ImageNet Swin weights and Hugging Face BERT weights.
+
+No weight file is ever unpickled with code: ``.safetensors`` files are read by safetensors, every other
+file by ``torch.load(weights_only=True)`` with one class allowed beyond tensors and plain values,
+``argparse.Namespace`` (the ``args`` entry of official LAVT checkpoints).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import math
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,21 +32,106 @@ log = logging.getLogger(__name__)
 _BERT_OPTIONAL_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
-def read_checkpoint(path: str | Path) -> Any:
-    """Load a checkpoint file the user named, on the CPU.
+#: What ``torch.load(weights_only=True)`` may build beyond tensors and plain values: the ``args`` entry of
+#: official LAVT checkpoints (its fields are plain values).
+ALLOWED_GLOBALS = (argparse.Namespace,)
+#: The safetensors metadata key telling our LAVT checkpoints from other safetensors files.
+SAFETENSORS_FORMAT = "groundlabel-lavt"
 
-    Official LAVT checkpoints pickle an ``argparse.Namespace`` (``args``), which ``weights_only=True``
-    refuses; this full unpickling runs code from the file, so it is only ever applied to paths the
-    user gave us (the CLI's ``--checkpoint``/``--init``, ``GROUNDLABEL_LAVT_CHECKPOINT``), never to
-    anything downloaded or received in a job.
+
+def read_checkpoint(path: str | Path) -> Any:
+    """Load a checkpoint file on the CPU, never running code from it.
+
+    A ``.safetensors`` file is read as safetensors (:func:`read_safetensors_checkpoint`); any other file
+    with ``torch.load(weights_only=True)`` and :data:`ALLOWED_GLOBALS`, which refuses a pickle that would
+    build anything else (a crafted file's payload never runs).
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix.lower() == ".safetensors":
+        return read_safetensors_checkpoint(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # a corrupt or foreign file, not one that would build objects
+            raise UserError(f"checkpoint {path} cannot be read: {_unsupported(str(exc))}") from exc
+        raise UserError(
+            f"checkpoint {path} refused: it holds objects other than tensors and plain values, and weight "
+            f"files are never unpickled with code ({_unsupported(str(exc))})"
+        ) from exc
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise UserError(f"checkpoint {path} cannot be read: {exc}") from exc
+
+
+def _unsupported(message: str) -> str:
+    """The line of torch's weights-only refusal that names what the file would have built."""
+    lines = [line.strip() for line in message.splitlines() if "unsupported" in line.lower()]
+    return (lines[0] if lines else message.splitlines()[0])[:300]
+
+
+def read_safetensors_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_safetensors_checkpoint`: ``{"model", "bert_model", "config",
+    "tokenizer_vocab", "epoch"}`` (the ones present), from tensors and JSON metadata only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} is not a readable safetensors file: {exc}") from exc
+    if metadata.get("format") != SAFETENSORS_FORMAT:
+        return dict(tensors)  # a plain state dict
+    out: dict[str, Any] = {"model": {}, "bert_model": {}}
+    for key, value in tensors.items():
+        part, _, name = key.partition(".")
+        if part not in out or not name:
+            raise UserError(f"checkpoint {path}: unexpected tensor {key[:80]!r}")
+        out[part][name] = value
+    try:
+        for key in ("config", "tokenizer_vocab", "epoch"):
+            if key in metadata:
+                out[key] = json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise UserError(f"checkpoint {path}: its {key!r} metadata is not JSON: {exc}") from exc
+    if not out["bert_model"]:
+        del out["bert_model"]
+    return out
+
+
+def save_safetensors_checkpoint(path: str | Path, checkpoint: Mapping[str, Any]) -> None:
+    """Write the ``model`` and ``bert_model`` tensors of a checkpoint (as :func:`read_checkpoint` returns
+    it) as safetensors, with ``config``, ``tokenizer_vocab`` and ``epoch`` as JSON metadata: the form the
+    model store keeps (no optimizer state, nothing to unpickle)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for part in ("model", "bert_model"):
+        for name, value in (checkpoint.get(part) or {}).items():
+            if not torch.is_tensor(value):
+                continue
+            value = value.detach().cpu().contiguous()
+            if value.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage
+                value = value.clone()
+            seen.add(value.untyped_storage().data_ptr())
+            tensors[f"{part}.{name}"] = value
+    if not any(k.startswith("model.") for k in tensors):
+        raise UserError("the checkpoint has no 'model' tensors to write")
+    metadata = {"format": SAFETENSORS_FORMAT}
+    for key in ("config", "tokenizer_vocab", "epoch"):
+        if checkpoint.get(key) is not None:
+            metadata[key] = json.dumps(checkpoint[key])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
 
 
 def _strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
