@@ -1,12 +1,14 @@
-"""Label Studio annotations to training datasets: COCO, RefCOCO, gRefCOCO.
+"""Label Studio annotations to training datasets: COCO, RefCOCO, gRefCOCO, Ultralytics YOLO.
 
 One function per format, flat like pycocotools::
 
-    from exporters import load_labelstudio_export, export_coco, export_refcoco, export_grefcoco
+    from exporters import load_labelstudio_export, export_coco, export_refcoco, export_grefcoco, export_yolo
     tasks = load_labelstudio_export("project-1.json")
     export_coco(tasks, "out/coco", images="none")
 
-Names are imported lazily so that the ``groundlabel`` command starts without pycocotools.
+Each takes the task list, the output folder and an :class:`ExportOptions` (or its fields as keywords);
+:mod:`exporters.registry` names them by format for ``groundlabel export --format``. Names are imported
+lazily so that the ``groundlabel`` command starts without pycocotools.
 """
 
 from __future__ import annotations
@@ -22,8 +24,15 @@ _EXPORTS = {
     "coco_to_labelstudio": "exporters.coco",
     "export_refcoco": "exporters.refcoco",
     "export_grefcoco": "exporters.refcoco",
+    "export_yolo": "exporters.yolo",
+    "export_yolo_seg": "exporters.yolo",
     "tokenize": "exporters.refcoco",
-    "assign_splits": "exporters.refcoco",
+    "assign_splits": "exporters.steps",
+    "ExportOptions": "exporters.registry",
+    "Exporter": "exporters.registry",
+    "register_exporter": "exporters.registry",
+    "get_exporter": "exporters.registry",
+    "exporter_names": "exporters.registry",
     "ImageResolver": "exporters.images",
     "ExportSummary": "exporters.summary",
 }

@@ -1,5 +1,7 @@
-"""``groundlabel export``: Label Studio annotations to COCO, RefCOCO, gRefCOCO (and COCO back to
-Label Studio import JSON). Heavy modules are imported inside the handler."""
+"""``groundlabel export``: Label Studio annotations to the formats of :mod:`exporters.registry` (COCO,
+RefCOCO, gRefCOCO, YOLO; and COCO back to Label Studio import JSON). The command line becomes one
+:class:`~exporters.registry.ExportOptions` and the format's exporter runs; heavy modules are imported
+only then."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 
 from groundlabel.errors import UserError
 
-FORMATS = ("coco", "refcoco", "grefcoco", "labelstudio")
+from .registry import ExportOptions, exporter_names, get_exporter, layout_help
 
 _EPILOG = """\
 input:
@@ -20,11 +22,7 @@ input:
   COCO instances.json and the output is Label Studio import JSON with predictions.
 
 output (--out DIR):
-  coco       DIR/instances.json, DIR/images/
-  refcoco    DIR/<dataset-name>/refs(unc|umd).p, DIR/<dataset-name>/instances.json,
-             DIR/images/mscoco/images/train2014/   (the REFER API's and LAVT's layout)
-  grefcoco   DIR/grefcoco/grefs(unc).json, DIR/grefcoco/instances.json, DIR/images/train2014/
-  labelstudio DIR/tasks.json
+{layout}
   Every run writes DIR/export_summary.json: what was exported and what was skipped, and why.
 
 images:
@@ -37,6 +35,7 @@ images:
 examples:
   groundlabel export project.json --format coco --out data/coco --images-root ~/photos
   groundlabel export --project 3 --url http://localhost:8080 --format refcoco --out data/ref
+  groundlabel export project.json --format yolo-seg --out data/yolo --split-fractions 0.9,0.1
   groundlabel export data/coco/instances.json --format labelstudio --out data/import \\
       --image-prefix /data/local-files/?d=photos/
 """
@@ -46,16 +45,18 @@ def register(subparsers: Any) -> None:
     """Add the ``export`` verb."""
     p = subparsers.add_parser(
         "export",
-        help="export Label Studio annotations as COCO, RefCOCO or gRefCOCO",
+        help="export Label Studio annotations as COCO, RefCOCO, gRefCOCO or YOLO",
         description="Export Label Studio annotations (a JSON export file or a project) as a COCO, "
-        "RefCOCO or gRefCOCO dataset, or turn a COCO file into Label Studio import JSON.",
-        epilog=_EPILOG,
+        "RefCOCO, gRefCOCO or Ultralytics YOLO dataset, or turn a COCO file into Label Studio import JSON.",
+        epilog=_EPILOG.format(layout=layout_help()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "input", nargs="?", help="Label Studio JSON export (or COCO json for --format labelstudio)"
     )
-    p.add_argument("--format", "-f", choices=FORMATS, default="coco", help="output format (default: coco)")
+    p.add_argument(
+        "--format", "-f", choices=exporter_names(), default="coco", help="output format (default: coco)"
+    )
     p.add_argument("--out", "-o", required=True, help="output folder")
     src = p.add_argument_group("reading a project through the API")
     src.add_argument("--project", type=int, help="Label Studio project id (instead of INPUT)")
@@ -102,7 +103,7 @@ def register(subparsers: Any) -> None:
         help="comma-separated hosts (host, host:port, *.domain, *) that image downloads may be redirected "
         "to, besides Label Studio; a private address only when listed by name [GROUNDLABEL_ALLOWED_HOSTS]",
     )
-    coco = p.add_argument_group("coco")
+    coco = p.add_argument_group("coco (and the polygons of refcoco, grefcoco, yolo-seg)")
     coco.add_argument(
         "--brush-format",
         choices=("rle", "polygon"),
@@ -115,7 +116,7 @@ def register(subparsers: Any) -> None:
         default=0.0,
         help="simplify polygons made from brush masks by this many pixels (default 0: exact)",
     )
-    ref = p.add_argument_group("refcoco / grefcoco")
+    ref = p.add_argument_group("refcoco / grefcoco (splits: also yolo)")
     ref.add_argument("--dataset-name", help="folder name of the dataset (default: refcoco / grefcoco)")
     ref.add_argument(
         "--splits",
@@ -123,7 +124,10 @@ def register(subparsers: Any) -> None:
         default="unc",
         help="unc: train/val/testA/testB (default); umd: train/val/test",
     )
-    ref.add_argument("--split-fractions", help="comma-separated fractions, e.g. 0.8,0.1,0.05,0.05")
+    ref.add_argument(
+        "--split-fractions",
+        help="comma-separated fractions, e.g. 0.8,0.1,0.05,0.05; yolo: train,val (default 0.8,0.2)",
+    )
     ref.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     ref.add_argument(
         "--text-from",
@@ -152,34 +156,50 @@ def _fractions(text: str | None) -> list[float] | None:
         raise UserError(f"--split-fractions must be comma-separated numbers, got {text!r}") from exc
 
 
+def options_from_args(args: argparse.Namespace, config: str | None, resolver: Any = None) -> ExportOptions:
+    """The command line's options as one :class:`ExportOptions`."""
+    return ExportOptions(
+        label_config=config,
+        annotations=args.annotations,
+        include_predictions=args.include_predictions,
+        image_key=args.image_key,
+        text_from=args.text_from,
+        expression_key=args.expression_key,
+        images=args.images,
+        resolver=resolver,
+        brush_format=args.brush_format,
+        polygon_tolerance=args.polygon_tolerance,
+        dataset_name=args.dataset_name or None,
+        split_by=args.splits,
+        fractions=_fractions(args.split_fractions),
+        seed=args.seed,
+        image_prefix=args.image_prefix,
+        as_predictions=not args.as_annotations,
+        model_version=args.model_version,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+
+
+def _read_config(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read --label-config {path}: {exc}") from exc
+
+
 def run_export(args: argparse.Namespace) -> int:
-    """Handler of ``groundlabel export``."""
-    import json
-
+    """Handler of ``groundlabel export``: the format's exporter (:func:`exporters.registry.get_exporter`)
+    on the export file or the project's tasks."""
     out = Path(args.out)
-    if args.format == "labelstudio":
-        from exporters.coco import coco_to_labelstudio
-
+    exporter = get_exporter(args.format)
+    if exporter.reads == "coco":
         if not args.input:
-            raise UserError("--format labelstudio needs a COCO instances.json as INPUT")
-        config = Path(args.label_config).read_text() if args.label_config else None
-        tasks = coco_to_labelstudio(
-            args.input,
-            label_config=config,
-            image_key=args.image_key,
-            image_prefix=args.image_prefix,
-            as_predictions=not args.as_annotations,
-            model_version=args.model_version,
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tasks.json").write_text(json.dumps(tasks) + "\n", encoding="utf-8")
-        key = "annotations" if args.as_annotations else "predictions"
-        regions = sum(len(item["result"]) for t in tasks for item in t[key])
-        print(f"wrote {len(tasks)} tasks with {regions} regions to {out / 'tasks.json'}")
+            raise UserError(f"--format {exporter.name} needs a COCO instances.json as INPUT")
+        print(exporter.load()(args.input, out, options_from_args(args, _read_config(args.label_config))))
         return 0
 
-    from exporters import coco as coco_mod
-    from exporters import refcoco as ref_mod
     from exporters.images import ImageResolver
     from exporters.labelstudio import (
         fetch_project,
@@ -196,12 +216,7 @@ def run_export(args: argparse.Namespace) -> int:
     args.api_key = args.api_key or fetch.api_key
     if args.allowed_hosts is None:
         args.allowed_hosts = ",".join(fetch.allowed_hosts)
-    config = None
-    if args.label_config:
-        try:
-            config = Path(args.label_config).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UserError(f"cannot read --label-config {args.label_config}: {exc}") from exc
+    config = _read_config(args.label_config)
     client = None
     if args.project is not None:
         tasks, project_config, client = fetch_project(args.project, url=args.url, api_key=args.api_key)
@@ -224,32 +239,7 @@ def run_export(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         allowed_hosts=args.allowed_hosts or "",
     )
-    progress = not args.quiet and sys.stderr.isatty()
-    common = dict(
-        label_config=config,
-        annotations=args.annotations,
-        include_predictions=args.include_predictions,
-        images=args.images,
-        resolver=resolver,
-        image_key=args.image_key,
-        progress=progress,
-        polygon_tolerance=args.polygon_tolerance,
-    )
-    if args.format == "coco":
-        summary = coco_mod.export_coco(tasks, out, brush_format=args.brush_format, **common)
-    else:
-        fn = ref_mod.export_refcoco if args.format == "refcoco" else ref_mod.export_grefcoco
-        summary = fn(
-            tasks,
-            out,
-            dataset_name=args.dataset_name or args.format,
-            split_by=args.splits,
-            fractions=_fractions(args.split_fractions),
-            seed=args.seed,
-            text_from=args.text_from,
-            expression_key=args.expression_key,
-            **common,
-        )
+    summary = exporter.load()(tasks, out, options_from_args(args, config, resolver))
     print(summary.format_text())
     print(f"summary written to {out / 'export_summary.json'}")
     return 0

@@ -10,12 +10,9 @@ segmentation's mask, except that a rectangle keeps the exact box the annotator d
 from __future__ import annotations
 
 import datetime
-import functools
-import gc
 import json
 import math
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,49 +21,10 @@ from groundlabel.ls_format import brush_rle_encode, make_result, pixels_to_perce
 from groundlabel.spec import LabelingSpec
 
 from . import geometry
-from .images import IMAGE_MODES, ImageNotFound, ImageResolver, image_file_name
-from .labelstudio import ImageRecord, Region, categories_for, read_tasks, spec_from_config
+from .labelstudio import ImageRecord, Region, spec_from_config
+from .registry import ExportOptions, export_options
+from .steps import finish, read_and_place, without_gc, write_json
 from .summary import ExportSummary
-
-
-def place_images(
-    records: list[ImageRecord],
-    resolver: ImageResolver,
-    images_dir: Path,
-    mode: str,
-    summary: ExportSummary,
-    *,
-    progress: bool = False,
-) -> tuple[list[ImageRecord], dict[int, str]]:
-    """Give each image a unique file name and copy/link it into ``images_dir``.
-
-    Returns the records whose image could be placed and ``{image_id: file_name}``. With ``none``
-    nothing is read or written and every record is kept.
-    """
-    if mode not in IMAGE_MODES:
-        raise UserError(f"--images must be one of {', '.join(IMAGE_MODES)}, got {mode!r}")
-    from tqdm import tqdm
-
-    names: dict[int, str] = {}
-    taken: dict[str, str] = {}  # file name -> image reference
-    failed: set[int] = set()
-    for rec in tqdm(records, desc="images", unit="img", disable=not progress or mode == "none"):
-        if rec.image_id in names or rec.image_id in failed:
-            continue
-        name = image_file_name(rec.image_ref)
-        if taken.get(name, rec.image_ref) != rec.image_ref:
-            name = f"{rec.image_id}_{name}"
-        if mode != "none" and name not in taken:
-            try:
-                resolver.place(rec.image_ref, images_dir / name, mode)
-            except ImageNotFound as exc:
-                summary.skip("image not found", f"task {rec.task_id or rec.image_id}", str(exc))
-                failed.add(rec.image_id)
-                continue
-            summary.count(f"images {'copied' if mode == 'copy' else 'linked'}")
-        taken[name] = rec.image_ref
-        names[rec.image_id] = name
-    return [r for r in records if r.image_id not in failed], names
 
 
 def _ls_meta(rec: ImageRecord, region: Region) -> dict[str, Any]:
@@ -161,197 +119,39 @@ def build_coco(
     return coco, ann_ids
 
 
-#: A number that ``json.dumps`` writes otherwise: below 1e-4 ``json`` writes ``1e-05``, orjson
-#: ``0.00001`` or ``1e-5``.
-_SMALL_NUMBER = re.compile(rb"[:,\[]-?(?:0\.0000|\d[\d.]*e-)")
-
-
-def _unlike_json(raw: bytes) -> bool:
-    """Whether orjson's text ``raw`` may differ from ``json.dumps``'s: a top-level scalar, ``null``
-    (orjson also writes it for NaN and infinities, ``json`` writes ``NaN``, ``Infinity``) or a number
-    below 1e-4. A match inside a string only sends the document the slow way."""
-    if raw[:1] not in (b"{", b"[") or b"null" in raw:
-        return True
-    for needle in (b"e-", b"0.0000"):
-        i = raw.find(needle)
-        while i >= 0:
-            if _SMALL_NUMBER.search(raw, max(0, i - 32), i + len(needle)):
-                return True
-            i = raw.find(needle, i + 1)
-    return False
-
-
-_NOT_ASCII = re.compile("[\x7f-\U0010ffff]")
-
-
-def _json_escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    code -= 0x10000
-    return f"\\u{0xD800 | (code >> 10):04x}\\u{0xDC00 | (code & 0x3FF):04x}"
-
-
-def _orjson_default(value: Any) -> Any:
-    raise TypeError(f"{type(value).__name__} is left to the json module")
-
-
-def dumps_compact(data: Any) -> str:
-    """``json.dumps(data, separators=(",", ":"))``, the same text, written by orjson (10x faster on
-    COCO polygons) when the document holds nothing that orjson writes differently; anything else
-    (subclasses, dataclasses, dates, non-string keys, integers beyond 64 bits, numbers below 1e-4,
-    ``null``/NaN) goes to ``json.dumps``. Non-ASCII characters are escaped as ``json`` escapes them."""
-    try:
-        import orjson
-    except ImportError:  # pragma: no cover - orjson comes with the export extra
-        orjson = None
-    if orjson is not None:
-        passthrough = orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS
-        try:
-            raw = orjson.dumps(
-                data, default=_orjson_default, option=passthrough | orjson.OPT_PASSTHROUGH_DATETIME
-            )
-        except TypeError:
-            raw = None
-        if raw is not None and not _unlike_json(raw):
-            text = raw.decode("utf-8")
-            return text if text.isascii() and "\x7f" not in text else _NOT_ASCII.sub(_json_escape, text)
-    return json.dumps(data, separators=(",", ":"))
-
-
-def write_json(data: Any, path: Path) -> None:
-    """Write JSON compactly (large datasets) with a trailing newline: :func:`dumps_compact`'s text."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = dumps_compact(data)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.write("\n")
-
-
-def prepare(
-    tasks: Sequence[dict[str, Any]],
-    summary: ExportSummary,
-    *,
-    label_config: str | LabelingSpec | None,
-    annotations: str,
-    include_predictions: bool,
-    image_key: str | None,
-    text_from: str | None = None,
-    expression_key: str | None = None,
-    resolver: ImageResolver,
-    progress: bool,
-) -> tuple[LabelingSpec | None, list[ImageRecord], list[str]]:
-    """Parse the label config and read the tasks: ``(spec, records, categories)``."""
-    spec = label_config if isinstance(label_config, LabelingSpec) else spec_from_config(label_config)
-    records = read_tasks(
-        tasks,
-        summary=summary,
-        spec=spec,
-        annotations=annotations,
-        include_predictions=include_predictions,
-        image_key=image_key,
-        text_from=text_from,
-        expression_key=expression_key,
-        resolver=resolver,
-        progress=progress,
-    )
-    categories = categories_for(records, spec)
-    summary.note(
-        "categories in label-config order"
-        if spec is not None
-        else "categories sorted by name (no label config)"
-    )
-    return spec, records, categories
-
-
-def read_and_place(
-    tasks: Sequence[dict[str, Any]],
-    summary: ExportSummary,
-    resolver: ImageResolver | None,
-    images_dir: Path,
-    images: str,
-    **read_options: Any,
-) -> tuple[list[ImageRecord], list[str], dict[int, str]]:
-    """:func:`prepare` (``read_options`` are its keywords) then :func:`place_images`, closing the
-    resolver: ``(records whose image was placed, categories, {image_id: file_name})``."""
-    resolver = resolver or ImageResolver()
-    try:
-        _, records, categories = prepare(tasks, summary, resolver=resolver, **read_options)
-        records, names = place_images(
-            records, resolver, images_dir, images, summary, progress=read_options["progress"]
-        )
-    finally:
-        resolver.close()
-    return records, categories, names
-
-
-def finish(summary: ExportSummary, coco: dict[str, Any], out: Path) -> ExportSummary:
-    """Count the dataset's images, annotations and categories and write the summary into ``out``."""
-    for key in ("images", "annotations", "categories"):
-        summary.count(key, len(coco[key]))
-    summary.write(out)
-    return summary
-
-
-def without_gc(fn: Callable[..., ExportSummary]) -> Callable[..., ExportSummary]:
-    """Run an export with the cyclic garbage collector paused: building millions of small lists and
-    dicts next to the loaded export (which every full collection walks) otherwise spends a third of
-    the time in collections that find nothing. Reference counting still frees everything; the
-    collector runs again afterwards."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> ExportSummary:
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if enabled:
-                gc.enable()
-
-    return run
-
-
 @without_gc
 def export_coco(
     tasks: Sequence[dict[str, Any]],
     out_dir: str | Path,
-    *,
-    label_config: str | LabelingSpec | None = None,
-    annotations: str = "latest",
-    include_predictions: bool = False,
-    images: str = "copy",
-    resolver: ImageResolver | None = None,
-    image_key: str | None = None,
-    brush_format: str = "rle",
-    polygon_tolerance: float = 0.0,
-    progress: bool = False,
+    options: ExportOptions | None = None,
+    **changes: Any,
 ) -> ExportSummary:
     """Write ``<out_dir>/instances.json`` (COCO instances) and the images into ``<out_dir>/images``.
 
-    ``tasks`` is Label Studio's JSON export (a list of tasks). Returns the summary (also written to
-    ``<out_dir>/export_summary.json``).
+    ``tasks`` is Label Studio's JSON export (a list of tasks); ``options`` and ``changes`` (its field
+    names: ``label_config=``, ``images="none"``, ``brush_format="polygon"``...) say what to export. Returns
+    the summary (also written to ``<out_dir>/export_summary.json``).
     """
+    options = export_options(options, changes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary("coco")
-    records, categories, names = read_and_place(
-        tasks,
-        summary,
-        resolver,
-        out / "images",
-        images,
-        label_config=label_config,
-        annotations=annotations,
-        include_predictions=include_predictions,
-        image_key=image_key,
-        progress=progress,
-    )
+    records, categories, names = read_and_place(tasks, summary, options, out / "images")
     coco, _ = build_coco(
-        records, categories, names, summary, brush_format=brush_format, polygon_tolerance=polygon_tolerance
+        records,
+        categories,
+        names,
+        summary,
+        brush_format=options.brush_format,
+        polygon_tolerance=options.polygon_tolerance,
     )
     write_json(coco, out / "instances.json")
-    return finish(summary, coco, out)
+    return finish_coco(summary, coco, out)
+
+
+def finish_coco(summary: ExportSummary, coco: dict[str, Any], out: Path) -> ExportSummary:
+    """:func:`~exporters.steps.finish` with the COCO dict's images, annotations and categories."""
+    return finish(summary, out, **{key: len(coco[key]) for key in ("images", "annotations", "categories")})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -479,3 +279,22 @@ def coco_to_labelstudio(
                 item["score"] = round(sum(scores) / len(scores), 4)
         tasks.append({"data": {key: ref}, ("predictions" if as_predictions else "annotations"): [item]})
     return tasks
+
+
+def write_labelstudio(source: str | Path, out_dir: str | Path, options: ExportOptions) -> str:
+    """``--format labelstudio``: :func:`coco_to_labelstudio` of the COCO file ``source`` written to
+    ``<out_dir>/tasks.json``; returns the line to print."""
+    tasks = coco_to_labelstudio(
+        source,
+        label_config=options.label_config,
+        image_key=options.image_key,
+        image_prefix=options.image_prefix,
+        as_predictions=options.as_predictions,
+        model_version=options.model_version,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tasks.json").write_text(json.dumps(tasks) + "\n", encoding="utf-8")
+    key = "predictions" if options.as_predictions else "annotations"
+    regions = sum(len(item["result"]) for t in tasks for item in t[key])
+    return f"wrote {len(tasks)} tasks with {regions} regions to {out / 'tasks.json'}"

@@ -20,7 +20,6 @@ when the project grows. Fractions are therefore approximate on small datasets.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -29,21 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from groundlabel.errors import UserError
-from groundlabel.spec import LabelingSpec
 
-from .coco import build_coco, finish, read_and_place, without_gc, write_json
-from .images import ImageResolver
+from .coco import build_coco, finish_coco
 from .labelstudio import ImageRecord
+from .registry import ExportOptions, export_options
+from .steps import SPLIT_SCHEMES, assign_splits, read_and_place, without_gc, write_json
 from .summary import ExportSummary
-
-SPLIT_SCHEMES: dict[str, tuple[str, ...]] = {
-    "unc": ("train", "val", "testA", "testB"),
-    "umd": ("train", "val", "test"),
-}
-DEFAULT_FRACTIONS: dict[str, tuple[float, ...]] = {
-    "unc": (0.8, 0.1, 0.05, 0.05),
-    "umd": (0.8, 0.1, 0.1),
-}
 
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 
@@ -51,31 +41,6 @@ _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 def tokenize(text: str) -> list[str]:
     """Lower-case word tokens: runs of letters/digits (underscore excluded), inner apostrophes kept."""
     return _WORD.findall(text.lower())
-
-
-def assign_splits(
-    keys: Sequence[str], scheme: str = "unc", fractions: Sequence[float] | None = None, seed: int = 0
-) -> dict[str, str]:
-    """``{key: split}``: each key's split chosen by a seeded hash against the cumulative fractions."""
-    if scheme not in SPLIT_SCHEMES:
-        raise UserError(f"--splits must be one of {', '.join(SPLIT_SCHEMES)}, got {scheme!r}")
-    names = SPLIT_SCHEMES[scheme]
-    fracs = tuple(fractions) if fractions is not None else DEFAULT_FRACTIONS[scheme]
-    if len(fracs) != len(names):
-        raise UserError(f"--split-fractions for {scheme} needs {len(names)} numbers ({', '.join(names)})")
-    if any(f < 0 for f in fracs) or sum(fracs) <= 0:
-        raise UserError(f"split fractions must be non-negative with a positive sum, got {list(fracs)}")
-    total = sum(fracs)
-    bounds, acc = [], 0.0
-    for f in fracs:
-        acc += f / total
-        bounds.append(acc)
-    out = {}
-    for key in keys:
-        digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
-        u = int.from_bytes(digest[:8], "big") / 2**64
-        out[key] = next((n for n, b in zip(names, bounds, strict=True) if u < b), names[-1])
-    return out
 
 
 def _sentences(lines: Sequence[str], next_id: list[int], summary: ExportSummary, where: str) -> list[dict]:
@@ -207,22 +172,12 @@ def _refs_exporter(generalized: bool, doc: str) -> Callable[..., ExportSummary]:
     def export(
         tasks: Sequence[dict[str, Any]],
         out_dir: str | Path,
-        *,
-        dataset_name: str = default_name,
-        split_by: str = "unc",
-        fractions: Sequence[float] | None = None,
-        seed: int = 0,
-        label_config: str | LabelingSpec | None = None,
-        annotations: str = "latest",
-        include_predictions: bool = False,
-        image_key: str | None = None,
-        text_from: str | None = None,
-        expression_key: str | None = None,
-        images: str = "copy",
-        resolver: ImageResolver | None = None,
-        polygon_tolerance: float = 0.0,
-        progress: bool = False,
+        options: ExportOptions | None = None,
+        **changes: Any,
     ) -> ExportSummary:
+        options = export_options(options, changes)
+        split_by = options.split_by
+        dataset_name = default_name if options.dataset_name is None else options.dataset_name
         if split_by not in SPLIT_SCHEMES:
             raise UserError(f"--splits must be one of {', '.join(SPLIT_SCHEMES)}, got {split_by!r}")
         if not dataset_name or "/" in dataset_name or dataset_name in (".", ".."):
@@ -235,27 +190,14 @@ def _refs_exporter(generalized: bool, doc: str) -> Callable[..., ExportSummary]:
             if generalized
             else out / "images" / "mscoco" / "images" / "train2014"
         )
-        records, categories, names = read_and_place(
-            tasks,
-            summary,
-            resolver,
-            image_dir,
-            images,
-            label_config=label_config,
-            annotations=annotations,
-            include_predictions=include_predictions,
-            image_key=image_key,
-            text_from=text_from,
-            expression_key=expression_key,
-            progress=progress,
-        )
+        records, categories, names = read_and_place(tasks, summary, options, image_dir, texts=True)
         coco, ann_ids = build_coco(
             records,
             categories,
             names,
             summary,
             brush_format="polygon",
-            polygon_tolerance=polygon_tolerance,
+            polygon_tolerance=options.polygon_tolerance,
             description=f"{dataset_name} exported by groundlabel",
         )
         refs = build_refs(
@@ -265,8 +207,8 @@ def _refs_exporter(generalized: bool, doc: str) -> Callable[..., ExportSummary]:
             summary,
             generalized=generalized,
             split_by=split_by,
-            fractions=fractions,
-            seed=seed,
+            fractions=options.fractions,
+            seed=options.seed,
         )
         data_dir = out / dataset_name
         write_json(coco, data_dir / "instances.json")
@@ -275,7 +217,7 @@ def _refs_exporter(generalized: bool, doc: str) -> Callable[..., ExportSummary]:
         else:
             with open(data_dir / f"refs({split_by}).p", "wb") as fh:
                 pickle.dump(refs, fh, protocol=2)
-        return finish(summary, coco, out)
+        return finish_coco(summary, coco, out)
 
     name = f"export_{default_name}"
     export.__name__, export.__qualname__, export.__doc__ = name, name, doc
@@ -286,6 +228,7 @@ export_refcoco = _refs_exporter(
     False,
     """Write a RefCOCO dataset: ``<out>/<dataset_name>/refs(<split_by>).p`` (pickle protocol 2),
     ``<out>/<dataset_name>/instances.json`` (polygons) and ``<out>/images/mscoco/images/train2014/``.
+    ``options`` and ``changes`` (:class:`~exporters.registry.ExportOptions` fields) say what to export.
     """,
 )
 
@@ -293,6 +236,7 @@ export_grefcoco = _refs_exporter(
     True,
     """Write a gRefCOCO dataset: ``<out>/<dataset_name>/grefs(<split_by>).json``,
     ``<out>/<dataset_name>/instances.json`` and ``<out>/images/train2014/``; multi-target refs have
-    ``ann_id`` lists, no-target refs ``ann_id: [-1]`` and ``category_id: [-1]``.
+    ``ann_id`` lists, no-target refs ``ann_id: [-1]`` and ``category_id: [-1]``. ``options`` and
+    ``changes`` (:class:`~exporters.registry.ExportOptions` fields) say what to export.
     """,
 )

@@ -336,7 +336,7 @@ def _random_json(rng, depth=0):
 
 def test_dumps_compact_is_json_dumps():
     """instances.json's writer (orjson where it writes the same text) gives json.dumps' text exactly."""
-    from exporters.coco import dumps_compact
+    from exporters.steps import dumps_compact
 
     rng = np.random.default_rng(3)
     docs = [_random_json(rng) for _ in range(4000)]
