@@ -15,9 +15,7 @@ in :mod:`labeling_backend.guard`. ``/predict`` waits for its jobs on the event l
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -27,56 +25,16 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from groundlabel.errors import UserError
 from groundlabel.protocol import JobRunner
 from groundlabel.redaction import install_log_redaction
 from groundlabel.settings import Settings
-from groundlabel.spec import LabelingSpec, parse_label_config
+from groundlabel.spec import LabelingSpec, read_spec
 from labeling_backend.metrics import Metrics
 from labeling_backend.training import Training
 
 log = logging.getLogger("groundlabel.backend")
 
 MODEL_CLASS = "GroundLabel"
-
-
-#: Numeric control options and the range each must lie in (``None``: unbounded).
-NUMERIC_OPTIONS: dict[str, tuple[float | None, float | None]] = {
-    "model_score_threshold": (0.0, 1.0),
-    "polygon_tolerance": (0.0, None),
-    "min_region_area": (0.0, None),
-    "min_hole_area": (0.0, None),
-    "point_width": (0.0, 100.0),
-}
-
-
-def check_options(spec: LabelingSpec) -> None:
-    """Refuse a control option that is not a finite number in its range, naming control and option."""
-    for control in spec.controls:
-        for key, (low, high) in NUMERIC_OPTIONS.items():
-            if key not in control.options:
-                continue
-            value = control.option_float(key, 0.0)
-            outside = (low is not None and value < low) or (high is not None and value > high)
-            if not math.isfinite(value) or outside:
-                bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-                raw = control.options[key]
-                raise UserError(f"control {control.name!r}: {key}={raw!r} must lie in {bounds}")
-
-
-@functools.lru_cache(maxsize=64)
-def parse_spec(xml: str, default_threshold: float | None = None) -> LabelingSpec:
-    """A label config's spec, parsed and checked once per distinct config.
-
-    ``default_threshold`` (``GROUNDLABEL_DEFAULT_THRESHOLD``) becomes the ``model_score_threshold`` of
-    every control that sets none, so it travels in the spec (and keys the cache and the model version).
-    """
-    spec = parse_label_config(xml)
-    check_options(spec)
-    if default_threshold is not None:
-        for control in spec.controls:
-            control.options.setdefault("model_score_threshold", repr(float(default_threshold)))
-    return spec
 
 
 class BackendState:
@@ -102,13 +60,13 @@ class BackendState:
         self._spec_lock = threading.Lock()
 
     def spec(self, xml: str) -> LabelingSpec:
-        """The checked spec of a label config, with the configured default threshold.
+        """The checked spec of a label config with the settings' defaults (``groundlabel.spec.read_spec``).
 
         One thread parses at a time: many requests arriving with a new config wait for one parse instead
         of parsing it side by side (the parse is CPU-bound and would starve the event loop of the GIL).
         """
         with self._spec_lock:
-            return parse_spec(xml, self.settings.backend.default_threshold)
+            return read_spec(xml, self.settings)
 
     def close(self) -> None:
         """Close the runner and the health pool."""

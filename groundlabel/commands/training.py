@@ -60,7 +60,7 @@ def export_project(
     from exporters.images import ImageResolver
     from exporters.labelstudio import fetch_project
     from exporters.refcoco import export_refcoco
-    from groundlabel.spec import parse_label_config
+    from groundlabel.spec import read_spec
 
     fetch = settings.fetch
     url = fetch.token_url(label_studio_url) if fetch.api_key else None  # never a host a request chose
@@ -85,7 +85,7 @@ def export_project(
             allowed_hosts=fetch.allowed_hosts,
         )
 
-    spec = parse_label_config(label_config) if label_config else None
+    spec = read_spec(label_config, settings) if label_config else None
     if spec is None or spec.text_name:  # a TextArea: the expressions train LAVT, if there are any
         summary = export_refcoco(
             tasks,

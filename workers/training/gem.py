@@ -64,9 +64,9 @@ class HeldOut:
 def mask_classes(label_config: str | None) -> list[tuple[str, ...]]:
     """GEM's classes of a label config: each brush or polygon label with its prompts (synonyms), in
     config order; :class:`UserError` when there is none."""
-    from groundlabel.spec import parse_label_config
+    from groundlabel.spec import read_spec
 
-    spec = parse_label_config(label_config or "")
+    spec = read_spec(label_config or "")
     seen: dict[str, tuple[str, ...]] = {}
     for control in spec.controls:
         if control.type in MASK_CONTROLS:
