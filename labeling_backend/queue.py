@@ -29,6 +29,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
 
 from groundlabel.protocol import (
     JOB_FUNCTION,
@@ -320,7 +321,11 @@ class RedisJobQueue:
             raise self._unavailable(exc) from exc
 
     def reap_abandoned(self) -> None:
-        """Re-queue or fail jobs whose worker stopped renewing their lease (at most once a second)."""
+        """Re-queue or fail jobs whose worker stopped renewing their lease (at most once a second).
+
+        Runs on a worker thread of the backend: the jobs' failure callbacks are timed with a timer thread
+        (:class:`~rq.timeouts.TimerDeathPenalty`), not RQ's default ``SIGALRM``, which only the main
+        thread may set."""
         try:
             if not self.connection.set(CLEANUP_LOCK, "1", nx=True, px=1000):
                 return
@@ -330,6 +335,7 @@ class RedisJobQueue:
                     connection=self.connection,
                     serializer=JSONSerializer,
                     job_class=queue.job_class,
+                    death_penalty_class=TimerDeathPenalty,
                 ).cleanup()
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc

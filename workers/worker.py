@@ -17,6 +17,12 @@ functions of :mod:`groundlabel.protocol` (its ``*_FUNCTION`` constants), with ca
 kernel's queue modules only (:data:`CALLBACK_MODULES`). Any other job is marked failed ("refused: ...")
 without being run nor retried, so that write access to Redis is not a way to run code on the workers.
 
+**No child process.** RQ forks its scheduler (which moves retries with an interval back onto their queue)
+into a child that outlives a SIGKILLed worker and keeps the scheduler lock. Here the scheduler is a thread
+of the worker (:func:`_scheduler_class`): it dies with its worker, and its locks live
+:data:`SCHEDULER_LOCK_TTL` seconds, renewed every second, so every worker's scheduler thread tries them
+each second and one of the live workers takes the scheduler over within that time.
+
 **Two round trips a job.** Past the blocking pop and the read of the job, RQ's worker spends about a
 dozen Redis round trips on a job's bookkeeping (heartbeats, the execution record, the started and
 finished registries, the result stream, counters), each a wake-up of Redis and of the worker. This one
@@ -80,7 +86,7 @@ _WORKERS: weakref.WeakSet = weakref.WeakSet()
 
 
 def _close_inherited() -> None:
-    """In a forked child (RQ's scheduler, a data loader): close the Redis sockets inherited from the
+    """In a forked child (a training job's data loader): close the Redis sockets inherited from the
     worker. Otherwise, after the worker is killed while it waits in its blocking dequeue, the child keeps
     that connection open and Redis hands the next job to it, where nobody reads it: the job is lost."""
     for worker in list(_WORKERS):
@@ -100,6 +106,87 @@ def _close_inherited() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited)
+
+
+#: Seconds a scheduler lock outlives its last renewal: a killed worker's scheduler is replaced within it.
+SCHEDULER_LOCK_TTL = 10
+
+
+def _scheduler_class() -> type:
+    from rq.scheduler import RQScheduler
+    from rq.scripts import acquire_or_refresh_lock
+    from rq.utils import now, utcformat
+
+    class ThreadScheduler(RQScheduler):
+        """RQ's scheduler on a daemon thread of the worker instead of a forked child.
+
+        Every ``interval`` seconds it takes or renews the scheduler lock of each of its queues (held
+        :data:`SCHEDULER_LOCK_TTL` seconds) and moves the due jobs of the queues it holds onto them. It
+        runs whether it holds a lock or not, so when the worker holding them is killed, another live
+        worker's scheduler takes them over as soon as they expire, busy or not.
+        """
+
+        lock_ttl = SCHEDULER_LOCK_TTL
+
+        def acquire_locks(self, auto_start: bool = False) -> set[str]:
+            held = {name for name in self._queue_names if self._hold(name)}
+            if held - self._acquired_locks:
+                log.info("scheduler %s took the scheduler of %s", self.name, ", ".join(sorted(held)))
+            if held != self._acquired_locks:
+                self._scheduled_job_registries = []
+            self._acquired_locks = held
+            self.lock_acquisition_time = now()
+            if held and auto_start and not (self._process and self._process.is_alive()):
+                self.start()
+            return held
+
+        def _hold(self, queue: str) -> bool:
+            """Take or renew the scheduler lock of ``queue``; whether this scheduler holds it now."""
+            key = self.get_locking_key(queue)
+            return acquire_or_refresh_lock(self.connection, key, self.name, self.lock_ttl) != "taken"
+
+        def heartbeat(self) -> None:
+            self.last_heartbeat = now()
+            with self.connection.pipeline() as pipe:
+                pipe.hset(self.key, "last_heartbeat", utcformat(self.last_heartbeat))
+                pipe.expire(self.key, self.lock_ttl)
+                pipe.execute()
+
+        def save(self, pipeline: Any = None) -> None:
+            connection = pipeline if pipeline is not None else self.connection.pipeline()
+            connection.hset(self.key, mapping=self.to_dict())
+            connection.expire(self.key, self.lock_ttl)
+            if pipeline is None:
+                connection.execute()
+
+        def start(self) -> threading.Thread:
+            self._stop_requested = False
+            self._process = threading.Thread(target=self._run, name="scheduler", daemon=True)
+            self._process.start()
+            return self._process
+
+        def request_stop(self, signum: Any = None, frame: Any = None) -> None:
+            self._stop_requested = True
+
+        def _run(self) -> None:
+            registered = False
+            while not self._stop_requested:
+                try:
+                    if not registered:
+                        self.register_birth()
+                        registered = True
+                    self.acquire_locks()
+                    self.heartbeat()
+                    if self._acquired_locks:
+                        self.enqueue_scheduled_jobs()
+                except Exception as exc:  # Redis away: try again on the next tick
+                    log.warning("scheduler tick failed: %s", exc)
+                    registered = False
+                time.sleep(self.interval)
+            with contextlib.suppress(Exception):
+                self.stop()  # releases its locks at once, for a clean stop
+
+    return ThreadScheduler
 
 
 def _worker_class() -> type:
@@ -207,6 +294,40 @@ def _worker_class() -> type:
                 super().run_maintenance_tasks()
             except redis_down as exc:
                 log.warning("clean-up skipped: Redis is away (%s)", exc)
+
+        # -- the scheduler (a thread, never a child process) ------------------------------------------
+
+        def _start_scheduler(
+            self,
+            burst: bool = False,
+            logging_level: str | None = "INFO",
+            date_format: str = "",
+            log_format: str = "",
+        ) -> None:
+            scheduler_class = _scheduler_class()
+            self.scheduler = scheduler_class(
+                self.queues,
+                connection=self.connection,
+                logging_level=logging_level or "INFO",
+                serializer=self.serializer,
+                name=f"{self.name}-scheduler",
+            )
+            if not burst:
+                self.scheduler.start()
+                return
+            if self.scheduler.acquire_locks():  # burst: move what is due once, then let go
+                try:
+                    self.scheduler.enqueue_scheduled_jobs()
+                finally:
+                    self.scheduler.release_locks()
+
+        def stop_scheduler(self) -> None:
+            if self.scheduler is None:
+                return
+            self.scheduler.request_stop()
+            thread = self.scheduler._process
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(5)
 
         # -- the lease -------------------------------------------------------------------------------
 
