@@ -26,6 +26,8 @@ from groundlabel.ls_access import FetchSettings
 
 #: Words that mean "no pretrained weights" wherever a weight source is given.
 RANDOM_WEIGHTS = ("none", "random")
+#: ``GROUNDLABEL_GEM_CPU_KERNELS``: ``auto`` (timed once per machine) or the CPU path GEM's tower takes.
+GEM_CPU_KERNELS = ("auto", "packed", "onednn", "torch")
 
 
 def weights_source(text: str | None) -> str | None:
@@ -206,6 +208,14 @@ def hub_settings(env: Mapping[str, str] | None = None) -> HubSettings:
     )
 
 
+def cache_folder(env: Mapping[str, str] | None = None) -> Path:
+    """groundlabel's own cache folder (choices timed on this machine, tools installed on demand):
+    ``$XDG_CACHE_HOME/groundlabel``, else ``~/.cache/groundlabel``; read from ``env`` (default
+    ``os.environ``)."""
+    base = _Env(os.environ if env is None else env).text("XDG_CACHE_HOME")
+    return Path(base or "~/.cache").expanduser() / "groundlabel"
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """Which models a worker runs, with which options (each None: the engine's own default)."""
@@ -238,6 +248,8 @@ class EngineSettings:
     sam_cache_mb: int | None = None
     lavt_refine: str | None = None
     gem_pack_weights: bool = True  # CPU: keep oneDNN-packed copies of GEM's linear weights (faster, +memory)
+    gem_cpu_kernels: str = "auto"  # CPU: GEM's kernels, timed once per machine (auto) or one of them
+    cache_dir: str | None = None  # groundlabel's cache folder (the CPU kernel choice); None: not kept
     hub: HubSettings = field(default_factory=HubSettings)  # hub access for every engine's downloads
 
     def validate(self) -> None:
@@ -246,6 +258,13 @@ class EngineSettings:
 
         if self.engine not in CLASS_ENGINES:
             raise UserError(f"GROUNDLABEL_ENGINE={self.engine!r} must be one of {', '.join(CLASS_ENGINES)}")
+        if self.gem_cpu_kernels not in GEM_CPU_KERNELS:
+            choices = ", ".join(GEM_CPU_KERNELS)
+            raise UserError(f"GROUNDLABEL_GEM_CPU_KERNELS={self.gem_cpu_kernels!r} must be one of {choices}")
+        if self.gem_cpu_kernels == "packed" and not self.gem_pack_weights:
+            raise UserError(
+                "GROUNDLABEL_GEM_CPU_KERNELS=packed contradicts GROUNDLABEL_GEM_PACK_WEIGHTS=false"
+            )
         for name, value in (
             ("GROUNDLABEL_GEM_REFINE", self.gem_refine),
             ("GROUNDLABEL_LAVT_REFINE", self.lavt_refine),
@@ -309,6 +328,8 @@ class EngineSettings:
             ("batch_size", self.gem_batch),
             ("gem_depth", self.gem_depth),
             ("device", self.device),
+            ("cpu_kernels", self.gem_cpu_kernels),
+            ("kernel_cache", self.cache_dir),
         ):
             if value is not None:
                 options[key] = value
@@ -386,7 +407,8 @@ VARIABLES: tuple[str, ...] = (
     "GROUNDLABEL_GEM_MODEL", "GROUNDLABEL_GEM_MODEL_CONFIG", "GROUNDLABEL_GEM_PRETRAINED",
     "GROUNDLABEL_WEIGHTS_DIR", "GROUNDLABEL_GEM_IMAGE_SIZE", "GROUNDLABEL_GEM_METHOD",
     "GROUNDLABEL_GEM_REFINE", "GROUNDLABEL_GEM_TEMPLATES", "GROUNDLABEL_GEM_BATCH", "GROUNDLABEL_GEM_DEPTH",
-    "GROUNDLABEL_GEM_TEMPERATURE", "GROUNDLABEL_GEM_PACK_WEIGHTS", "GROUNDLABEL_DEVICE",
+    "GROUNDLABEL_GEM_TEMPERATURE", "GROUNDLABEL_GEM_PACK_WEIGHTS", "GROUNDLABEL_GEM_CPU_KERNELS",
+    "GROUNDLABEL_DEVICE",
     "GROUNDLABEL_LAVT_CHECKPOINT", "GROUNDLABEL_LAVT_VARIANT", "GROUNDLABEL_LAVT_TOKENIZER",
     "GROUNDLABEL_ENGINE", "GROUNDLABEL_SAM3_MODEL",
     "GROUNDLABEL_SAM3_BATCH", "GROUNDLABEL_SAM_MODEL", "GROUNDLABEL_SAM_FAMILY", "GROUNDLABEL_SAM_MIN_IOU",
@@ -456,6 +478,8 @@ def _engine_settings(e: _Env) -> EngineSettings:
         sam_cache_mb=e.number("GROUNDLABEL_SAM_CACHE_MB", None, int, minimum=0),
         lavt_refine=e.text("GROUNDLABEL_LAVT_REFINE"),
         gem_pack_weights=e.bool("GROUNDLABEL_GEM_PACK_WEIGHTS", True),
+        gem_cpu_kernels=(e.text("GROUNDLABEL_GEM_CPU_KERNELS") or "auto").lower(),
+        cache_dir=str(cache_folder(e.env)),
         hub=hub_settings(e.env),
     )
 

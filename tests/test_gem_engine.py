@@ -276,7 +276,10 @@ def test_workers_gem_engine_follows_the_pack_weights_setting(tiny_gem_env, value
     from workers import engines
     from workers.models.gem import kernels
 
-    engines.configure(Settings.from_env({**tiny_gem_env, "GROUNDLABEL_GEM_PACK_WEIGHTS": value}))
+    # packed weights are kept by the packed path, forced here (auto may take another on this machine)
+    path = "packed" if packing else "auto"
+    env = {**tiny_gem_env, "GROUNDLABEL_GEM_PACK_WEIGHTS": value, "GROUNDLABEL_GEM_CPU_KERNELS": path}
+    engines.configure(Settings.from_env(env))
     try:
         kernels.set_weight_packing(not packing)
         engine = engines.get_gem_engine()

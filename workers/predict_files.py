@@ -254,6 +254,8 @@ def build_engine(args: argparse.Namespace) -> Any:
         templates=args.templates,
         device=args.device,
         batch_size=max(1, args.batch_size),
+        cpu_kernels=engines.gem_cpu_kernels,
+        kernel_cache=engines.cache_dir,
     )
     return GemEngine(config)
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from groundlabel.errors import UserError
-from groundlabel.settings import HubSettings
+from groundlabel.settings import GEM_CPU_KERNELS, HubSettings
 
 METHODS = ("gem", "maskclip", "original", "clip_surgery", "sclip", "clearclip", "naclip", "clipself")
 REFINES = ("none", "pamr")
@@ -67,6 +67,8 @@ class GemConfig:
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
     pamr_scale: float = 0.25
     naclip_std: float = 5.0
+    cpu_kernels: str = "auto"  # CPU path of the tower: auto (timed once per machine), packed, onednn, torch
+    kernel_cache: str | None = None  # the folder keeping the timed choice; None: timed once per process
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,6 +145,10 @@ class GemConfig:
             raise UserError(f"GemConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.text_cache_size < 0:
             raise UserError(f"GemConfig.text_cache_size must be >= 0, got {self.text_cache_size}")
+        if self.cpu_kernels not in GEM_CPU_KERNELS:
+            raise UserError(
+                f"GemConfig.cpu_kernels must be one of {GEM_CPU_KERNELS}, got {self.cpu_kernels!r}"
+            )
 
     def model_version(self, weights_label: str) -> str:
         """``gem-<model>-<weights>`` plus a suffix for every non-default option: the name predictions carry
@@ -172,6 +178,8 @@ class GemConfig:
         """Plain JSON-compatible dict."""
         d = asdict(self)
         d.pop("hub")  # how the weights were reached, not what the model is (and it may hold a token)
+        d.pop("cpu_kernels")  # how this machine computes the same numbers
+        d.pop("kernel_cache")
         d["background_prompts"] = list(self.background_prompts)
         d["pamr_dilations"] = list(self.pamr_dilations)
         if isinstance(self.image_size, tuple):

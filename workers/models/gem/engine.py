@@ -18,6 +18,7 @@ from workers.models.device import autocast_context, resolve_device
 
 from ..inputs import check_images_and_prompts
 from .config import GemConfig
+from .kernel_choice import Choice, choose
 from .modules import GemVisionTower
 from .prompts import EmbeddingCache, expand_prompt, normalize_prompt, templates_for
 from .weights import load_clip
@@ -138,6 +139,7 @@ class GemEngine:
         self.model = clip_model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.tower = self._dense_tower()
+        self.kernel_choice = self._choose_cpu_kernels()
         self.model_version = cfg.model_version(weights_label)
         self._text_cache = EmbeddingCache(cfg.text_cache_size)
         self._lock = threading.RLock()  # one forward at a time; the text cache is shared
@@ -159,6 +161,16 @@ class GemEngine:
             return GemVisionTower(visual, cfg.gem_depth, cfg.ss_attn_iter, cfg.ss_attn_temp)
         except ValueError as exc:
             raise UserError(f"GEM cannot use model {cfg.model_name!r}: {exc}") from exc
+
+    def _choose_cpu_kernels(self) -> Choice | None:
+        """On the CPU, the path GEM's tower takes (:mod:`.kernel_choice`: forced, kept for this machine, or
+        timed now); None elsewhere."""
+        if self.device.type != "cpu" or not isinstance(self.tower, GemVisionTower):
+            return None
+        cfg = self.config
+        choice = choose(self.tower, cfg.cpu_kernels, cfg.kernel_cache, size=cfg.input_size)
+        self.tower.cpu_kernels = choice.path
+        return choice
 
     # ------------------------------------------------------------------- text
     @property

@@ -27,19 +27,38 @@ Every function is exact fp32 arithmetic, the same as the plain PyTorch path up t
 additions and the exponential's last bit (relative differences of order 1e-7). Anywhere else (CUDA, half
 precision, autograd, a build without oneDNN) they fall back to ``F.linear`` and
 ``F.scaled_dot_product_attention``.
+
+Which of these paths a CPU forward takes is one of :data:`PATHS`, set for a block of code with
+:func:`using` (the tower does it with its ``cpu_kernels``; :mod:`.kernel_choice` times them on a machine):
+``packed`` (oneDNN with packed weights, the default), ``onednn`` (oneDNN, the weights reordered on every
+call) or ``torch`` (plain PyTorch: ``F.linear``, ``scaled_dot_product_attention``, ``torch.softmax``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 
 from . import rowexp
 
-__all__ = ["attention", "linear", "onednn_usable", "self_self_attention_rows", "set_weight_packing"]
+__all__ = [
+    "PATHS",
+    "attention",
+    "available_paths",
+    "current_path",
+    "linear",
+    "onednn_usable",
+    "release_packed_weights",
+    "self_self_attention_rows",
+    "set_weight_packing",
+    "using",
+    "weight_packing",
+]
 
 
 def _find_linear_op():
@@ -58,6 +77,10 @@ _PACK_ROWS = 1024  # the row count oneDNN's weight layout is chosen for (any cou
 _packing = True
 _packed: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}  # id(weight) -> (weight, key, packed)
 
+#: The CPU paths, from the most specialised to plain PyTorch.
+PATHS = ("packed", "onednn", "torch")
+_path: ContextVar[str] = ContextVar("gem_cpu_path", default="packed")
+
 
 def set_weight_packing(enabled: bool) -> None:
     """Keep oneDNN-packed copies of the linear weights (the default) or not; ``False`` frees them."""
@@ -67,10 +90,50 @@ def set_weight_packing(enabled: bool) -> None:
         _packed.clear()
 
 
+def release_packed_weights() -> None:
+    """Frees the packed copies kept so far (packing stays as set; a later ``packed`` forward repacks)."""
+    _packed.clear()
+
+
+def weight_packing() -> bool:
+    """Whether packed copies of the weights may be kept (:func:`set_weight_packing`)."""
+    return _packing
+
+
+def available_paths() -> tuple[str, ...]:
+    """The :data:`PATHS` this build and :func:`set_weight_packing` allow, plain PyTorch always."""
+    if _LINEAR is None:
+        return ("torch",)
+    return PATHS if _packing and _REORDER is not None else ("onednn", "torch")
+
+
+def current_path() -> str:
+    """The path CPU forwards take here (:func:`using`; ``packed`` by default)."""
+    return _path.get()
+
+
+@contextlib.contextmanager
+def using(path: str | None) -> Iterator[None]:
+    """CPU forwards inside the block take ``path`` (one of :data:`PATHS`; ``None`` keeps the current one).
+    Per thread and task, like any context variable."""
+    if path is None:
+        yield
+        return
+    if path not in PATHS:
+        raise ValueError(f"unknown CPU kernel path {path!r}; expected one of {PATHS}")
+    token = _path.set(path)
+    try:
+        yield
+    finally:
+        _path.reset(token)
+
+
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` in oneDNN's layout, packed on first use and kept while the weight is unchanged; ``weight``
     itself when packing is off or does not apply (a view, a strided tensor, an inference tensor)."""
     if not _packing or _REORDER is None or weight._base is not None or not weight.is_contiguous():
+        return weight
+    if _path.get() != "packed":
         return weight
     if weight.is_inference():
         return weight
@@ -87,8 +150,9 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def onednn_usable(*tensors: torch.Tensor | None) -> bool:
-    """Whether the oneDNN kernels apply: fp32 CPU tensors and no gradient to record."""
-    if _LINEAR is None:
+    """Whether the oneDNN kernels apply: fp32 CPU tensors, no gradient to record, and a oneDNN path
+    (not ``torch``) in effect."""
+    if _LINEAR is None or _path.get() == "torch":
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

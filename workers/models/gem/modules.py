@@ -211,6 +211,9 @@ class GemVisionTower(nn.Module):
         self.gem_depth = int(gem_depth)
         self.ss_attn_iter = int(ss_attn_iter)
         self.ss_attn_temp = ss_attn_temp
+        #: The CPU path (:data:`kernels.PATHS`) that :meth:`forward` and :meth:`dense_features` take; None
+        #: keeps the caller's (``packed`` unless set with :func:`kernels.using`). The numbers are the same.
+        self.cpu_kernels: str | None = None
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -322,7 +325,8 @@ class GemVisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GEM's forward: ``(gem_tokens, original_tokens)``, each ``[B, 1 + gh*gw, D]`` after ln_post/proj."""
-        gem, ori = self._dual(pixels, self._gem_attention)
+        with kernels.using(self.cpu_kernels):
+            gem, ori = self._dual(pixels, self._gem_attention)
         assert ori is not None
         return gem, ori
 
@@ -398,6 +402,10 @@ class GemVisionTower(nn.Module):
         self, pixels: torch.Tensor, method: str = "gem", *, naclip_std: float = 5.0
     ) -> torch.Tensor:
         """Tokens ``[B, 1 + gh*gw, D]`` of the chosen method (class token first)."""
+        with kernels.using(self.cpu_kernels):
+            return self._dense_features(pixels, method, naclip_std)
+
+    def _dense_features(self, pixels: torch.Tensor, method: str, naclip_std: float) -> torch.Tensor:
         if method == "gem":
             return self._dual(pixels, self._gem_attention, original=False)[0]
         if method == "maskclip":

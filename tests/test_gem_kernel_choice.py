@@ -1,0 +1,304 @@
+"""GEM's CPU kernels chosen per machine: the choice from given timings, the cache, the setting, and the same
+numbers on every path. No test here depends on how fast anything runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
+
+from groundlabel.errors import UserError  # noqa: E402
+from groundlabel.settings import GEM_CPU_KERNELS, Settings, cache_folder  # noqa: E402
+from workers.models.cpu import CpuInfo, parse_cpuinfo  # noqa: E402
+from workers.models.gem import GemConfig, GemEngine, kernel_choice, kernels  # noqa: E402
+from workers.models.gem.kernel_choice import CACHE_FILE, choose, fastest, machine_key, time_paths  # noqa: E402
+from workers.models.gem.modules import DENSE_METHODS, GemVisionTower  # noqa: E402
+
+ONEDNN = torch.backends.mkldnn.is_available()
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this PyTorch build has no oneDNN")
+
+
+def tiny_clip(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=24,
+        vision_cfg=CLIPVisionCfg(layers=3, width=48, head_width=12, patch_size=8, image_size=32),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    return model.eval()
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    """Each test starts without the process's remembered choices, and packing on."""
+    kernel_choice._memo.clear()
+    yield
+    kernel_choice._memo.clear()
+    kernels.set_weight_packing(True)
+
+
+class Measure:
+    """A stand-in for the timing: given seconds per path, and how often it was asked."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.calls: list[tuple[str, ...]] = []
+
+    def __call__(self, paths):
+        self.calls.append(tuple(paths))
+        return {p: self.timings[p] for p in paths}
+
+
+# ----------------------------------------------------------------------------- the rule
+def test_fastest_takes_the_smallest_time_and_plain_torch_within_the_tolerance():
+    assert fastest({"packed": 0.5, "onednn": 0.6, "torch": 1.0}) == "packed"
+    assert fastest({"packed": 0.7, "onednn": 0.6, "torch": 1.0}) == "onednn"
+    assert fastest({"packed": 1.3, "onednn": 1.4, "torch": 1.0}) == "torch"  # the Intel case
+    # another path must beat torch by more than the tolerance (3 %): timing noise never picks a slower one
+    assert fastest({"packed": 0.98, "onednn": 1.2, "torch": 1.0}) == "torch"
+    assert fastest({"packed": 0.96, "onednn": 1.2, "torch": 1.0}) == "packed"
+    assert fastest({"packed": 0.9, "torch": 1.0}, tolerance=0.2) == "torch"
+    assert fastest({"packed": 0.5, "onednn": 0.5, "torch": 1.0}) == "packed"  # ties: the earlier path
+    assert fastest({"packed": 0.5, "onednn": 0.7}) == "packed"  # without torch's time
+    with pytest.raises(ValueError):
+        fastest({})
+
+
+def test_time_paths_alternates_the_paths_and_takes_medians():
+    """One warm-up per path, then rounds in rotating order; the clock is given, so are the times."""
+    seen: list[str] = []
+    durations = {
+        "packed": [9.0, 1.0, 5.0, 3.0],  # warm-up first
+        "onednn": [9.0, 2.0, 2.0, 8.0],
+        "torch": [9.0, 4.0, 4.0, 4.0],
+    }
+    now = [0.0]
+
+    def run():
+        path = kernels.current_path()
+        seen.append(path)
+        now[0] += durations[path].pop(0)
+
+    result = time_paths(run, kernels.PATHS, rounds=3, clock=lambda: now[0])
+    assert seen[:3] == ["packed", "onednn", "torch"]  # warm-ups, not timed
+    assert seen[3:] == ["packed", "onednn", "torch", "onednn", "torch", "packed", "torch", "packed", "onednn"]
+    assert result == {"packed": 3.0, "onednn": 2.0, "torch": 4.0}
+    assert kernels.current_path() == "packed"  # the default again after timing
+
+
+# ----------------------------------------------------------------------------- choose and keep
+def test_the_choice_is_timed_once_kept_in_the_cache_folder_and_read_back(tmp_path):
+    tower = GemVisionTower(tiny_clip().visual)
+    measure = Measure({"packed": 1.2, "onednn": 1.3, "torch": 1.0})
+    choice = choose(tower, "auto", tmp_path, measure=measure, key="cpu A | torch 9")
+    assert (choice.path, choice.source) == ("torch", "timed")
+    assert choice.timings == {p: measure.timings[p] for p in kernels.available_paths()}
+    assert choose(tower, "auto", tmp_path, measure=measure, key="cpu A | torch 9") == choice  # this process
+    assert len(measure.calls) == 1
+    kept = json.loads((tmp_path / CACHE_FILE).read_text())
+    assert kept["choices"]["cpu A | torch 9"]["path"] == "torch"
+
+    kernel_choice._memo.clear()  # another process on the same machine reads the file
+    again = choose(tower, "auto", tmp_path, measure=measure, key="cpu A | torch 9")
+    assert (again.path, again.source) == ("torch", "cached") and len(measure.calls) == 1
+    # another machine (or torch version) times again and keeps both
+    fast = Measure({"packed": 0.5, "onednn": 0.6, "torch": 1.0})
+    other = choose(tower, "auto", tmp_path, measure=fast, key="cpu B | torch 9")
+    assert (other.path, other.source) == ("packed" if ONEDNN else "torch", "timed")
+    kept = json.loads((tmp_path / CACHE_FILE).read_text())
+    assert set(kept["choices"]) == {"cpu A | torch 9", "cpu B | torch 9"}
+    assert [p.name for p in tmp_path.iterdir()] == [CACHE_FILE]  # no temporary file left behind
+
+
+def test_a_forced_path_is_taken_without_timing_and_a_bad_one_refused(tmp_path):
+    tower = GemVisionTower(tiny_clip().visual)
+    measure = Measure({"packed": 0.1, "onednn": 0.1, "torch": 1.0})
+    for path in kernels.PATHS:
+        assert choose(tower, path, tmp_path, measure=measure) == kernel_choice.Choice(path, "forced")
+    assert measure.calls == [] and not (tmp_path / CACHE_FILE).exists()
+    with pytest.raises(ValueError, match="mkl"):
+        choose(tower, "mkl", tmp_path, measure=measure)
+
+
+def test_an_unreadable_cache_is_timed_again_and_an_unwritable_one_only_warned(tmp_path, caplog):
+    tower = GemVisionTower(tiny_clip().visual)
+    (tmp_path / CACHE_FILE).write_text("{not json")
+    measure = Measure({"packed": 2.0, "onednn": 2.0, "torch": 1.0})
+    assert choose(tower, "auto", tmp_path, measure=measure, key="k").source == "timed"
+    assert json.loads((tmp_path / CACHE_FILE).read_text())["choices"]["k"]["path"] == "torch"
+
+    kernel_choice._memo.clear()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with caplog.at_level(logging.WARNING, logger=kernel_choice.__name__):
+        choice = choose(tower, "auto", blocked / "cache", measure=measure, key="k")
+    assert choice.path == "torch" and "cannot keep the choice" in caplog.text
+
+
+def test_a_kept_path_this_process_may_not_take_is_timed_again(tmp_path, monkeypatch):
+    tower = GemVisionTower(tiny_clip().visual)
+    kept = {"version": 1, "choices": {"k": {"path": "packed", "timings_s": {}}}}
+    (tmp_path / CACHE_FILE).write_text(json.dumps(kept))
+    monkeypatch.setattr(kernels, "available_paths", lambda: ("onednn", "torch"))
+    measure = Measure({"onednn": 0.5, "torch": 1.0})
+    choice = choose(tower, "auto", tmp_path, measure=measure, key="k")
+    assert (choice.path, choice.source) == ("onednn", "timed")
+
+
+def test_a_single_available_path_is_taken_without_timing(monkeypatch):
+    monkeypatch.setattr(kernels, "available_paths", lambda: ("torch",))
+    measure = Measure({"torch": 1.0})
+    choice = choose(GemVisionTower(tiny_clip().visual), "auto", None, measure=measure)
+    assert (choice.path, choice.source, measure.calls) == ("torch", "only", [])
+
+
+@needs_onednn
+def test_available_paths_follow_the_build_and_the_packing_setting(monkeypatch):
+    assert kernels.available_paths() == kernels.PATHS
+    kernels.set_weight_packing(False)
+    assert kernels.available_paths() == ("onednn", "torch")
+    monkeypatch.setattr(kernels, "_LINEAR", None)
+    assert kernels.available_paths() == ("torch",)
+
+
+def test_the_key_names_the_cpu_torch_threads_paths_and_the_tower():
+    tower = GemVisionTower(tiny_clip().visual, gem_depth=3)
+    zen = CpuInfo("AMD EPYC", frozenset({"avx2", "avx512f"}))
+    masked = CpuInfo("AMD EPYC", frozenset({"avx2"}))
+    base = machine_key(tower, kernels.PATHS, 17, cpu=zen, torch_version="2.9", threads=2)
+    assert base.startswith("AMD EPYC [") and "torch 2.9" in base and "threads 2" in base
+    assert "packed,onednn,torch" in base and "width 48 blocks 3 heads 4 depth 3 iter 1 tokens 17" in base
+    variants = {
+        machine_key(tower, kernels.PATHS, 17, cpu=masked, torch_version="2.9", threads=2),
+        machine_key(tower, kernels.PATHS, 17, cpu=zen, torch_version="2.10", threads=2),
+        machine_key(tower, kernels.PATHS, 17, cpu=zen, torch_version="2.9", threads=1),
+        machine_key(tower, ("onednn", "torch"), 17, cpu=zen, torch_version="2.9", threads=2),
+        machine_key(tower, kernels.PATHS, 785, cpu=zen, torch_version="2.9", threads=2),
+    }
+    assert base not in variants and len(variants) == 5
+
+
+@needs_onednn
+def test_packed_copies_made_while_timing_are_freed_when_another_path_wins():
+    tower = GemVisionTower(tiny_clip().visual)
+    with torch.inference_mode(False), torch.no_grad():
+        kernels.linear(torch.randn(2, 48), tower.visual.transformer.resblocks[0].mlp.c_fc.weight)
+    assert kernels._packed
+    choose(tower, "auto", None, measure=Measure({"packed": 2.0, "onednn": 2.0, "torch": 1.0}), key="k")
+    assert not kernels._packed
+
+
+def test_the_default_timing_runs_a_probe_on_every_path(monkeypatch):
+    """Without a given measure, each available path runs the probe (what is timed is not checked)."""
+    seen = []
+
+    def spy(run, paths, **kw):
+        for path in paths:
+            with kernels.using(path):
+                assert run() is not None
+            seen.append(path)
+        return {p: 1.0 for p in paths}
+
+    monkeypatch.setattr(kernel_choice, "time_paths", spy)
+    choice = choose(GemVisionTower(tiny_clip().visual), "auto", None, size=(40, 48))
+    assert seen == list(kernels.available_paths()) and choice.path == "torch"
+
+
+# ----------------------------------------------------------------------------- the same numbers everywhere
+@needs_onednn
+def test_every_path_gives_the_same_tokens_and_the_tower_keeps_its_own():
+    model = tiny_clip(3)
+    tower = GemVisionTower(model.visual, gem_depth=3, ss_attn_iter=2)
+    pixels = torch.randn(2, 3, 40, 56)
+    with torch.inference_mode():
+        out = {}
+        for path in kernels.PATHS:
+            with kernels.using(path):
+                out[path] = {m: tower.dense_features(pixels, m) for m in DENSE_METHODS}
+                out[path]["forward"] = torch.cat(tower(pixels), dim=1)
+        for path in ("packed", "onednn"):
+            for name, tokens in out[path].items():
+                assert rel_diff(tokens, out["torch"][name]) < 1e-5, (path, name)
+        calls = []
+        real = kernels._LINEAR
+
+        class Spy:
+            def __call__(self, *a):
+                calls.append("onednn")
+                return real(*a)
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+        kernels._LINEAR = Spy()
+        try:
+            tower.cpu_kernels = "torch"
+            torch_tokens = tower.dense_features(pixels, "gem")
+            assert calls == []  # the tower's own path, whatever the caller's
+            tower.cpu_kernels = "onednn"
+            with kernels.using("torch"):
+                assert rel_diff(tower.dense_features(pixels, "gem"), torch_tokens) < 1e-5
+            assert calls
+        finally:
+            kernels._LINEAR = real
+    with pytest.raises(ValueError, match="unknown CPU kernel path"), kernels.using("mkl"):
+        pass
+
+
+# ----------------------------------------------------------------------------- engine and settings
+def test_the_engine_takes_the_forced_or_the_kept_path_on_the_cpu(tmp_path, monkeypatch):
+    forced = GemEngine(GemConfig(pretrained=None, device="cpu", cpu_kernels="onednn"), clip_model=tiny_clip())
+    assert forced.tower.cpu_kernels == "onednn" and forced.kernel_choice.source == "forced"
+
+    monkeypatch.setattr(kernel_choice, "time_paths", lambda run, paths, **kw: {p: 1.0 for p in paths})
+    config = GemConfig(pretrained=None, device="cpu", image_size=40, kernel_cache=str(tmp_path))
+    engine = GemEngine(config, clip_model=tiny_clip())
+    assert engine.kernel_choice.source == "timed" and engine.tower.cpu_kernels == "torch"
+    (key,) = json.loads((tmp_path / CACHE_FILE).read_text())["choices"]
+    assert "tokens 26" in key  # the engine's input (40 pixels, 5 × 5 patches), not the tower's native one
+    assert "cpu_kernels" not in config.to_dict() and "kernel_cache" not in config.to_dict()
+    assert config.model_version("random") == GemConfig(pretrained=None, image_size=40).model_version("random")
+    with pytest.raises(UserError, match="cpu_kernels"):
+        GemConfig(cpu_kernels="fast")
+
+
+def test_the_setting_reaches_the_gem_config_with_the_cache_folder(tmp_path):
+    assert ("auto", *kernels.PATHS) == GEM_CPU_KERNELS
+    engines = Settings.from_env({"XDG_CACHE_HOME": str(tmp_path)}).engines
+    assert engines.gem_cpu_kernels == "auto" and engines.cache_dir == str(tmp_path / "groundlabel")
+    options = engines.gem_options()
+    assert options["cpu_kernels"] == "auto" and options["kernel_cache"] == str(tmp_path / "groundlabel")
+    assert cache_folder({}) == cache_folder({"HOME": "ignored"})  # ~/.cache/groundlabel
+    assert str(cache_folder({})).endswith(os.path.join(".cache", "groundlabel"))
+    forced = Settings.from_env({"GROUNDLABEL_GEM_CPU_KERNELS": "Torch"}).engines
+    assert forced.gem_options()["cpu_kernels"] == "torch"
+    with pytest.raises(UserError, match="GROUNDLABEL_GEM_CPU_KERNELS"):
+        Settings.from_env({"GROUNDLABEL_GEM_CPU_KERNELS": "mkl"})
+    with pytest.raises(UserError, match="GROUNDLABEL_GEM_PACK_WEIGHTS"):
+        Settings.from_env({"GROUNDLABEL_GEM_CPU_KERNELS": "packed", "GROUNDLABEL_GEM_PACK_WEIGHTS": "false"})
+
+
+def test_cpuinfo_gives_the_model_name_flags_and_native_bf16():
+    text = (
+        "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
+        "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n\nprocessor\t: 1\n"
+        "model name\t: other\nflags\t\t: fpu\n"
+    )
+    cpu = parse_cpuinfo(text)
+    assert cpu.model == "Intel(R) Xeon(R) Platinum 8481C" and cpu.native_bf16 and cpu.avx512
+    assert cpu.flags == {"fpu", "avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+    zen_masked = parse_cpuinfo("model name : AMD EPYC\nflags : fpu avx2 fma\n")
+    assert not zen_masked.native_bf16 and not zen_masked.avx512
+    assert zen_masked.fingerprint() != parse_cpuinfo("model name : AMD EPYC\nflags : avx512f\n").fingerprint()
+    assert parse_cpuinfo("").model  # platform's name where /proc/cpuinfo says nothing

@@ -1,0 +1,230 @@
+"""Which CPU path GEM's tower takes on this machine: timed at the first load, then kept per machine.
+
+The tower's CPU forward can take three paths (:data:`kernels.PATHS`) that compute the same numbers:
+``packed`` (oneDNN kernels, linear weights packed once and kept), ``onednn`` (oneDNN kernels, weights
+reordered on every call) and ``torch`` (plain PyTorch). Which is fastest depends on the CPU, on how
+oneDNN and MKL serve it and on the input size: oneDNN's kernels were twice MKL's speed on one AMD EPYC with
+AVX-512, slower than plain PyTorch on an Intel Xeon, and on an AVX2-only machine about even with it at 224
+pixels but twice as slow at 448. So :func:`choose`, on a tower's first CPU load on a machine, times a small
+input of the engine's token count on every path the build allows: one unchanged block and one GEM block's
+self-self attention (what a forward repeats, at about a sixth of its cost), the paths alternating for a
+few rounds, and keeps the fastest by median time. Plain PyTorch is kept unless another path beats it by
+more than :data:`TOLERANCE`, so the choice is never slower than plain PyTorch by more than the timing noise.
+
+The choice is written to :data:`CACHE_FILE` in the cache folder (``GemConfig.kernel_cache``; the workers'
+``$XDG_CACHE_HOME/groundlabel``), keyed by :func:`machine_key`: the CPU (model name and a hash of its flags),
+the torch version, the thread count, the paths allowed, the tower's shape and the token count. Later loads
+with the same key read it and time nothing. ``GemConfig.cpu_kernels`` (``GROUNDLABEL_GEM_CPU_KERNELS``)
+forces a path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from workers.models.cpu import CpuInfo, cpu_info
+
+from . import kernels
+from .modules import GemVisionTower
+
+__all__ = ["CACHE_FILE", "TOLERANCE", "Choice", "choose", "fastest", "machine_key", "time_paths"]
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "gem-cpu-kernels.json"
+#: How much faster than plain PyTorch another path must be to be chosen (a fraction of torch's time).
+TOLERANCE = 0.03
+ROUNDS = 3  # timed rounds after one warm-up forward per path
+_memo: dict[tuple[str, str], Choice] = {}  # (cache file or "", key) -> choice, per process
+_memo_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The CPU path a tower takes, and why: ``forced`` (the setting), ``cached`` (timed on this machine
+    before), ``timed`` (timed now) or ``only`` (a single path available)."""
+
+    path: str
+    source: str
+    timings: dict[str, float] = field(default_factory=dict)  # median seconds per forward, by path
+
+
+def fastest(timings: Mapping[str, float], tolerance: float = TOLERANCE) -> str:
+    """The path of the smallest time; ``torch`` unless another is faster than it by more than ``tolerance``
+    (a fraction of torch's time)."""
+    if not timings:
+        raise ValueError("no timings to choose from")
+    best = min(timings, key=lambda path: (timings[path], kernels.PATHS.index(path)))
+    if "torch" in timings and best != "torch" and timings[best] > timings["torch"] * (1.0 - tolerance):
+        return "torch"
+    return best
+
+
+def machine_key(
+    tower: GemVisionTower,
+    paths: Sequence[str],
+    tokens: int,
+    *,
+    cpu: CpuInfo | None = None,
+    torch_version: str | None = None,
+    threads: int | None = None,
+) -> str:
+    """The key a choice is kept under: CPU model and flags, torch version, threads, paths, tower shape and
+    token count."""
+    cpu = cpu or cpu_info()
+    transformer = tower.visual.transformer
+    heads = tower._attentions[0].num_heads
+    shape = (
+        f"width {transformer.width} blocks {len(transformer.resblocks)} heads {heads} "
+        f"depth {tower.gem_depth} iter {tower.ss_attn_iter} tokens {tokens}"
+    )
+    return " | ".join(
+        (
+            cpu.fingerprint(),
+            f"torch {torch_version or torch.__version__}",
+            f"threads {threads or torch.get_num_threads()}",
+            ",".join(paths),
+            shape,
+        )
+    )
+
+
+def time_paths(
+    run: Callable[[], object],
+    paths: Sequence[str],
+    *,
+    rounds: int = ROUNDS,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median seconds of ``run()`` under each of ``paths`` (:func:`kernels.using`): one warm-up call per path
+    (packing, compiling), then ``rounds`` rounds in which every path runs once, the order rotating."""
+    for path in paths:
+        with kernels.using(path):
+            run()
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    for r in range(rounds):
+        order = list(paths[r % len(paths) :]) + list(paths[: r % len(paths)])
+        for path in order:
+            with kernels.using(path):
+                start = clock()
+                run()
+                times[path].append(clock() - start)
+    return {path: statistics.median(values) for path, values in times.items()}
+
+
+def _tokens(tower: GemVisionTower, size: tuple[int, int]) -> int:
+    gh, gw = tower.grid_for(*size)
+    return 1 + gh * gw
+
+
+def _probe(tower: GemVisionTower, tokens: int) -> Callable[[], object]:
+    """The work a GEM forward repeats, on seeded tokens of one image: the first unchanged block, then the
+    last block's q/k/v and GEM's self-self attention on them (the path comes from :func:`kernels.using`)."""
+    blocks = tower.visual.transformer.resblocks
+    width = tower.visual.transformer.width
+    x = torch.randn(1, tokens, width, generator=torch.Generator().manual_seed(0))
+    first, last = (blocks[0], tower._attentions[0]), (blocks[-1], tower._attentions[-1])
+
+    def run() -> object:
+        with torch.inference_mode():
+            y = tower._block(*first, x)
+            h = last[0].ln_1(y)
+            q, k, v = last[1].qkv(h)
+            return tower._gem_attention(q, k, v, h, last[1].head_dim)
+
+    return run
+
+
+def choose(
+    tower: GemVisionTower,
+    setting: str = "auto",
+    cache_dir: str | Path | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+    measure: Callable[[Sequence[str]], Mapping[str, float]] | None = None,
+    key: str | None = None,
+) -> Choice:
+    """The CPU path for ``tower`` on inputs of ``size`` (height, width; default the tower's native size):
+    ``setting`` when it names one, else the machine's kept choice, else the fastest by timing
+    (``measure(paths)`` → seconds by path; default :func:`time_paths` on a probe of the tower), written to
+    ``cache_dir`` (when None, kept for this process only)."""
+    if setting != "auto":
+        if setting not in kernels.PATHS:
+            raise ValueError(f"unknown CPU kernel path {setting!r}; expected auto or one of {kernels.PATHS}")
+        return Choice(setting, "forced")
+    paths = kernels.available_paths()
+    if len(paths) == 1:
+        return Choice(paths[0], "only")
+    if size is None:
+        native = tower.visual.image_size
+        size = (native, native) if isinstance(native, int) else (int(native[0]), int(native[1]))
+    tokens = _tokens(tower, size)
+    key = key or machine_key(tower, paths, tokens)
+    file = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
+    memo_key = (str(file or ""), key)
+    with _memo_lock:
+        if memo_key in _memo:
+            return _memo[memo_key]
+        kept = _read(file).get(key) if file is not None else None
+        if isinstance(kept, dict) and kept.get("path") in paths:
+            choice = Choice(kept["path"], "cached", dict(kept.get("timings_s") or {}))
+        else:
+            timings = dict((measure or (lambda ps: time_paths(_probe(tower, tokens), ps)))(paths))
+            choice = Choice(fastest(timings), "timed", timings)
+            log.info(
+                "GEM CPU kernels: %s (%s; %s)",
+                choice.path,
+                ", ".join(f"{p} {t * 1000:.0f} ms" for p, t in timings.items()),
+                key,
+            )
+            if file is not None:
+                _store(file, key, choice)
+        if choice.path != "packed":
+            kernels.release_packed_weights()  # the timing's packed copies, unused from now on
+        _memo[memo_key] = choice
+        return choice
+
+
+def _read(file: Path | None) -> dict:
+    """The kept choices by key (empty when the file is missing or unreadable)."""
+    if file is None:
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    choices = data.get("choices") if isinstance(data, dict) else None
+    return choices if isinstance(choices, dict) else {}
+
+
+def _store(file: Path, key: str, choice: Choice) -> None:
+    """Adds ``choice`` under ``key`` to the file (written whole to a temporary file, then renamed)."""
+    choices = _read(file)
+    choices[key] = {
+        "path": choice.path,
+        "timings_s": {p: round(t, 6) for p, t in choice.timings.items()},
+        "measured": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    tmp = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump({"version": 1, "choices": choices}, out, indent=2, sort_keys=True)
+        os.replace(tmp, file)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        log.warning("GEM CPU kernels: cannot keep the choice in %s (%s); timing again next time", file, exc)
