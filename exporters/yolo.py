@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from groundlabel.jit import compiled
+
 from .coco import build_coco
 from .registry import ExportOptions, export_options
 from .steps import finish, read_and_place, splitter, without_gc
@@ -54,7 +56,9 @@ def _stem(file_name: str) -> str:
 
 
 def _numbers(values: np.ndarray) -> str:
-    return " ".join(f"{v:.6f}" for v in np.clip(values, 0.0, 1.0).tolist())
+    """Normalised coordinates clipped to [0, 1] (no ``-0``), 6 decimals, separated by spaces."""
+    clipped = (np.clip(values, 0.0, 1.0) + 0.0).tolist()
+    return ("%.6f " * len(clipped) % tuple(clipped))[:-1]
 
 
 def box_row(bbox: Sequence[float], width: int, height: int) -> str:
@@ -79,7 +83,7 @@ def join_parts(parts: Sequence[Sequence[float]]) -> list[float]:
     round each part once; on the way, at the vertex closest to the next part, cross to that part's
     closest vertex, go round it (and the parts after it) and come back along the same line. The bridges
     have no width, so the outline covers what the parts cover."""
-    rings = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in parts]
+    rings = [np.ascontiguousarray(p, dtype=np.float64).reshape(-1, 2) for p in parts]
     links = [_closest(a, b) for a, b in zip(rings, rings[1:], strict=False)]
     entries = [0] + [b for _, b in links]
     path = _closed(rings[-1], entries[-1])
@@ -95,16 +99,20 @@ def _closed(ring: np.ndarray, start: int) -> np.ndarray:
     return np.concatenate([rolled, rolled[:1]])
 
 
+@compiled
 def _closest(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
-    """Indices of the closest pair of vertices, one of ``a`` and one of ``b`` (the first such pair),
-    compared a block of ``a`` at a time."""
-    best, pair = np.inf, (0, 0)
-    step = max(1, 1_000_000 // len(b))
-    for start in range(0, len(a), step):
-        d = ((a[start : start + step, None, :] - b[None, :, :]) ** 2).sum(-1)
-        i, j = np.unravel_index(int(np.argmin(d)), d.shape)
-        if d[i, j] < best:
-            best, pair = float(d[i, j]), (start + int(i), int(j))
+    """Indices of the closest pair of vertices, one of ``a`` and one of ``b`` (``[n, 2]`` float64), the
+    first such pair in ``a``'s order then ``b``'s."""
+    best = np.inf
+    pair = (0, 0)
+    for i in range(a.shape[0]):
+        for j in range(b.shape[0]):
+            dx = a[i, 0] - b[j, 0]
+            dy = a[i, 1] - b[j, 1]
+            d = dx * dx + dy * dy
+            if d < best:
+                best = d
+                pair = (i, j)
     return pair
 
 

@@ -158,6 +158,18 @@ def test_joined_parts_cover_exactly_the_parts():
     assert join_parts(parts[:1]) == parts[0] + parts[0][:2]
 
 
+def test_closest_vertices_compiled_as_the_plain_search():
+    from exporters.yolo import _closest
+
+    rng = np.random.default_rng(5)
+    for n, m in [(1, 1), (3, 9), (40, 25), (300, 7)]:
+        a = rng.integers(0, 40, (n, 2)).astype(np.float64) / 2  # half pixels, as the traced outlines: ties
+        b = rng.integers(0, 40, (m, 2)).astype(np.float64) / 2
+        d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        first = np.unravel_index(int(np.argmin(d)), d.shape)  # the first closest pair, row by row
+        assert _closest(a, b) == tuple(int(i) for i in first) == _closest.py_func(a, b)
+
+
 # --- round trip: Label Studio -> YOLO -> Label Studio -> YOLO ------------------------------------------
 
 
