@@ -69,8 +69,8 @@ def _check_predictions(label_studio, ids: list[int], model_version: str) -> dict
     return prediction_ids
 
 
-def test_backend_connected_to_label_studio(label_studio, backend):
-    project, ids = _make_project(label_studio, "e2e backend", 3)
+def _connect_and_retrieve(label_studio, backend: str, project: int) -> None:
+    """Connect the backend to the project through ``/api/ml`` and run *Retrieve Predictions* on every task."""
     ml = label_studio.api_json(
         "POST",
         "/api/ml",
@@ -84,6 +84,11 @@ def test_backend_connected_to_label_studio(label_studio, backend):
         json={"selectedItems": {"all": True, "excluded": []}},
     )
     assert response.status_code == 200, response.text[:500]
+
+
+def test_backend_connected_to_label_studio(label_studio, backend):
+    project, ids = _make_project(label_studio, "e2e backend", 3)
+    _connect_and_retrieve(label_studio, backend, project)
     _check_predictions(label_studio, ids, MODEL_VERSION)
     # Asking again stores nothing new: Label Studio skips tasks predicted by the backend's version.
     label_studio.api(
@@ -134,19 +139,7 @@ def test_serve_and_prelabel_agree_under_a_default_threshold(label_studio, tiny_g
         }
     )
     with serve_process(env, tmp_path / "serve.log") as backend:
-        ml = label_studio.api_json(
-            "POST",
-            "/api/ml",
-            json={"url": backend, "project": project, "title": "groundlabel", "is_interactive": False},
-        )
-        assert ml["id"] and ml.get("state") != "ER", ml
-        response = label_studio.api(
-            "POST",
-            "/api/dm/actions",
-            params={"id": "retrieve_tasks_predictions", "project": project},
-            json={"selectedItems": {"all": True, "excluded": []}},
-        )
-        assert response.status_code == 200, response.text[:500]
+        _connect_and_retrieve(label_studio, backend, project)
     stored = _check_predictions(label_studio, ids, MODEL_VERSION)
     (served,) = {label_studio.predictions(t)[0]["model_version"] for t in ids}
 
