@@ -15,6 +15,7 @@ in :mod:`labeling_backend.guard`. ``/predict`` waits for its jobs on the event l
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -58,6 +59,19 @@ class BackendState:
         self.started = time.time()
         self.health_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
         self._spec_lock = threading.Lock()
+        #: Set when the server begins to stop: waiting requests answer at once with what is ready.
+        self.stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop the app serves on (:meth:`begin_shutdown` wakes it)."""
+        self._loop = loop
+
+    def begin_shutdown(self) -> None:
+        """Make waiting requests answer now (from any thread or a signal handler): the server is stopping,
+        so a ``/predict`` in flight does not hold the shutdown for its whole deadline."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.stopping.set)
 
     def spec(self, xml: str) -> LabelingSpec:
         """The checked spec of a label config with the settings' defaults (``groundlabel.spec.read_spec``).
@@ -107,6 +121,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.bind_loop(asyncio.get_running_loop())
         if not settings.backend.auth_enabled:
             log.warning("no BASIC_AUTH_USER/BASIC_AUTH_PASS nor GROUNDLABEL_API_TOKEN: the API is open")
         yield

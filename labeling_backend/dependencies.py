@@ -50,10 +50,19 @@ def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
     own validation does."""
 
     async def read(request: Request) -> M:
+        if not is_json(request.headers.get("content-type")):  # as FastAPI's strict content type
+            msg = "the body must be JSON (Content-Type: application/json)"
+            raise RequestValidationError([{"type": "content_type", "loc": ("body",), "msg": msg}])
         chunks = [chunk async for chunk in request.stream()]
         return await anyio.to_thread.run_sync(parse_body, model, chunks)
 
     return read
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether a ``Content-Type`` announces JSON (``application/json`` or ``application/*+json``)."""
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 def parse_body(model: type[M], chunks: list[bytes]) -> M:

@@ -2,10 +2,10 @@
 
 FastAPI reads and parses a body before any dependency runs, so a check there comes too late: a 400 MB
 body without credentials would be read and parsed first. :class:`Guard` is an ASGI middleware in front of
-the routes: for every path but the open ones (``/health``, ``/``) it refuses a request without valid
-credentials (401) or with a declared ``Content-Length`` over ``GROUNDLABEL_MAX_BODY_BYTES`` (413) at once,
-from its headers. A body without a declared length (chunked) is read here, and refused (413) as soon as it
-passes the cap.
+every path and method: it refuses a request without valid credentials (401; every path but the open ones,
+``/health`` and ``/``) or with a declared ``Content-Length`` over the cap (413) at once, from its headers.
+The cap is ``GROUNDLABEL_MAX_BODY_BYTES``, and 0 for the open paths, whose handlers read no body. A body
+without a declared length (chunked) is read here, and refused (413) as soon as it passes the cap.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: Paths anyone may call, with any body (their handlers read none).
+#: Paths anyone may call; they take no body (their handlers read none).
 OPEN_PATHS = frozenset({"/health", "/"})
 
 
-def too_large_text(limit: int) -> str:
-    """The reason of a 413 answer."""
+def too_large_text(limit: int, path: str | None = None) -> str:
+    """The reason of a 413 answer (``limit`` 0: ``path`` takes no body)."""
+    if not limit:
+        return f"{path or 'this path'} takes no request body"
     return f"the request body is larger than {limit} bytes (GROUNDLABEL_MAX_BODY_BYTES)"
 
 
@@ -40,22 +42,23 @@ class Guard:
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
         path = scope.get("path")
-        if not (path == "/metrics" and self.settings.metrics_public):
+        is_open = path in OPEN_PATHS
+        if not is_open and not (path == "/metrics" and self.settings.metrics_public):
             reason = check_authorization(headers.get("authorization"), self.settings)
             if reason is not None:
                 extra = {"www-authenticate": www_authenticate(self.settings)}
                 await _answer(send, 401, reason, extra)
                 return
-        limit = self.settings.max_body_bytes
+        limit = 0 if is_open else self.settings.max_body_bytes
         declared = headers.get("content-length", "").strip()
         if declared.isdigit():
             if int(declared) > limit:
-                await _answer(send, 413, too_large_text(limit))
+                await _answer(send, 413, too_large_text(limit, path))
                 return
             await self.app(scope, receive, send)  # the server delivers no more than the declared length
             return
@@ -68,7 +71,7 @@ class Guard:
                 break
             size += len(message.get("body") or b"")
             if size > limit:
-                await _answer(send, 413, too_large_text(limit))
+                await _answer(send, 413, too_large_text(limit, path))
                 return
             if not message.get("more_body"):
                 break

@@ -59,6 +59,13 @@ log = logging.getLogger(__name__)
 __all__ = ["QueueUnavailable", "RedisJobQueue"]
 
 
+#: The fields of a job's hash that :meth:`RedisJobQueue.poll` reads (its state, not its payload).
+STATE_FIELDS = (
+    "status", "origin", "created_at", "enqueued_at", "started_at", "ended_at", "worker_name", "exc_info",
+    "meta", "timeout", "result_ttl", "failure_ttl", "retries_left", "number_of_retries", "description",
+)  # fmt: skip
+
+
 def _last_line(text: str | None) -> str:
     lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
     return lines[-1] if lines else "unknown error"
@@ -207,23 +214,25 @@ class RedisJobQueue:
             log.info("interactive job %s for task %s superseded by %s", old.id, task["id"], job_id)
 
     def poll(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        """The state of each job (one round trip: the jobs and their latest results, read together)."""
+        """The state of each job (one round trip: the jobs' state fields and their latest results, read
+        together; never a job's payload, which may hold megabytes of inline images)."""
         ids = list(dict.fromkeys(j for j in job_ids if j))
         if not ids:
             return {}
         try:
             with self.connection.pipeline() as pipe:
                 for job_id in ids:
-                    pipe.hgetall(Job.key_for(job_id))
+                    pipe.hmget(Job.key_for(job_id), STATE_FIELDS)
                     pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
                 replies = pipe.execute()
             states: dict[str, JobState] = {}
             for n, job_id in enumerate(ids):
-                raw, latest = replies[2 * n], replies[2 * n + 1]
+                values, latest = replies[2 * n], replies[2 * n + 1]
+                raw = {k: v for k, v in zip(STATE_FIELDS, values, strict=True) if v is not None}
                 job = result = None
                 if raw:
                     job = Job(job_id, connection=self.connection, serializer=JSONSerializer)
-                    job.restore(raw)
+                    job.restore({**raw, "data": b""})
                 if latest:
                     result_id, fields = latest[0]
                     result = Result.restore(

@@ -124,7 +124,15 @@ def _dispatcher(state: BackendState, project: str | None = None) -> Dispatcher:
         replaced = REPLACED.get(trained.kind, lambda _v: False)
         own = [trained.name] + ([trained.name + STAND_IN_SUFFIX] if trained.kind == "gem" else [])
         version, versions = trained.name, [*own, *(v for v in versions if not replaced(v))]
-    return Dispatcher(state.settings, state.runner, state.metrics, version, versions, project=project or None)
+    return Dispatcher(
+        state.settings,
+        state.runner,
+        state.metrics,
+        version,
+        versions,
+        project=project or None,
+        stopping=state.stopping,
+    )
 
 
 @protected.post("/predict")

@@ -60,6 +60,23 @@ def context_for_key(context: dict[str, Any] | None) -> list[dict[str, Any]] | No
     return [{k: r[k] for k in CONTEXT_FIELDS if r.get(k) is not None} for r in regions]
 
 
+#: Strings longer than this (inline images) enter a cache key by their own SHA-256, so that keying a task
+#: never serializes its image.
+DIGEST_CHARS = 1024
+#: Characters of a long string encoded and hashed at a time: no step holds the GIL for long.
+_DIGEST_SLICE = 1 << 18
+
+
+def _keyed(value: Any) -> Any:
+    """``value`` as it enters a cache key: a long string by its digest, anything else as it is."""
+    if not isinstance(value, str) or len(value) <= DIGEST_CHARS:
+        return value
+    digest = hashlib.sha256()
+    for start in range(0, len(value), _DIGEST_SLICE):
+        digest.update(value[start : start + _DIGEST_SLICE].encode("utf-8", "surrogatepass"))
+    return "sha256:" + digest.hexdigest()
+
+
 def cache_key(
     task: dict[str, Any],
     spec: LabelingSpec,
@@ -71,8 +88,8 @@ def cache_key(
     blob = json.dumps(
         {
             "task": task.get("id"),
-            "image": data.get(spec.image_key),
-            "text": data.get(spec.text_key) if spec.text_key else None,
+            "image": _keyed(data.get(spec.image_key)),
+            "text": _keyed(data.get(spec.text_key)) if spec.text_key else None,
             "spec": spec_json,
             "context": context_for_key(context),
         },
@@ -127,12 +144,14 @@ class Dispatcher:
         model_version: str,
         versions: Sequence[str] = (),
         project: str | None = None,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self.settings = settings
         self.runner = runner
         self.metrics = metrics
         self.model_version = model_version
         self.project = project  # a trained version promoted for it answers its expressions
+        self.stopping = stopping  # set when the server stops: waits end at once
         named = settings.backend.model_version
         self.versions = [named] if named else list(dict.fromkeys(versions or [model_version]))
 
@@ -204,8 +223,7 @@ class Dispatcher:
             else:
                 todo.append(i)
 
-        keys = {i: cache_key(tasks[i], spec, spec_json, context) for i in todo}
-        # One trip to a worker thread: the cache look-up, then the jobs for what it misses.
+        # One trip to a worker thread: the tasks' keys, the cache look-up, then the jobs for what it misses.
         waiting: list[_Waiting] = []
         if todo:
             waiting = await self._call(
@@ -213,7 +231,7 @@ class Dispatcher:
                 tasks,
                 todo,
                 answers,
-                keys,
+                spec_json,
                 spec,
                 context,
                 label_studio_url,
@@ -231,9 +249,11 @@ class Dispatcher:
         return PredictOutcome(answers, interactive, jobs, self.announced(spec))
 
     def _look_up_and_enqueue(
-        self, tasks, todo, answers, keys, spec, context, label_studio_url, interactive, deadline
+        self, tasks, todo, answers, spec_json, spec, context, label_studio_url, interactive, deadline
     ) -> list[_Waiting]:
-        """Answer ``todo`` from the cache where it can; enqueue jobs for the rest (on a worker thread)."""
+        """Key the tasks of ``todo``, answer them from the cache where it can and enqueue jobs for the rest
+        (on a worker thread: hashing and serializing large inline images never runs on the event loop)."""
+        keys = {i: cache_key(tasks[i], spec, spec_json, context) for i in todo}
         missing = []
         for i, hit in zip(todo, self._cache_hits([keys[i] for i in todo]), strict=True):
             if hit is not None:
@@ -281,6 +301,26 @@ class Dispatcher:
                         waiting.append(_Waiting(i, keys[i], "", 0))
         return waiting
 
+    def _stopping(self) -> bool:
+        return self.stopping is not None and self.stopping.is_set()
+
+    async def _pause(self, job_ids: list[str], timeout: float) -> None:
+        """The runner's wait for ``job_ids``, cut short when the server begins to stop."""
+        if self.stopping is None:
+            await self.runner.wait(job_ids, timeout)
+            return
+        if self.stopping.is_set():
+            return
+        waits = [
+            asyncio.ensure_future(self.runner.wait(job_ids, timeout)),
+            asyncio.ensure_future(self.stopping.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+
     async def _wait(self, waiting, answers, deadline, timeout, interactive, spec) -> None:
         queue_name = QUEUE_INTERACTIVE if interactive else QUEUE_BATCH
         open_jobs = {w.job_id for w in waiting if w.job_id}
@@ -288,7 +328,7 @@ class Dispatcher:
         last_reap = time.monotonic()
         # Wait first: a job that has already ended wakes the wait at once, and a job just enqueued is not
         # done yet, so reading its state before waiting would only cost a round trip.
-        await self.runner.wait(sorted(open_jobs), min(RECHECK_SECONDS, max(0.0, deadline - time.monotonic())))
+        await self._pause(sorted(open_jobs), min(RECHECK_SECONDS, max(0.0, deadline - time.monotonic())))
         while open_jobs:
             for job_id, state in (await self._call(self.runner.poll, sorted(open_jobs))).items():
                 states[job_id] = state
@@ -299,12 +339,12 @@ class Dispatcher:
                     if state.run_seconds is not None:
                         self.metrics.job_run_seconds.labels(queue_name).observe(state.run_seconds)
             now = time.monotonic()
-            if not open_jobs or now >= deadline:
+            if not open_jobs or now >= deadline or self._stopping():
                 break
             if now - last_reap >= RECHECK_SECONDS:
                 await self._call(self.runner.reap_abandoned)
                 last_reap = now
-            await self.runner.wait(sorted(open_jobs), min(RECHECK_SECONDS, max(0.0, deadline - now)))
+            await self._pause(sorted(open_jobs), min(RECHECK_SECONDS, max(0.0, deadline - now)))
 
         late = [w for w in waiting if not w.job_id]
         if late:
@@ -321,7 +361,10 @@ class Dispatcher:
                 continue
             state = states.get(w.job_id)
             answer = answers[w.index]
-            if state is None or state.status == "pending":
+            if (state is None or state.status == "pending") and self._stopping():
+                answer.error = "the backend is stopping before the task's job finished; ask again"
+                answer.source = "stopping"
+            elif state is None or state.status == "pending":
                 detail = f" ({state.detail})" if state and state.detail else ""
                 answer.error = (
                     f"not finished within {timeout:g} s{detail}; what the job finishes by then is cached "

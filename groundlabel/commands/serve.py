@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+from collections.abc import Callable
+from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -87,8 +89,40 @@ def _run(args: argparse.Namespace) -> int:
         mode,
         app.state.backend.model_version,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=level, access_log=args.access_log)
-    return 0
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=STOP_GRACE_SECONDS,
+    )
+    server = _server_class()(config, on_exit=app.state.backend.begin_shutdown)
+    server.run()
+    return 0 if server.started else 3
+
+
+#: The longest a stopping server waits for its requests to finish before it cancels them.
+STOP_GRACE_SECONDS = 10
+
+
+def _server_class() -> type:
+    """uvicorn's server class with the stop notice (uvicorn is imported when a server starts)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, telling the app that it stops as soon as a signal asks it to (before it waits
+        for the requests in flight), so that a ``/predict`` waiting for its jobs answers at once."""
+
+        def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+            super().__init__(config)
+            self.on_exit = on_exit
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            self.on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
