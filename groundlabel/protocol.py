@@ -31,8 +31,8 @@ JOB_FUNCTION = "workers.jobs.run_job"
 
 #: The queue of training jobs, consumed by a training worker (``groundlabel worker --queues train``).
 QUEUE_TRAIN = "train"
-#: The dotted path of the training job function.
-TRAIN_FUNCTION = "groundlabel.commands.training.run_training"
+#: The dotted path of the training job function (the worker runs the body its command provides).
+TRAIN_FUNCTION = "workers.jobs.run_training"
 
 
 @dataclass

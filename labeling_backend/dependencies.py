@@ -11,8 +11,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from labeling_backend.app import BackendState
 from labeling_backend.auth import check_authorization
+from labeling_backend.state import BackendState
 
 M = TypeVar("M", bound=BaseModel)
 

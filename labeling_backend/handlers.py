@@ -14,9 +14,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from groundlabel.errors import UserError
 from groundlabel.model_store import StoreFileError
 from groundlabel.protocol import QueueUnavailable
-from labeling_backend.app import BackendState
 from labeling_backend.auth import www_authenticate
 from labeling_backend.dependencies import AuthError
+from labeling_backend.state import BackendState
 
 log = logging.getLogger("groundlabel.backend")
 

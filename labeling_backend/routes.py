@@ -26,7 +26,6 @@ from fastapi.responses import JSONResponse, Response
 from groundlabel.errors import UserError
 from groundlabel.ls_format import context_clicks, results_text
 from groundlabel.protocol import QueueUnavailable
-from labeling_backend.app import MODEL_CLASS, BackendState
 from labeling_backend.dependencies import get_state, json_body, metrics_auth, require_auth
 from labeling_backend.schemas import (
     WEBHOOK_ACTIONS,
@@ -38,6 +37,7 @@ from labeling_backend.schemas import (
     optional_project,
 )
 from labeling_backend.service import Dispatcher
+from labeling_backend.state import MODEL_CLASS, BackendState
 
 log = logging.getLogger("groundlabel.backend")
 

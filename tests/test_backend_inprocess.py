@@ -33,9 +33,9 @@ def test_backend_modules_import_no_torch():
     out = run_python("""
         import sys
         import labeling_backend.app, labeling_backend.routes, labeling_backend.queue
-        import groundlabel.commands.serve, workers.inprocess, labeling_backend.service, workers.jobs
+        import groundlabel_cli.serve, workers.inprocess, labeling_backend.service, workers.jobs
         import workers.worker
-        from groundlabel.cli import build_parser
+        from groundlabel_cli.main import build_parser
         build_parser()
         heavy = [m for m in ("torch", "open_clip", "transformers", "cv2") if m in sys.modules]
         print(",".join(heavy) or "none")
@@ -58,7 +58,7 @@ def test_inprocess_jobs_run_in_a_child_process(tiny_gem_env):
         f"""
         import json, sys
         from fastapi.testclient import TestClient
-        from groundlabel.commands.serve import build_app
+        from groundlabel_cli.serve import build_app
         from groundlabel.settings import Settings
         settings = Settings.from_env(predict_timeout=180, model_version="inproc")
         assert settings.queue.redis_url is None

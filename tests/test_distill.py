@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from groundlabel.cli import main  # noqa: E402
+from groundlabel_cli.main import main  # noqa: E402
 from tests.conftest import TINY_GEM_CONFIG  # noqa: E402
 from workers.models.clipself.distill import dense_map, grid_boxes  # noqa: E402
 

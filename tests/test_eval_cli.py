@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groundlabel.cli import main
+from groundlabel_cli.main import main
 
 
 @pytest.fixture(autouse=True)

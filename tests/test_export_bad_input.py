@@ -9,9 +9,9 @@ import pytest
 
 from exporters import export_coco, export_refcoco, load_labelstudio_export
 from exporters.synthetic import LABEL_CONFIG, brush_result, polygon_result, rectangle_result, text_result
-from groundlabel import cli
 from groundlabel.errors import UserError
 from groundlabel.ls_format import brush_rle_encode
+from groundlabel_cli import main as cli
 
 W, H = 40, 30
 TRI = [[10, 10], [60, 10], [30, 60]]

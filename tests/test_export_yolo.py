@@ -19,8 +19,8 @@ from exporters.registry import Exporter, exporter_names, get_exporter, register_
 from exporters.steps import splitter
 from exporters.synthetic import LABEL_CONFIG, polygon_result, rectangle_result
 from exporters.yolo import join_parts, label_name, yaml_string
-from groundlabel import cli
 from groundlabel.errors import UserError
+from groundlabel_cli import main as cli
 
 # --- a reader of the documented format ---------------------------------------------------------------
 

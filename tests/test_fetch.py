@@ -603,7 +603,7 @@ def test_local_files_and_uploads_resolve_alike_for_workers_and_exporters(tmp_pat
 
 def test_export_cli_allowed_hosts(server, other_server, tmp_path, monkeypatch):
     from exporters.synthetic import polygon_result
-    from groundlabel import cli
+    from groundlabel_cli import main as cli
 
     for name in ("GROUNDLABEL_ALLOWED_HOSTS", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
         monkeypatch.delenv(name, raising=False)

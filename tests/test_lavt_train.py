@@ -196,7 +196,7 @@ def test_training_on_generated_shapes_beats_the_untrained_model(tmp_path, one_th
 
 
 def test_cli_train_resume_and_eval(small_dataset, tmp_path, capsys, one_thread):
-    from groundlabel.cli import main
+    from groundlabel_cli.main import main
 
     root, vocab = small_dataset
     common = [
@@ -298,7 +298,7 @@ def test_trains_on_what_the_refcoco_exporter_writes(small_dataset, tmp_path, cap
     """Label Studio annotations → export_refcoco → train-lavt / eval-lavt: the loop closes."""
     exporters = pytest.importorskip("exporters")
     from exporters.synthetic import polygon_result, text_result
-    from groundlabel.cli import main
+    from groundlabel_cli.main import main
 
     root, vocab = small_dataset
     source = Refer(root)

@@ -160,8 +160,8 @@ def test_engine_refine_pamr():
 
 
 def test_worker_setting_and_cli_flag():
-    from groundlabel.cli import build_parser
     from groundlabel.settings import Settings
+    from groundlabel_cli.main import build_parser
     from workers.engines import gem_config
 
     assert gem_config(Settings.from_env({"GROUNDLABEL_GEM_REFINE": "pamr"}).engines).refine == "pamr"

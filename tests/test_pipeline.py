@@ -10,11 +10,12 @@ pytest.importorskip("torch")
 
 from conftest import make_tiny_gem_engine, png_bytes  # noqa: E402
 
-from groundlabel.cli import main  # noqa: E402
 from groundlabel.protocol import JobPayload  # noqa: E402
 from groundlabel.settings import Settings  # noqa: E402
 from groundlabel.spec import parse_label_config  # noqa: E402
-from workers import engines, predict_files  # noqa: E402
+from groundlabel_cli import predict as predict_files  # noqa: E402
+from groundlabel_cli.main import main  # noqa: E402
+from workers import engines  # noqa: E402
 from workers.jobs import run_prediction_job  # noqa: E402
 from workers.pipeline import prompt_groups  # noqa: E402
 

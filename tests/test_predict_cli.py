@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from groundlabel.cli import main
 from groundlabel.errors import UserError
 from groundlabel.ls_format import brush_rle_decode
 from groundlabel.spec import parse_label_config
-from workers.predict_files import default_label_config, expand_images, image_reference, parse_labels
+from groundlabel_cli.main import main
+from groundlabel_cli.predict import default_label_config, expand_images, image_reference, parse_labels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,5 +245,5 @@ def test_user_errors_exit_2(tmp_path: Path, images: list[Path], tiny_gem_config,
 
 
 def test_cli_module_imports_no_torch() -> None:
-    code = "import sys, workers.predict_files, workers.images; assert 'torch' not in sys.modules"
+    code = "import sys, groundlabel_cli.predict, workers.images; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

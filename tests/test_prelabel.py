@@ -10,7 +10,6 @@ import pytest
 from conftest import png_bytes
 from labelstudio_server import PROJECT_CONFIG, require_label_studio, shared_label_studio
 
-from groundlabel.cli import main
 from groundlabel.errors import UserError
 from groundlabel.ls_client import (
     LabelStudioError,
@@ -22,6 +21,7 @@ from groundlabel.ls_client import (
 from groundlabel.protocol import versioned
 from groundlabel.settings import Settings
 from groundlabel.spec import parse_label_config, read_spec
+from groundlabel_cli.main import main
 from labeling_backend.prelabel import PrelabelReport, chunked, plan_tasks, run_prelabel
 from workers.engines import announced_version, model_versions
 

@@ -40,7 +40,7 @@ def test_inprocess_backend_answers_with_sam3_instances(tiny_gem_env, tmp_path):
         f"""
         import json, sys
         from fastapi.testclient import TestClient
-        from groundlabel.commands.serve import build_app
+        from groundlabel_cli.serve import build_app
         from groundlabel.settings import Settings
         settings = Settings.from_env(predict_timeout=200)
         with TestClient(build_app(settings)) as client:

@@ -19,8 +19,8 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from sam3_tiny import save_tiny_sam3  # noqa: E402
 
 from exporters import export_coco  # noqa: E402
-from groundlabel.cli import main  # noqa: E402
 from groundlabel.ls_format import brush_rle_decode  # noqa: E402
+from groundlabel_cli.main import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from groundlabel.cli import main
+from groundlabel_cli.main import main
 
 TINY_SAM = str(Path(__file__).parent / "assets" / "tiny_sam.pt")
 

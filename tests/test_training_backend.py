@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from groundlabel.cli import main
 from groundlabel.model_store import ModelStore
 from groundlabel.settings import Settings
 from groundlabel.training_queue import LOCK_PREFIX, read_status, remember_project
+from groundlabel_cli.main import main
 from labeling_backend.app import create_app
 
 BASE = "gem-test-base"

@@ -27,11 +27,11 @@ from exporters.coco import export_coco  # noqa: E402
 from exporters.geometry import decode_segmentation  # noqa: E402
 from exporters.images import ImageResolver  # noqa: E402
 from exporters.synthetic import brush_result  # noqa: E402
-from groundlabel.commands.training import split_coco_images  # noqa: E402
 from groundlabel.errors import UserError  # noqa: E402
 from groundlabel.ls_format import brush_rle_encode  # noqa: E402
 from groundlabel.model_store import ModelStore  # noqa: E402
 from groundlabel.settings import EngineSettings  # noqa: E402
+from groundlabel_cli.training import split_coco_images  # noqa: E402
 from workers.evaluation.scenes import COLOURS, make_scenes  # noqa: E402
 from workers.evaluation.tiny_clip import export_open_clip  # noqa: E402
 from workers.training.gem import distill_project, mask_classes, read_dataset  # noqa: E402

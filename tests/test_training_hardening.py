@@ -23,11 +23,11 @@ import pytest
 from fastapi.testclient import TestClient
 from test_training_store import BUCKET, s3_server  # noqa: F401 (the session's S3 server)
 
-from groundlabel.cli import main
 from groundlabel.errors import UserError
 from groundlabel.model_store import ModelStore, S3Backend, StoreFileError
 from groundlabel.settings import Settings
 from groundlabel.training_queue import LOCK_PREFIX, STATUS_PREFIX
+from groundlabel_cli.main import main
 from labeling_backend.app import create_app
 
 BASE = "gem-test-base"
@@ -341,7 +341,7 @@ def test_the_token_never_goes_to_a_host_a_request_named(redis_url, tmp_path, sta
 
 
 def test_the_token_goes_to_label_studio_url_or_a_host_the_operator_named(listening_host, tmp_path):
-    from groundlabel.commands.training import export_project
+    from groundlabel_cli.training import export_project
 
     port = listening_host.server_address[1]
     here = f"http://127.0.0.1:{port}"

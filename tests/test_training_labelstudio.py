@@ -305,7 +305,7 @@ def test_start_training_on_a_project_without_expressions_distils_gem_and_serves_
     import httpx
     import redis
 
-    from groundlabel.cli import main
+    from groundlabel_cli.main import main
     from workers.evaluation.scenes import COLOURS, make_scenes
     from workers.evaluation.tiny_clip import export_open_clip
 

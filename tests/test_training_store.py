@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from conftest import free_port
 
-from groundlabel.cli import main
 from groundlabel.errors import UserError
 from groundlabel.model_store import CLAIM, META, FolderBackend, ModelStore, S3Backend, store_path
 from groundlabel.settings import Settings
+from groundlabel_cli.main import main
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")

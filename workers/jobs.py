@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from groundlabel.errors import UserError
@@ -158,6 +158,24 @@ def run_json_timed(text: str) -> tuple[str, float]:
     start = time.perf_counter()
     out = run_json(text)
     return out, time.perf_counter() - start
+
+
+#: The training job's body, given by the command that starts the worker (it composes the exporters with the
+#: workers' fine-tuning, so it lives with the commands); :func:`run_training` runs it.
+_training: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
+
+
+def provide_training(function: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Make ``function`` the body of :func:`run_training` in this process."""
+    _training[:] = [function]
+
+
+def run_training(payload: dict[str, Any]) -> dict[str, Any]:
+    """The RQ job of the ``train`` queue (the protocol's ``TRAIN_FUNCTION``): the body that the worker's
+    command provided (:func:`provide_training`)."""
+    if not _training:
+        raise RuntimeError("no training job in this process: start `groundlabel worker --queues train`")
+    return _training[0](payload)
 
 
 def init_process(settings: Settings) -> None:

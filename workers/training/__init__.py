@@ -2,5 +2,5 @@
 the held-out part, store the new version and promote it when it is better (:mod:`workers.training.lavt`).
 
 The export itself (Label Studio → RefCOCO folder) is done by the exporters; the job that chains both is
-:func:`groundlabel.commands.training.run_training`.
+:func:`groundlabel_cli.training.run_training`.
 """

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from exporters.registry import ExportOptions, exporter_names, get_exporter, layout_help
 from groundlabel.errors import UserError
-
-from .registry import ExportOptions, exporter_names, get_exporter, layout_help
 
 _EPILOG = """\
 input:

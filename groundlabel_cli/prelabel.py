@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 def make_runner(settings: Settings) -> JobRunner:
     """``serve``'s runner (RQ on Redis, or spawned child processes), checked for a listening worker."""
-    from groundlabel.commands.serve import make_runner as serve_runner
     from groundlabel.protocol import QueueUnavailable
+    from groundlabel_cli.serve import make_runner as serve_runner
 
     runner = serve_runner(settings, warm_up=False)
     if not settings.queue.redis_url:

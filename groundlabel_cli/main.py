@@ -1,4 +1,4 @@
-"""The `groundlabel` command: one verb per capability, each defined next to the code it runs.
+"""The `groundlabel` command: the parser of every verb and the console script's entry point.
 
 Every module listed in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which adds its verbs.
 Those modules import nothing heavy at module level (no torch), so ``groundlabel --help`` is instant
@@ -16,16 +16,16 @@ from groundlabel import __version__
 from groundlabel.errors import UserError
 
 COMMAND_MODULES: list[str] = [
-    "workers.predict_files",
+    "groundlabel_cli.predict",
     "workers.evaluation.cli",
     "workers.models.lavt.cli",
     "workers.models.clipself.cli",
     "workers.models.sam.tiny",
-    "exporters.cli",
-    "groundlabel.commands.serve",
-    "groundlabel.commands.prelabel",
-    "groundlabel.commands.models",
-    "workers.worker",
+    "groundlabel_cli.export",
+    "groundlabel_cli.serve",
+    "groundlabel_cli.prelabel",
+    "groundlabel_cli.models",
+    "groundlabel_cli.worker",
 ]
 
 

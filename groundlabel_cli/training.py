@@ -4,13 +4,13 @@ A project with referring expressions is exported as RefCOCO and fine-tunes LAVT;
 TextArea, or no text in it) is exported as COCO and distils GEM's CLIP on its images
 (:mod:`workers.training.gem`, ``groundlabel distill``'s code), scored on its masks.
 
-:func:`run_training` is the RQ job function of the ``train`` queue (``groundlabel worker --queues train``);
-it composes the exporters (the same code as ``groundlabel export --format refcoco``) with the workers'
-fine-tuning (:mod:`workers.training.lavt`, built on ``groundlabel train-lavt``'s training loop), which is
-why it lives with the composition roots. Its progress goes to the worker's log (progress bars, one line
-per epoch) and to the project's training status on Redis (:mod:`groundlabel.training_queue`), read by
-the backend's ``/job_status`` and ``/metrics``. A job that fails leaves the project's promoted version as
-it was; the failure callback records the reason.
+:func:`run_training` is the body of the ``train`` queue's job (``groundlabel worker --queues train``
+gives it to :func:`workers.jobs.run_training`); it composes the exporters (the same code as ``groundlabel
+export --format refcoco``) with the workers' fine-tuning (:mod:`workers.training.lavt`, built on
+``groundlabel train-lavt``'s training loop), which is why it lives with the composition roots. Its
+progress goes to the worker's log (progress bars, one line per epoch) and to the project's training status
+on Redis (:mod:`groundlabel.training_queue`), read by the backend's ``/job_status`` and ``/metrics``. A job
+that fails leaves the project's promoted version as it was; the failure callback records the reason.
 """
 
 from __future__ import annotations
