@@ -20,9 +20,7 @@ Scenarios:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -39,6 +37,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "backend_hardening.json"
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import write_result  # noqa: E402
+
 CONFIG = """<View><Image name="image" value="$image"/>
 <PolygonLabels name="poly" toName="image"><Label value="Thing"/></PolygonLabels></View>"""
 AUTH = ("bench", "bench-secret")
@@ -233,18 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"repo={args.repo} cpu_count={os.cpu_count()} load={os.getloadavg()[0]:.1f}")
     for row in rows:
         print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "args": {**vars(args), "repo": str(args.repo)},
-                "machine": platform.platform(),
-                "cpu_count": os.cpu_count(),
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
+    write_result(RESULTS, {"args": {**vars(args), "repo": str(args.repo)}, "rows": rows})
     print(f"wrote {RESULTS.relative_to(REPO)}")
     return 0
 

@@ -31,7 +31,6 @@ import base64
 import io
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -46,6 +45,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "backend_load.json"
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import write_result  # noqa: E402
 
 TINY = {
     "embed_dim": 24,
@@ -396,15 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|" + "---|" * len(columns))
         for row in overhead_rows:
             print("| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "machine": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "load_average": load,
-        "rows": rows,
-        "overhead": overhead_rows,
-    }
-    RESULTS.write_text(json.dumps({"args": {**vars(args), "repo": str(args.repo)}, **report}, indent=2))
+    report = {"load_average": load, "rows": rows, "overhead": overhead_rows}
+    write_result(RESULTS, {"args": {**vars(args), "repo": str(args.repo)}, **report})
     print(f"wrote {RESULTS.relative_to(REPO)}")
     return 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -36,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_result  # noqa: E402
 from exporters.synthetic import LABEL_CONFIG, make_export  # noqa: E402
 
 #: The last revision before the export speed-ups (compiled brush decoder, COCO RLE encoder, orjson).
@@ -152,25 +152,18 @@ def main() -> int:
         same = "identical" if identical else "DIFFERENT"
         print(f"instances.json of before and after: {same} (but the date)")
 
-    results_dir = Path(__file__).resolve().parent / "results"
-    results_dir.mkdir(exist_ok=True)
-    (results_dir / "export_speed.json").write_text(
-        json.dumps(
-            {
-                "tasks": args.tasks,
-                "regions_per_task": args.regions,
-                "image_size": [640, 480],
-                "export_file_mb": round(size_mb, 1),
-                "annotations": annotations,
-                "baseline": args.baseline,
-                "identical_to_baseline": identical,
-                "python": platform.python_version(),
-                "cpu_threads": os.cpu_count(),
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_result(
+        Path(__file__).resolve().parent / "results" / "export_speed.json",
+        {
+            "tasks": args.tasks,
+            "regions_per_task": args.regions,
+            "image_size": [640, 480],
+            "export_file_mb": round(size_mb, 1),
+            "annotations": annotations,
+            "baseline": args.baseline,
+            "identical_to_baseline": identical,
+            "rows": rows,
+        },
     )
     return 0 if identical is not False else 1
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_result  # noqa: E402
 from groundlabel.ls_access import FetchSettings, clear_token_cache  # noqa: E402
 from workers.fetch import fetch_image  # noqa: E402
 
@@ -132,9 +131,7 @@ def main() -> int:
             f"{r['median_ms']:>10.1f} {r['min_ms']:>8.1f}"
         )
     out = ROOT / "benchmarks" / "results" / "fetch_speed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"python": platform.python_version(), "machine": platform.machine(), "repeat": args.repeat}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_result(out, {"meta": {"repeat": args.repeat}, "rows": rows})
     print(f"\nwritten {out.relative_to(ROOT)}")
     return 0
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -337,9 +336,9 @@ def table(rows: list[dict]) -> str:
 
 
 def write(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    from benchmarks.common import write_result
+
+    print(f"wrote {write_result(path, result)}")
 
 
 def csv_of(kind: Callable[[str], Any]) -> Callable[[str], list]:

@@ -14,7 +14,6 @@ Writes ``benchmarks/results/lavt_speed.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import peak_rss_mib  # noqa: E402
+from benchmarks.common import peak_rss_mib, write_result  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -110,20 +109,9 @@ def main() -> int:
             f"| {r['variant']} | {r['params_M']} | {r['precision']} | {r['batch']} | {r['ms_per_batch']} | "
             f"{r['expr_per_s']} | {r['peak_MiB']} ({r['peak_kind']}) |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "device": device_name,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "size": args.size,
-                "repeats": repeats,
-                "rows": rows,
-            },
-            indent=2,
-        )
+    out = write_result(
+        args.out,
+        {"device": device_name, "size": args.size, "repeats": repeats, "rows": rows},
     )
     print(f"wrote {out}")
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import write_result  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("original", "maskclip", "gem", "clip_surgery", "sclip", "clearclip", "naclip", "clipself")
@@ -100,11 +102,8 @@ def main() -> int:
     print(f"{'-' * 26}-+-{'-' * 9}-+-{'-' * 9}")
     for r in rows:
         print(f"{r['what']:<26} | {r['ms']:9.1f} | {r['ms_per_image']:9.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "size": args.size, "batch": args.batch, "device": dev_name}
-    out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_result(args.out, {**meta, 'rows': rows})}")
     return 0
 
 

@@ -16,7 +16,6 @@ and writes benchmarks/results/quality.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_result  # noqa: E402
 from workers.evaluation.quality import (  # noqa: E402
     adaptive_inverse_temperatures,
     evaluate_tiny_clip,
@@ -123,22 +123,18 @@ def main() -> int:
     )
     print(format_results(results, args.bg_threshold))
     print(f"total {time.perf_counter() - start:.1f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "checkpoint": Path(args.checkpoint).name,
-                "target": args.target,
-                "scenes": args.scenes,
-                "bg_threshold": args.bg_threshold,
-                "adaptive_inverse_temperatures": temps,
-                "validated_inverse_temperature": temp,
-                "validation_sweep": [r.row() for r in sweep],
-                "results": [r.row() for r in results],
-            },
-            indent=2,
-        )
+    out = write_result(
+        args.out,
+        {
+            "checkpoint": Path(args.checkpoint).name,
+            "target": args.target,
+            "scenes": args.scenes,
+            "bg_threshold": args.bg_threshold,
+            "adaptive_inverse_temperatures": temps,
+            "validated_inverse_temperature": temp,
+            "validation_sweep": [r.row() for r in sweep],
+            "results": [r.row() for r in results],
+        },
     )
     print(f"wrote {out}")
     return 0
@@ -211,8 +207,7 @@ def methods_table(args: argparse.Namespace) -> int:
         print(format_results(results, args.bg_threshold))
         rows += [{"model": label, **r.row()} for r in results]
     out = Path(args.out).with_name("quality_methods.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"scenes": args.scenes, "target": args.target, "results": rows}, indent=2))
+    write_result(out, {"scenes": args.scenes, "target": args.target, "results": rows})
     print(f"wrote {out}")
     return 0
 
@@ -237,19 +232,15 @@ def sam_table(args: argparse.Namespace) -> int:
     print()
     print(format_rows(clicks).replace("mIoU ", "IoU  "))
     print(f"total {time.perf_counter() - start:.1f} s")
-    out = Path(args.out).with_name("quality_sam.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "scenes": args.scenes,
-                "gem_inverse_temperature": temp,
-                "sam_checkpoint": Path(args.sam_checkpoint).name,
-                "label_maps": [r.as_dict() for r in rows],
-                "clicks": [r.as_dict() for r in clicks],
-            },
-            indent=2,
-        )
+    out = write_result(
+        Path(args.out).with_name("quality_sam.json"),
+        {
+            "scenes": args.scenes,
+            "gem_inverse_temperature": temp,
+            "sam_checkpoint": Path(args.sam_checkpoint).name,
+            "label_maps": [r.as_dict() for r in rows],
+            "clicks": [r.as_dict() for r in clicks],
+        },
     )
     print(f"wrote {out}")
     return 0
@@ -277,8 +268,7 @@ def sam_tune_table(args: argparse.Namespace) -> int:
         print(f"{r['method']:<16} | {r['min_iou']:7.2f} | {r['min_score']:9.2f} | {r['mIoU']:5.2f} | "
               f"{r['boundary_F']:10.2f} | {r['threshold']}")  # fmt: skip
     out = Path(args.out).with_name("quality_sam_tuning.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"seed": TUNING_SEED, "gem_inverse_temperature": temp, "rows": rows}, indent=2))
+    write_result(out, {"seed": TUNING_SEED, "gem_inverse_temperature": temp, "rows": rows})
     print(f"wrote {out}")
     return 0
 

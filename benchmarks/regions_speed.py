@@ -21,9 +21,7 @@ labels stay, to show what grows with what.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_result  # noqa: E402
 from groundlabel.ls_format import brush_rle_encode  # noqa: E402
 from groundlabel.spec import ControlSpec, LabelingSpec  # noqa: E402
 from workers.regions import regions_from_scores  # noqa: E402
@@ -176,11 +175,7 @@ def main() -> int:
     print(f"worst ratio: {max(r['ratio'] for r in rows):.2f}")
 
     out = Path(__file__).resolve().parent / "results" / "regions_speed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "opencv_threads": cv2.getNumThreads(),
         "labels": args.labels,
@@ -188,7 +183,7 @@ def main() -> int:
         "repeat": args.repeat,
         "area_sweep": args.area_sweep,
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_result(out, {"meta": meta, "rows": rows})
     print(f"\nwritten {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
     return 0
 

@@ -25,7 +25,6 @@ batch 1 only (a real-size forward takes tens of seconds there). Writes ``benchma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import peak_rss_mib  # noqa: E402
+from benchmarks.common import peak_rss_mib, write_result  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -202,24 +201,18 @@ def _report(args, rows: list[dict], engine, repeats: int, params: float, size: i
             f"| {r['batch']} | {r['images_per_s_1_label']} | {r[f'images_per_s_{n}_labels']} | "
             f"{r['extra_label_ms_per_image']} | {r['peak_MiB']} ({r['peak_kind']}) |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "device": name,
-                "precision": precision,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "params_M": round(params, 1),
-                "input_size": size,
-                "image_size": [640, 480],
-                "mode": mode,
-                "repeats": repeats,
-                "rows": rows,
-            },
-            indent=2,
-        )
+    out = write_result(
+        args.out,
+        {
+            "device": name,
+            "precision": precision,
+            "params_M": round(params, 1),
+            "input_size": size,
+            "image_size": [640, 480],
+            "mode": mode,
+            "repeats": repeats,
+            "rows": rows,
+        },
     )
     print(f"wrote {out}")
     return 0

@@ -14,7 +14,6 @@ costs more than a tenth of the first.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.common import write_result  # noqa: E402
 from workers.models.sam import FAMILIES, Prompt, SamConfig, SamEngine, family, real_config  # noqa: E402
 
 
@@ -105,14 +105,7 @@ def main() -> int:
             f"{r['next_click_s'] * 1000:8.1f}ms | {r['ratio']:5.3f} | {r['embedding_s'] * 1000:7.0f}ms | "
             f"{r['embedding_MiB']:6.1f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"device": args.device, "threads": torch.get_num_threads(), "image": [w, h], "results": rows},
-            indent=2,
-        )
-    )
+    out = write_result(args.out, {"device": args.device, "image": [w, h], "results": rows})
     print(f"wrote {out}")
     slow = [r["family"] for r in rows if r["ratio"] > 0.1]
     if slow:

@@ -14,7 +14,6 @@ Writes ``benchmarks/results/training_speed.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import peak_rss_mib  # noqa: E402
+from benchmarks.common import peak_rss_mib, write_result  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -105,10 +104,7 @@ def main() -> int:
             f"{r['variant']:<7} | {r['batch']:>5} | {r['image_size']:>4} | {r['seconds_per_step']:6.3f} | "
             f"{r['refs_per_second']:6.1f} | {r['peak_mib']:8.0f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"device": str(device), "torch": torch.__version__, "steps": steps, "rows": rows}
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_result(args.out, {"device": str(device), "steps": steps, "rows": rows})
     print(f"written {out}")
     return 0
 

@@ -21,13 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import write_result  # noqa: E402
 
 #: The last revision whose class-prompt path kept full-size score maps.
 BASELINE = "7b9a24a"
@@ -120,17 +122,8 @@ def main() -> int:
     if estimate is not None:
         print(f"before, {args.prompts} prompts (extrapolated): {estimate:.0f} MB")
     out = Path(__file__).resolve().parent / "results" / "worker_memory.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "size": args.size,
-        "controls": args.controls,
-        "baseline": args.baseline,
-    }
-    out.write_text(
-        json.dumps({"meta": meta, "rows": rows, "before_extrapolated_mb": estimate}, indent=2) + "\n"
-    )
+    meta = {"size": args.size, "controls": args.controls, "baseline": args.baseline}
+    write_result(out, {"meta": meta, "rows": rows, "before_extrapolated_mb": estimate})
     return 0
 
 

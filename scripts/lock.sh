@@ -7,6 +7,7 @@
 # with a sha256 for every file, by uv (pinned below, installed into a throwaway environment).
 # all.txt is the product with every extra; backend.txt, worker.txt and export.txt are the partial
 # installs, resolved with all.txt as a constraint so that they pin exactly the same versions.
+# gemtorch.txt is the official gem-torch for benchmarks/gem_speed.py: only what .venv lacks (--no-deps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UV_VERSION=0.13.10
@@ -29,4 +30,5 @@ compile pyproject.toml --extra worker --extra s3 -c requirements/all.txt -o requ
 compile pyproject.toml --extra export -c requirements/all.txt -o requirements/export.txt
 compile requirements/labelstudio.in -o requirements/labelstudio.txt "$@"
 compile requirements/build.in -o requirements/build.txt "$@"
+compile requirements/gemtorch.in --no-deps -o requirements/gemtorch.txt "$@"
 echo "lock: requirements/*.txt refreshed; commit them with pyproject.toml" >&2

@@ -119,7 +119,7 @@ def test_partial_locks_pin_the_same_versions_as_the_full_one(name):
         assert full[key]["version"] == entry["version"], f"{name} and all.txt disagree on {key}"
 
 
-@pytest.mark.parametrize("name", ["all.txt", *PARTIAL, "labelstudio.txt", "build.txt"])
+@pytest.mark.parametrize("name", ["all.txt", *PARTIAL, "labelstudio.txt", "build.txt", "gemtorch.txt"])
 def test_every_pin_carries_hashes(name):
     for key, entry in lock(name).items():
         assert entry["hashes"] >= 1, f"{name}: {key} has no --hash"
@@ -130,6 +130,15 @@ def test_the_test_label_studio_is_locked_with_a_sentry_sdk_it_starts_with():
     assert pins["label-studio"]["version"] == "1.23.2"
     # Label Studio 1.23.2 passes send_default_pii to sentry_sdk.init; sentry-sdk 3 refuses it.
     assert pins["sentry-sdk"]["version"].split(".")[0] == "2"
+
+
+def test_the_gem_torch_lock_adds_to_the_product_environment_without_shadowing_it():
+    """benchmarks/gem_speed.py's official gem-torch goes into a folder put first on .venv's sys.path: it pins
+    gem-torch 1.0.1 on open_clip 2.23.0 and nothing that requirements/all.txt pins (torch included)."""
+    pins = lock("gemtorch.txt")
+    assert pins["gem-torch"]["version"] == "1.0.1"
+    assert pins["open-clip-torch"]["version"] == "2.23.0"
+    assert not (set(pins) - {"open-clip-torch"}) & set(lock("all.txt"))
 
 
 def test_build_lock_satisfies_the_build_system():
@@ -176,5 +185,6 @@ def test_setup_and_lock_scripts_use_the_locks():
     assert "install_locked .ls-venv requirements/labelstudio.txt" in setup
     assert re.search(r"pip install -q --require-hashes --no-deps -r \"\$lock\"", setup)
     locker = (REPO / "scripts" / "lock.sh").read_text()
-    for name in ("all.txt", "backend.txt", "worker.txt", "export.txt", "labelstudio.txt", "build.txt"):
+    for name in ("all.txt", "backend.txt", "worker.txt", "export.txt", "labelstudio.txt", "build.txt",
+                 "gemtorch.txt"):
         assert f"requirements/{name}" in locker
