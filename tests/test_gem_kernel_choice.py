@@ -118,7 +118,30 @@ def test_the_choice_is_timed_once_kept_in_the_cache_folder_and_read_back(tmp_pat
     assert (other.path, other.source) == ("packed" if ONEDNN else "torch", "timed")
     kept = json.loads((tmp_path / CACHE_FILE).read_text())
     assert set(kept["choices"]) == {"cpu A | torch 9", "cpu B | torch 9"}
-    assert [p.name for p in tmp_path.iterdir()] == [CACHE_FILE]  # no temporary file left behind
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [CACHE_FILE, CACHE_FILE + ".lock"]  # no temporary file left behind
+
+
+def test_a_process_loading_meanwhile_waits_and_reads_the_first_ones_choice(tmp_path):
+    """While another process holds the machine's lock (timing), a load waits, then reads its choice."""
+    import fcntl
+    import threading
+
+    tower = GemVisionTower(tiny_clip().visual)
+    measure = Measure({"packed": 2.0, "onednn": 2.0, "torch": 1.0})
+    result = []
+    with open(tmp_path / (CACHE_FILE + ".lock"), "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        waiting = threading.Thread(
+            target=lambda: result.append(choose(tower, "auto", tmp_path, measure=measure, key="k"))
+        )
+        waiting.start()
+        waiting.join(0.3)
+        assert waiting.is_alive() and not result  # blocked on the lock, nothing timed
+        kept = {"version": 1, "choices": {"k": {"path": "onednn", "timings_s": {"onednn": 0.5}}}}
+        (tmp_path / CACHE_FILE).write_text(json.dumps(kept))
+    waiting.join(30)
+    assert [(c.path, c.source) for c in result] == [("onednn", "cached")] and measure.calls == []
 
 
 def test_a_forced_path_is_taken_without_timing_and_a_bad_one_refused(tmp_path):

@@ -14,12 +14,14 @@ more than :data:`TOLERANCE`, so the choice is never slower than plain PyTorch by
 The choice is written to :data:`CACHE_FILE` in the cache folder (``GemConfig.kernel_cache``; the workers'
 ``$XDG_CACHE_HOME/groundlabel``), keyed by :func:`machine_key`: the CPU (model name and a hash of its flags),
 the torch version, the thread count, the paths allowed, the tower's shape and the token count. Later loads
-with the same key read it and time nothing. ``GemConfig.cpu_kernels`` (``GROUNDLABEL_GEM_CPU_KERNELS``)
+with the same key read it and time nothing; processes loading at once take turns (a lock beside the file),
+so only the first times. ``GemConfig.cpu_kernels`` (``GROUNDLABEL_GEM_CPU_KERNELS``)
 forces a path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -177,24 +179,47 @@ def choose(
     with _memo_lock:
         if memo_key in _memo:
             return _memo[memo_key]
-        kept = _read(file).get(key) if file is not None else None
-        if isinstance(kept, dict) and kept.get("path") in paths:
-            choice = Choice(kept["path"], "cached", dict(kept.get("timings_s") or {}))
-        else:
-            timings = dict((measure or (lambda ps: time_paths(_probe(tower, tokens), ps)))(paths))
-            choice = Choice(fastest(timings), "timed", timings)
-            log.info(
-                "GEM CPU kernels: %s (%s; %s)",
-                choice.path,
-                ", ".join(f"{p} {t * 1000:.0f} ms" for p, t in timings.items()),
-                key,
-            )
-            if file is not None:
-                _store(file, key, choice)
-        if choice.path != "packed":
-            kernels.release_packed_weights()  # the timing's packed copies, unused from now on
+        with _machine_lock(file):
+            kept = _read(file).get(key) if file is not None else None
+            if isinstance(kept, dict) and kept.get("path") in paths:
+                choice = Choice(kept["path"], "cached", dict(kept.get("timings_s") or {}))
+            else:
+                timings = dict((measure or (lambda ps: time_paths(_probe(tower, tokens), ps)))(paths))
+                choice = Choice(fastest(timings), "timed", timings)
+                log.info(
+                    "GEM CPU kernels: %s (%s; %s)",
+                    choice.path,
+                    ", ".join(f"{p} {t * 1000:.0f} ms" for p, t in timings.items()),
+                    key,
+                )
+                if file is not None:
+                    _store(file, key, choice)
+            if choice.path != "packed":
+                kernels.release_packed_weights()  # the timing's packed copies, unused from now on
         _memo[memo_key] = choice
         return choice
+
+
+@contextlib.contextmanager
+def _machine_lock(file: Path | None) -> Iterator[None]:
+    """Holds an exclusive lock beside ``file`` (``flock``) while the choice is read, timed and written, so
+    that processes loading at once on a machine time one after the other (the later ones read the first's
+    choice) instead of timing each other's load. Without a file, or where locking fails, no lock."""
+    if file is None:
+        yield
+        return
+    try:
+        import fcntl
+
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(file.with_name(file.name + ".lock"), "a")  # noqa: SIM115 (held across the yield)
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def _read(file: Path | None) -> dict:
