@@ -40,8 +40,24 @@ SUPPORTED_CONTROLS: dict[str, str] = {
     "KeyPointLabels": "keypointlabels",
 }
 
-#: The engines that answer class prompts and typed phrases (a control's ``engine`` attribute).
-CLASS_ENGINES = ("gem", "sam3")
+#: The built-in engines that answer class prompts and typed phrases (a control's ``engine`` attribute):
+#: the names the backend knows; the workers' engine registry holds the same (a test checks).
+BUILTIN_ENGINES = ("gem", "sam3")
+#: The engine names this process accepts: the built-in ones and those its engine registry added.
+CLASS_ENGINES: list[str] = list(BUILTIN_ENGINES)
+
+
+def declare_engine(name: str) -> None:
+    """Accept ``name`` as an engine of class prompts in this process (the engine registry calls it)."""
+    if name not in CLASS_ENGINES:
+        CLASS_ENGINES.append(name)
+
+
+def withdraw_engine(name: str) -> None:
+    """No longer accept ``name`` (an engine that was declared, not a built-in one)."""
+    if name in CLASS_ENGINES and name not in BUILTIN_ENGINES:
+        CLASS_ENGINES.remove(name)
+
 
 #: Control tags that may be present but that groundlabel neither fills nor complains about.
 PASSIVE_CONTROLS = {"TextArea", "Choices", "Labels", "Number", "Rating", "Taxonomy", "Relations"}

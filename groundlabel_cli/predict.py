@@ -28,6 +28,7 @@ from groundlabel.errors import UserError
 from groundlabel.settings import Settings, parse_temperature, split_refine, weights_source
 from workers.models.gem.config import METHODS
 from workers.models.sam.cli import REFINE_CHOICES, add_sam_arguments, sam_engine_from_args
+from workers.registry import class_engines, get_entry
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -100,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     model.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     sam3 = p.add_argument_group("SAM 3 (docs/sam3.md)")
-    sam3.add_argument("--engine", choices=["gem", "sam3"], default=None,
+    sam3.add_argument("--engine", choices=class_engines(), default=None,
                       help="engine of the controls whose tag names none (default $GROUNDLABEL_ENGINE, else "
                            "gem); sam3 gives one region per instance")
     sam3.add_argument("--sam3-model", default=None, metavar="HUB_ID|FOLDER|none",
@@ -275,6 +276,13 @@ def build_sam3_engine(args: argparse.Namespace) -> Any:
     return Sam3Engine(config)
 
 
+def _engine(name: str, args: argparse.Namespace, settings: Settings) -> Any:
+    """The engine ``name`` of the registry: GEM and SAM 3 from this command's options, any other from its
+    settings."""
+    flags = {"gem": build_engine, "sam3": build_sam3_engine}.get(name)  # the engines with options here
+    return flags(args) if flags is not None else get_entry(name).build(settings.engines)
+
+
 def _temperature(text: str) -> float | None:
     try:
         return parse_temperature(str(text))
@@ -305,12 +313,10 @@ def run(args: argparse.Namespace) -> int:
     if overlay_dir:
         overlay_dir.mkdir(parents=True, exist_ok=True)
 
-    default = args.engine or Settings.from_env().engines.engine
+    default = args.engine or settings.engines.engine
     needed = engine_specs(spec, default)
-    built = {
-        name: build_sam3_engine(args) if name == "sam3" else build_engine(args) for name in needed
-    }
-    sam = sam_engine_from_args(args, Settings.from_env().engines)
+    built = {name: _engine(name, args, settings) for name in needed}
+    sam = sam_engine_from_args(args, settings.engines)
     tasks: list[dict[str, Any] | None] = [None] * len(sources)
     failures: list[_Item] = []
     used_names: set[str] = set()

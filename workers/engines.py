@@ -19,6 +19,10 @@ from typing import Any
 from groundlabel.errors import UserError
 from groundlabel.ls_access import FetchSettings
 from groundlabel.settings import EngineSettings, Settings, split_refine
+from workers import registry
+from workers.registry import SCORE_MAPS, gem_config, lavt_config, sam3_config, sam_config
+
+__all__ = ["gem_config", "lavt_config", "sam3_config", "sam_config"]  # the registry's, named here too
 
 log = logging.getLogger(__name__)
 
@@ -50,88 +54,37 @@ def fetch_settings() -> FetchSettings:
     return _settings.fetch
 
 
-def gem_config(engines: EngineSettings, *, register: bool = False) -> Any:
-    """The :class:`workers.models.gem.GemConfig` that ``engines`` asks for (validated; no torch).
-
-    ``register``: also register a ``GROUNDLABEL_GEM_MODEL_CONFIG`` architecture with open_clip, as
-    building the engine needs. Raises :class:`UserError` naming the variable when an option is invalid.
-    """
-    from workers.models.gem.config import GemConfig
-
-    if register and engines.gem_model_config:
-        from workers.models.gem.weights import register_model_config
-
-        register_model_config(engines.gem_model_config, "GROUNDLABEL_GEM_MODEL_CONFIG")
-
-    try:
-        return GemConfig(**engines.gem_options())
-    except UserError as exc:
-        raise UserError(f"GROUNDLABEL_GEM_* settings: {exc}") from exc
-
-
-def lavt_config(engines: EngineSettings) -> Any:
-    """The :class:`workers.models.lavt.LavtConfig` that ``engines`` asks for, or None without LAVT."""
-    if not engines.lavt_enabled:
-        return None
-    from workers.models.lavt.config import LavtConfig
-
-    return LavtConfig(**engines.lavt_options())
-
-
-def sam3_config(engines: EngineSettings) -> Any:
-    """The :class:`workers.models.sam3.Sam3Config` that ``engines`` asks for (validated; no torch)."""
-    from workers.models.sam3.config import Sam3Config
-
-    config = Sam3Config(**engines.sam3_options())
-    try:
-        config.validate()
-    except UserError as exc:
-        raise UserError(f"GROUNDLABEL_SAM3_* settings: {exc}") from exc
-    return config
-
-
-def sam_config(engines: EngineSettings) -> Any:
-    """The promptable SAM's :class:`workers.models.sam.SamConfig` (clicks, boxes, ``refine=sam``), or None
-    when ``GROUNDLABEL_SAM_MODEL`` is not set (no torch)."""
-    if not engines.sam_enabled:
-        return None
-    from workers.models.sam.config import SamConfig
-
-    try:
-        return SamConfig(**engines.sam_options())
-    except UserError as exc:
-        raise UserError(f"GROUNDLABEL_SAM_* settings: {exc}") from exc
-
-
 def sam_refines(engines: EngineSettings, kind: str) -> bool:
     """Whether ``refine=sam`` applies to ``kind``'s masks (``"gem"`` or ``"lavt"``)."""
     return split_refine(engines.gem_refine if kind == "gem" else engines.lavt_refine)[1]
 
 
 def model_versions(engines: EngineSettings) -> dict[str, str]:
-    """The name each configured engine gives its predictions: ``gem``, ``sam3`` (a label config may ask
-    for it), and ``lavt`` when configured, else ``gem_for_lavt`` (GEM grounding expressions). Computed
-    without loading any model or reading a weight file (the backend's machine need not hold the weights)."""
-    from workers.models.gem.weights import weights_label
-    from workers.models.lavt.config import lavt_model_version
-
-    config = gem_config(engines)
-    gem = config.model_version(weights_label(config.pretrained))
+    """The name each configured engine gives its predictions: every engine of class prompts in the registry
+    (``gem``, ``sam3``: a label config may ask for any), ``lavt`` when configured, else ``gem_for_lavt``
+    (GEM grounding expressions), and ``sam`` when configured. Computed without loading any model or
+    reading a weight file (the backend's machine need not hold the weights)."""
     from workers.models.sam.config import refined_version
 
-    sam3 = sam3_config(engines).model_version()
     sam = sam_config(engines)
-    extra = {"sam": sam.model_version()} if sam is not None else {}
-    stand_in = gem + STAND_IN_SUFFIX
-    if sam is not None and sam_refines(engines, "gem"):
-        gem, stand_in = refined_version(gem, extra["sam"]), refined_version(stand_in, extra["sam"])
-    lavt = lavt_config(engines)
-    if lavt is None:
-        return {"gem": gem, "gem_for_lavt": stand_in, "sam3": sam3, **extra}
-    lavt_version = lavt_model_version(lavt.variant, engines.lavt_checkpoint)
-    if sam is not None and sam_refines(engines, "lavt"):
-        lavt_version = refined_version(lavt_version, extra["sam"])
-    return {"gem": gem, "lavt": lavt_version, "sam3": sam3, **extra}
+    sam_version = sam.model_version() if sam is not None else None
+
+    def refined(version: str, kind: str) -> str:
+        sharpened = sam_version is not None and sam_refines(engines, kind)
+        return refined_version(version, sam_version) if sharpened else version
+
+    out: dict[str, str] = {}
+    for entry in registry.entries():
+        if entry.answers_class_prompts():
+            version = entry.version(engines)
+            out[entry.name] = refined(version, "gem") if SCORE_MAPS in entry.answers else version
+    if lavt_config(engines) is None:
+        out["gem_for_lavt"] = refined(registry.get_entry("gem").version(engines) + STAND_IN_SUFFIX, "gem")
+    else:
+        out["lavt"] = refined(registry.get_entry("lavt").version(engines), "lavt")
+    if sam_version is not None:
+        out["sam"] = sam_version
+    return out
 
 
 def announced_version(settings: Settings) -> str:
@@ -149,21 +102,29 @@ def announced_version(settings: Settings) -> str:
     return version
 
 
+def get_engine(name: str, project: str | None = None) -> Any:
+    """The engine ``name`` of the registry for ``project``: its promoted trained version when the engine
+    has trained versions, else the process's one (built on first use); :class:`UserError` listing the
+    engines for an unknown name."""
+    entry = registry.get_entry(name)
+    if entry.trained is not None:
+        version = project_version(project, name)
+        trained = _trained_engine(version, entry.trained) if version is not None else None
+        if trained is not None:
+            return trained
+    with _lock:
+        engine = _engines.get(name)
+        if engine is None:
+            log.info("loading %s (%s settings)", name, entry.settings)
+            engine = entry.build(_settings.engines)
+            _engines[name] = engine
+        return engine
+
+
 def get_gem_engine(project: str | None = None) -> Any:
     """The GEM engine for ``project``: its promoted trained (distilled) version, else the process's one
     (built on first use)."""
-    version = project_version(project, "gem")
-    trained = _trained_engine(version, _build_project_gem) if version is not None else None
-    if trained is not None:
-        return trained
-    with _lock:
-        engine = _engines.get("gem")
-        if engine is None:
-            config = gem_config(_settings.engines, register=True)
-            log.info("loading GEM %s (weights %s)", config.model_name, config.pretrained)
-            engine = _new_gem_engine(config)
-            _engines["gem"] = engine
-        return engine
+    return get_engine("gem", project)
 
 
 def default_engine() -> str:
@@ -173,16 +134,7 @@ def default_engine() -> str:
 
 def get_sam3_engine() -> Any:
     """The process's SAM 3 engine (built on first use)."""
-    with _lock:
-        engine = _engines.get("sam3")
-        if engine is None:
-            from workers.models.sam3 import Sam3Engine
-
-            config = sam3_config(_settings.engines)
-            log.info("loading SAM 3 (weights %s)", config.model or "random")
-            engine = Sam3Engine(config)
-            _engines["sam3"] = engine
-        return engine
+    return get_engine("sam3")
 
 
 #: Trained versions kept loaded at once (one per project served), the least recently used dropped first.
@@ -225,31 +177,6 @@ def _weights(version: Any) -> str:
     return str(model_store().weights_path(version))
 
 
-def _build_project_lavt(version: Any) -> Any:
-    from workers.models.lavt import LavtEngine
-    from workers.models.lavt.config import LavtConfig
-
-    return LavtEngine(_weights(version), LavtConfig(**_settings.engines.lavt_options()))
-
-
-def _new_gem_engine(config: Any) -> Any:
-    """A GEM engine for ``config``, with the deployment's choice of packed CPU weights
-    (``GROUNDLABEL_GEM_PACK_WEIGHTS``)."""
-    from workers.models.gem import GemEngine
-    from workers.models.gem.kernels import set_weight_packing
-
-    set_weight_packing(_settings.engines.gem_pack_weights)
-    return GemEngine(config)
-
-
-def _build_project_gem(version: Any) -> Any:
-    from dataclasses import replace
-
-    config = gem_config(_settings.engines, register=True)
-    # the distilled CLIP, in the same architecture
-    return _new_gem_engine(replace(config, pretrained=_weights(version)))
-
-
 def _trained_engine(version: Any, build: Any) -> Any:
     """The engine of a promoted trained version, or None when the model store refuses its weights (not
     safetensors, malformed: logged, and the project gets the base models)."""
@@ -263,14 +190,14 @@ def _trained_engine(version: Any, build: Any) -> Any:
 
 
 def _project_engine(version: Any, build: Any) -> Any:
-    """The engine of a trained version (``build(version)`` on first use), named by the version; the
-    least recently used ones beyond :data:`MAX_PROJECT_ENGINES` are dropped."""
+    """The engine of a trained version (``build(settings, its weights file)`` on first use), named by the
+    version; the least recently used ones beyond :data:`MAX_PROJECT_ENGINES` are dropped."""
     key = f"{version.kind}@{version.project}/{version.name}"
     with _lock:
         engine = _engines.pop(key, None)
         if engine is None:
             log.info("loading %s %s for project %s", version.kind, version.name, version.project)
-            engine = build(version)
+            engine = build(_settings.engines, _weights(version))
             engine.model_version = version.name
         _engines[key] = engine  # most recently used last
         loaded = [k for k in _engines if "@" in k]
@@ -289,26 +216,18 @@ def get_lavt_engine(project: str | None = None) -> Any:
     """The LAVT engine for ``project``: its promoted trained version, else the process's configured one;
     :class:`UserError` when there is neither."""
     version = project_version(project)
-    trained = _trained_engine(version, _build_project_lavt) if version is not None else None
+    trained = _trained_engine(version, registry.get_entry("lavt").trained) if version is not None else None
     if trained is not None:
         return trained
-    with _lock:
-        engine = _engines.get("lavt")
-        if engine is None:
-            config = lavt_config(_settings.engines)
-            if config is None:
-                raise UserError(
-                    "a referring expression needs LAVT: set GROUNDLABEL_LAVT_CHECKPOINT on the workers"
-                )
-            from workers.models.lavt import LavtEngine
-
-            checkpoint = _settings.engines.lavt_checkpoint
-            if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
-                raise UserError(f"GROUNDLABEL_LAVT_CHECKPOINT={checkpoint!r} is not a file")
-            log.info("loading LAVT %s", checkpoint or "(random weights)")
-            engine = LavtEngine(str(Path(checkpoint).expanduser()) if checkpoint else None, config)
-            _engines["lavt"] = engine
-        return engine
+    if "lavt" not in _engines:
+        if lavt_config(_settings.engines) is None:
+            raise UserError(
+                "a referring expression needs LAVT: set GROUNDLABEL_LAVT_CHECKPOINT on the workers"
+            )
+        checkpoint = _settings.engines.lavt_checkpoint
+        if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+            raise UserError(f"GROUNDLABEL_LAVT_CHECKPOINT={checkpoint!r} is not a file")
+    return get_engine("lavt")
 
 
 def sam_enabled() -> bool:
@@ -318,18 +237,9 @@ def sam_enabled() -> bool:
 
 def get_sam_engine() -> Any:
     """The process's promptable SAM (built on first use); None when none is configured."""
-    with _lock:
-        engine = _engines.get("sam")
-        if engine is None:
-            config = sam_config(_settings.engines)
-            if config is None:
-                return None
-            from workers.models.sam import SamEngine
-
-            log.info("loading SAM %s", config.model or f"(random weights, {config.family})")
-            engine = SamEngine(config)
-            _engines["sam"] = engine
-        return engine
+    if "sam" not in _engines and sam_config(_settings.engines) is None:
+        return None
+    return get_engine("sam")
 
 
 def refiner(kind: str) -> Any:
@@ -340,9 +250,9 @@ def refiner(kind: str) -> Any:
 
 
 def set_engine(kind: str, engine: Any) -> None:
-    """Install an already-built engine (``"gem"``, ``"sam3"``, ``"lavt"`` or ``"sam"``) for this process."""
-    if kind not in ("gem", "sam3", "lavt", "sam"):
-        raise ValueError(f"unknown engine kind {kind!r}")
+    """Install an already-built engine of the registry (``"gem"``, ``"sam3"``, ``"lavt"``, ``"sam"``...)
+    for this process; :class:`UserError` for an unknown name."""
+    registry.get_entry(kind)
     with _lock:
         _engines[kind] = engine
 
@@ -355,9 +265,11 @@ def clear_engines() -> None:
 
 def load_all() -> list[str]:
     """Load every configured engine now; returns their model versions."""
-    versions = [get_gem_engine().model_version]
-    if default_engine() == "sam3":
-        versions.append(get_sam3_engine().model_version)
+    gem = get_gem_engine()
+    versions = [gem.model_version]
+    default = get_engine(default_engine())
+    if default is not gem:
+        versions.append(default.model_version)
     if lavt_enabled():
         versions.append(get_lavt_engine().model_version)
     if sam_enabled():

@@ -2,7 +2,7 @@
 
 :func:`run_prediction_job` is the whole job and needs no queue: RQ workers call :func:`run_job` with the
 JSON payload (the result cache is written by the queue's success callback, not here), the in-process
-runner's children call :func:`run_json`. Nothing heavy is imported at module level, so a process can
+runner's children call :func:`run_json_timed`. Nothing heavy is imported at module level, so a process can
 name these functions without importing torch. The payload and result shapes are
 :mod:`groundlabel.protocol`'s; the regions come from :mod:`workers.pipeline`.
 
@@ -10,8 +10,9 @@ What a task gets:
 
 - **Class prompts (GEM)**, the default: every label's prompts (``predicted_values`` synonyms) go through
   GEM as one batch for all the job's tasks; the score maps become regions for every control.
-- **SAM 3**, for the controls whose tag says ``engine="sam3"`` (or all, under ``GROUNDLABEL_ENGINE=sam3``):
-  every instance of each class prompt, and of a typed phrase, becomes its own region with its own score
+- **Another engine of the registry** (:mod:`workers.registry`), for the controls whose tag names it
+  (``engine="sam3"``), or all under ``GROUNDLABEL_ENGINE``: an engine answering instances (SAM 3) gives
+  every instance of each class prompt, and of a typed phrase, its own region with its own score
   (:func:`workers.pipeline.prompt_regions`, :func:`workers.pipeline.text_regions`).
 - **A referring expression (LAVT)**: when the request's context holds a TextArea text, or the task's data
   holds one under the TextArea's ``value="$key"``. Without a configured LAVT model
@@ -113,7 +114,7 @@ def run_prediction_job(payload: JobPayload) -> list[dict[str, Any]]:
     default = engines.default_engine()
 
     def engine_for(name: str) -> Any:
-        return engines.get_sam3_engine() if name == "sam3" else gem
+        return engines.get_engine(name, project)
 
     batch = [i for i in images if not expressions[i] and not clicks]
     for i in images:

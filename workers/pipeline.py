@@ -39,6 +39,7 @@ from workers.regions import (
     working_size,
 )
 from workers.regions.geometry import find_components
+from workers.registry import INSTANCES, get_entry
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +435,7 @@ def click_regions(
     return ImageRegions(results, float(np.mean(scores)) if scores else 0.0, version)
 
 
-# -- SAM 3: one region per instance -------------------------------------------------------------------
+# -- instances (SAM 3): one region each -------------------------------------------------------------------
 
 
 def engine_specs(spec: LabelingSpec, default: str = "gem") -> dict[str, LabelingSpec]:
@@ -559,13 +560,13 @@ def prompt_regions(
     sam: Any = None,
     keep_maps: bool = False,
 ) -> list[ImageRegions | Exception]:
-    """Class prompts through each control's engine (:func:`engine_specs`): GEM's score maps
+    """Class prompts through each control's engine (:func:`engine_specs`), by what the engine answers
+    (:mod:`workers.registry`): instances (:func:`instance_regions`) or score maps
     (:func:`class_prompt_regions`, sharpened by ``sam`` when given; kept on the results with
-    ``keep_maps``) and SAM 3's instances (:func:`instance_regions`), combined per image.
-    ``get_engine(name)`` gives the engine ``"gem"`` or ``"sam3"``."""
+    ``keep_maps``), combined per image. ``get_engine(name)`` gives the engine named ``name``."""
     per_engine = []
     for name, part in (engine_specs(spec, default) or {"gem": spec}).items():
-        if name == "sam3":
+        if INSTANCES in get_entry(name).answers:
             per_engine.append(instance_regions(get_engine(name), part, images, threshold=threshold))
         else:
             per_engine.append(
@@ -591,15 +592,15 @@ def text_regions(
     stand_in_version: str = "",
     sam: Any = None,
 ) -> ImageRegions:
-    """A typed phrase: SAM 3's instances in the controls whose engine is ``sam3`` (:func:`phrase_regions`),
-    LAVT's mask, or GEM's standing in for it, in the others (:func:`expression_regions`; sharpened by
-    ``sam`` when given)."""
+    """A typed phrase: the instances of the phrase in the controls whose engine answers instances
+    (:func:`phrase_regions`), LAVT's mask, or the control's score-map engine standing in for it, in the
+    others (:func:`expression_regions`; sharpened by ``sam`` when given)."""
     parts = []
     for name, part in (engine_specs(spec, default) or {"gem": spec}).items():
-        if name == "sam3":
-            parts.append(phrase_regions(get_engine("sam3"), part, image, text))
+        if INSTANCES in get_entry(name).answers:
+            parts.append(phrase_regions(get_engine(name), part, image, text))
         else:
-            gem = get_engine("gem")
+            gem = get_engine(name)
             parts.append(
                 expression_regions(
                     part, image, text, lavt=lavt, gem=gem, stand_in_version=stand_in_version, sam=sam
