@@ -1,6 +1,7 @@
 """``groundlabel eval-gem``: zero-shot semantic segmentation mIoU of GEM on the public benchmarks.
 
-Also registers ``groundlabel train-tiny-clip`` (the tiny CLIP of the offline quality test).
+Also registers ``groundlabel train-tiny-clip`` (the tiny CLIP of the offline quality test) and
+``groundlabel export-tiny-models`` (the tiny CLIP and SAM as files that serve and worker load).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from groundlabel.errors import UserError
 from groundlabel.settings import Settings, split_refine
-from workers.evaluation import tiny_clip
+from workers.evaluation import tiny_clip, tiny_models
 from workers.evaluation.datasets import ALIASES, DATASETS, get_dataset
 from workers.evaluation.inference import MODES
 from workers.models.gem.config import METHODS
@@ -190,3 +191,4 @@ def register(subparsers: Any) -> None:
     add_sam_arguments(p)
     p.set_defaults(handler=_eval_command)
     tiny_clip.register(subparsers)
+    tiny_models.register(subparsers)

@@ -333,17 +333,19 @@ def load_tiny_clip(path: str | Path) -> tuple[Any, CompactTokenizer, TinyClipCon
 def export_open_clip(
     checkpoint: str | Path, out_dir: str | Path, name: str = "tiny-clip-trained"
 ) -> tuple[Path, Path]:
-    """The tiny CLIP at ``checkpoint`` as an ordinary open_clip model: ``(<name>.json, <name>.pt)``.
+    """The tiny CLIP at ``checkpoint`` as an ordinary open_clip model: ``(<name>.json, <name>.safetensors)``.
 
-    The config file registers with open_clip (``GROUNDLABEL_GEM_MODEL_CONFIG``) and the state dict loads as
-    ``GROUNDLABEL_GEM_PRETRAINED``, so a worker serves the trained tiny model with open_clip's own BPE
-    tokenizer: the token table is widened to open_clip's 49408 ids (each vocabulary id's row at its BPE
-    id, start and end of text at theirs, every other id on the unknown row), which gives the same text
-    embeddings as the compact tokenizer.
+    The config file registers with open_clip (``GROUNDLABEL_GEM_MODEL_CONFIG``) and the safetensors state
+    dict loads as ``GROUNDLABEL_GEM_PRETRAINED``, so a worker serves the trained tiny model with open_clip's
+    own BPE tokenizer (``open_clip.get_tokenizer(name)``, context length from the config): the token table
+    is widened to open_clip's 49408 ids (each vocabulary id's row at its BPE id, start and end of text at
+    theirs, every other id on the unknown row), which gives the same text embeddings as the compact
+    tokenizer.
     """
     import json
 
     import torch
+    from safetensors.torch import save_file
 
     model, tokenizer, config = load_tiny_clip(checkpoint)
     state = model.state_dict()
@@ -375,9 +377,12 @@ def export_open_clip(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config_path, weights_path = out / f"{name}.json", out / f"{name}.pt"
+    config_path, weights_path = out / f"{name}.json", out / f"{name}.safetensors"
     config_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
-    torch.save(state, weights_path)
+    # float16, as the checkpoint holds them: the same values at half the size
+    save_file(
+        {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}, str(weights_path)
+    )
     return config_path, weights_path
 
 

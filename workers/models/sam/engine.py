@@ -157,6 +157,16 @@ def save_checkpoint(path: str | Path, model: Any, family_name: str, summary: dic
     )
 
 
+def checkpoint_to_folder(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A single-file SAM checkpoint as a ``transformers`` folder (``config.json`` + ``model.safetensors``,
+    float32), which ``GROUNDLABEL_SAM_MODEL`` and ``from_pretrained`` read like any downloaded model."""
+    model, _ = load_checkpoint(checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def _load_model(config: SamConfig) -> tuple[Any, Family]:
     """The model and its family, from a hub id, a folder, a checkpoint file, or none (random weights)."""
     from workers.models.hf_weights import HubSource, load_pretrained
