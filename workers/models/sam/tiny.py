@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from groundlabel.errors import UserError
+
 log = logging.getLogger(__name__)
 
 #: Scenes are drawn at the tiny CLIP's input size; SAM sees them upsampled to ``TINY_INPUT``.
@@ -177,6 +179,7 @@ def train_tiny_sam(
     init: str | Path | None = None,
     gem_clip: str | Path | None = None,
     gem_fraction: float = 0.5,
+    single_mask: bool = False,
     log_every: int = 50,
     save_every: int = 0,
     out: str | Path | None = None,
@@ -184,8 +187,10 @@ def train_tiny_sam(
     """Train the tiny SAM on freshly generated scenes (training seed ``seed``, never the held-out one);
     the learning rate warms up, then decays with a cosine. ``init``: a checkpoint to continue from (its
     architecture; ``width``, ``layers``, ``image_size`` and ``patch_size`` are then ignored). ``gem_clip``:
-    a tiny CLIP checkpoint; ``gem_fraction`` of each batch is then :class:`GemParts` prompts. Returns the
-    model (eval) and a summary."""
+    a tiny CLIP checkpoint; ``gem_fraction`` of each batch is then :class:`GemParts` prompts.
+    ``single_mask`` (with ``init``): train only SAM's single-mask answer, the one a box or several points
+    get (:func:`single_mask_parameters`), every other weight frozen, so that the three-mask answers stay
+    exactly those of ``init``. Returns the model (eval) and a summary."""
     import torch
     import torch.nn.functional as F
 
@@ -201,6 +206,8 @@ def train_tiny_sam(
 
     if init:
         model, _ = load_checkpoint(init)
+    elif single_mask:
+        raise UserError("training the single-mask answer alone needs a trained checkpoint to continue (init)")
     else:
         model = SamModel(tiny_sam_config(image_size, width, layers, patch_size))
         with torch.no_grad():  # SAM's random Fourier features at scale 1, as the original code draws them:
@@ -209,7 +216,18 @@ def train_tiny_sam(
     engine = SamEngine(_train_config(), model=model, family_name="sam")
     gem_parts = GemParts(gem_clip) if gem_clip else None
     n_gem = int(round(gem_fraction * batch_size)) if gem_parts else 0
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    if single_mask:
+        hyper, head = single_mask_parameters(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in (*hyper, *head):
+            p.requires_grad_(True)
+        for p in head:  # the rows of the three masks' IoUs keep their values: no gradient, no weight decay
+            p.register_hook(_first_row_only)
+        groups = [{"params": hyper, "weight_decay": 0.01}, {"params": head, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=lr)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     start = time.perf_counter()
     loss_ema = iou_ema = float("nan")
     model.train()
@@ -234,7 +252,7 @@ def train_tiny_sam(
             prompts.append(training_prompt(rng, mask))
         x = torch.cat(pixels)
         target = torch.from_numpy(np.stack(targets)).float()[:, None]  # [B, 1, 48, 48]
-        logits, pred_iou = _forward(engine, x, prompts)  # [B, 3, m, m], [B, 3]
+        logits, pred_iou = _forward(engine, x, prompts, multimask=not single_mask)  # [B, M, m, m], [B, M]
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
         t = target.expand_as(logits)
         prob = logits.sigmoid()
@@ -268,6 +286,7 @@ def train_tiny_sam(
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "width": vision.hidden_size,
         "layers": vision.num_hidden_layers, "image_size": vision.image_size, "patch_size": vision.patch_size,
         "init": Path(init).name if init else None, "gem_fraction": gem_fraction if gem_parts else 0.0,
+        "single_mask": single_mask,
         "loss": loss_ema, "train_mask_iou": iou_ema,
         "seconds": time.perf_counter() - start,
     }  # fmt: skip
@@ -276,14 +295,31 @@ def train_tiny_sam(
     return model, summary
 
 
+def single_mask_parameters(model: Any) -> tuple[list[Any], list[Any]]:
+    """What makes SAM's single-mask answer (``multimask_output=False``: mask token 0) and nothing else: the
+    hypernetwork MLP of mask token 0, and the IoU head's last layer, whose first row alone predicts that
+    mask's IoU. Training these never changes the three-mask answers."""
+    decoder = model.mask_decoder
+    head = decoder.iou_prediction_head.proj_out
+    return list(decoder.output_hypernetworks_mlps[0].parameters()), [head.weight, head.bias]
+
+
+def _first_row_only(grad: Any) -> Any:
+    """The gradient of the first row alone (the others zero)."""
+    out = grad.clone()
+    out[1:] = 0
+    return out
+
+
 def _train_config() -> Any:
     from .config import SamConfig
 
     return SamConfig(model=None, family="sam", device="cpu", cache_bytes=0)
 
 
-def _forward(engine: Any, pixels: Any, prompts: list) -> tuple[Any, Any]:
-    """Mask logits ``[B, 3, m, m]`` and predicted IoUs ``[B, 3]``, one prompt per image (with gradients)."""
+def _forward(engine: Any, pixels: Any, prompts: list, multimask: bool = True) -> tuple[Any, Any]:
+    """Mask logits ``[B, M, m, m]`` and predicted IoUs ``[B, M]`` (M = 3 with ``multimask``, else 1), one
+    prompt per image (with gradients)."""
     import torch
 
     n = max(len(p.points) for p in prompts)
@@ -310,7 +346,7 @@ def _forward(engine: Any, pixels: Any, prompts: list) -> tuple[Any, Any]:
             kwargs["input_labels"] = torch.from_numpy(labels[idx])
         if flag:
             kwargs["input_boxes"] = torch.from_numpy(boxes[idx, 0])[:, None]
-        res = engine.model(image_embeddings=emb[torch.from_numpy(idx)], multimask_output=True, **kwargs)
+        res = engine.model(image_embeddings=emb[torch.from_numpy(idx)], multimask_output=multimask, **kwargs)
         outs_l.append(res.pred_masks[:, 0])
         outs_i.append(res.iou_scores[:, 0])
         order.extend(idx.tolist())
@@ -323,8 +359,8 @@ def _train_command(args: argparse.Namespace) -> int:
     _, summary = train_tiny_sam(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
         width=args.width, layers=args.layers, image_size=args.image_size, patch_size=args.patch_size,
-        init=args.init, gem_clip=args.gem_clip, gem_fraction=args.gem_fraction, save_every=args.save_every,
-        out=args.out,
+        init=args.init, gem_clip=args.gem_clip, gem_fraction=args.gem_fraction, single_mask=args.single_mask,
+        save_every=args.save_every, out=args.out,
     )  # fmt: skip
     size = Path(args.out).stat().st_size / 2**20
     print(
@@ -360,6 +396,11 @@ def register(subparsers: Any) -> None:
         "(refine=sam's prompts)",
     )  # fmt: skip
     p.add_argument("--gem-fraction", type=float, default=0.5, help="share of each batch from --gem-clip")
+    p.add_argument(
+        "--single-mask", action="store_true",
+        help="with --init: train only the single-mask answer (boxes, several points), every other weight "
+        "frozen, so that the three-mask answers do not change",
+    )  # fmt: skip
     p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it slightly)")
     p.set_defaults(handler=_train_command)
