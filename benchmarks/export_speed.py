@@ -64,7 +64,7 @@ def run_timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> t
 
 
 def export_cmd(src: Path, out: Path, config: Path, fmt: str = "coco") -> list[str]:
-    return [sys.executable, "-m", "groundlabel.cli", "export", str(src), "--format", fmt, "--out", str(out),
+    return [sys.executable, "-m", "groundlabel", "export", str(src), "--format", fmt, "--out", str(out),
             "--images", "none", "--label-config", str(config), "--quiet"]
 
 
