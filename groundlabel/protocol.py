@@ -6,8 +6,8 @@ JSON, never pickle. The worker answers one prediction per task, in order:
 that failed alone, the same with an empty ``result`` and ``"error"`` holding the reason.
 
 ``model_version`` on each prediction is the version of the engine that produced it, as the worker names
-it (GEM, LAVT, or GEM standing in for LAVT), unless the operator set one name for every prediction
-(``GROUNDLABEL_MODEL_VERSION``), which the payload then carries.
+it (GEM, LAVT, or GEM standing in for LAVT: :mod:`groundlabel.versions`), unless the operator set one
+name for every prediction (``GROUNDLABEL_MODEL_VERSION``), which the payload then carries.
 
 Every job runner (RQ on Redis in the backend, child processes in the workers' in-process runner) offers
 :class:`JobRunner`; the backend speaks to it alone.
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from groundlabel.spec import LabelingSpec, spec_tag
+from groundlabel.spec import LabelingSpec
 
 #: Queue names, in the order a worker listens to them: interactive requests before batches.
 QUEUE_INTERACTIVE = "interactive"
@@ -125,15 +125,6 @@ def result_key(task_key: str, model_version: str) -> str:
     the worker actually ran, so a worker with another model never fills the cache of the announced one.
     """
     return f"{task_key}@{model_version}"
-
-
-def versioned(model_version: str, spec: LabelingSpec) -> str:
-    """The model version Label Studio sees for ``spec``: the engine's name and ``-cfg<spec hash>``.
-
-    Changing any option of the label config (a threshold, a prompt, a label) changes it, so Label Studio
-    asks for new predictions instead of keeping the old ones.
-    """
-    return f"{model_version}-cfg{spec_tag(spec)}"
 
 
 def prediction(

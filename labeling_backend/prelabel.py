@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from groundlabel.errors import UserError
-from groundlabel.protocol import JobRunner, versioned
+from groundlabel.protocol import JobRunner
 from groundlabel.settings import Settings
 from groundlabel.spec import LabelingSpec
+from groundlabel.versions import versioned
 
 log = logging.getLogger("groundlabel.prelabel")
 
@@ -88,7 +89,7 @@ def plan_tasks(
 ) -> PrelabelPlan:
     """Split a project's tasks into those to predict and those that already hold a current prediction
     (of ``model_version`` or of one of ``versions``, the names the configured engines write, each
-    followed by ``spec``'s tag when a spec is given: :func:`groundlabel.protocol.versioned`)."""
+    followed by ``spec``'s tag when a spec is given: :func:`groundlabel.versions.versioned`)."""
     from groundlabel.ls_client import has_prediction_version
 
     current = tuple(dict.fromkeys([model_version, *versions]))

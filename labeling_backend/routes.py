@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -26,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from groundlabel.errors import UserError
 from groundlabel.ls_format import context_clicks, results_text
 from groundlabel.protocol import QueueUnavailable
+from groundlabel.versions import replaced_by, trained_names
 from labeling_backend.dependencies import get_state, json_body, metrics_auth, require_auth
 from labeling_backend.schemas import (
     WEBHOOK_ACTIONS,
@@ -87,7 +87,7 @@ def _health(state: BackendState) -> tuple[dict[str, Any], int]:
 def setup(body: Setup, state: State) -> dict[str, Any]:
     """Remember the project's label config; answer its model version (never loads a model).
 
-    The version is the announced one followed by the spec's tag (see :func:`groundlabel.protocol.versioned`),
+    The version is the announced one followed by the spec's tag (see :func:`groundlabel.versions.versioned`),
     so changing an option of the label config makes Label Studio ask for new predictions.
     """
     version = state.model_version
@@ -103,27 +103,15 @@ def setup(body: Setup, state: State) -> dict[str, Any]:
     return {"model_version": version}
 
 
-#: How the predictions a promoted version replaces for its project are named, by the version's ``kind``: a
-#: trained LAVT answers the expressions (the base LAVT's and GEM's stand-in ``...-expressions``), a
-#: distilled GEM the class prompts and the expressions GEM grounds without LAVT (every base ``gem-...``).
-REPLACED: dict[str, Callable[[str], bool]] = {
-    "lavt": lambda v: v.startswith("lavt-") or v.endswith("-expressions"),
-    "gem": lambda v: v.startswith("gem-"),
-}
-#: What a GEM version names an expression it grounds without LAVT (``workers.engines.STAND_IN_SUFFIX``).
-STAND_IN_SUFFIX = "-expressions"
-
-
 def _dispatcher(state: BackendState, project: str | None = None) -> Dispatcher:
     """The dispatcher for ``project``: a trained version promoted for it is announced, and its results are
     looked up first (the store is read on every request, so a promotion shows at once). The version
-    record's ``kind`` says which base predictions it replaces (:data:`REPLACED`)."""
+    record's ``kind`` says which base predictions it replaces (:func:`groundlabel.versions.replaced_by`)."""
     trained = state.training.promoted_version(project)
     version, versions = state.model_version, state.versions
     if trained is not None:
-        replaced = REPLACED.get(trained.kind, lambda _v: False)
-        own = [trained.name] + ([trained.name + STAND_IN_SUFFIX] if trained.kind == "gem" else [])
-        version, versions = trained.name, [*own, *(v for v in versions if not replaced(v))]
+        own = trained_names(trained.name, trained.kind)
+        version, versions = trained.name, [*own, *(v for v in versions if not replaced_by(trained.kind, v))]
     return Dispatcher(
         state.settings,
         state.runner,

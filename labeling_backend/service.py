@@ -10,7 +10,7 @@ what it finished by then fills the cache for a later request.
 
 Model versions: the result cache is keyed on the version each prediction was made with (the worker's
 engine), looked up under every version the configured engines give. Label Studio sees each version
-followed by ``-cfg<hash of the label spec>`` (:func:`groundlabel.protocol.versioned`), unless the
+followed by ``-cfg<hash of the label spec>`` (:func:`groundlabel.versions.versioned`), unless the
 operator named every prediction (``GROUNDLABEL_MODEL_VERSION``).
 """
 
@@ -34,10 +34,10 @@ from groundlabel.protocol import (
     JobRunner,
     JobState,
     result_key,
-    versioned,
 )
 from groundlabel.settings import Settings
 from groundlabel.spec import LabelingSpec
+from groundlabel.versions import versioned
 from labeling_backend.metrics import Metrics
 
 T = TypeVar("T")
@@ -156,7 +156,7 @@ class Dispatcher:
         self.versions = [named] if named else list(dict.fromkeys(versions or [model_version]))
 
     def announced(self, spec: LabelingSpec) -> str:
-        """The model version Label Studio sees for ``spec`` (see :func:`groundlabel.protocol.versioned`)."""
+        """The model version Label Studio sees for ``spec`` (see :func:`groundlabel.versions.versioned`)."""
         if self.settings.backend.model_version:
             return self.settings.backend.model_version
         return versioned(self.model_version, spec)

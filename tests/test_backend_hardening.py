@@ -26,10 +26,11 @@ from fastapi.testclient import TestClient
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from groundlabel.protocol import JobPayload, result_key, versioned
+from groundlabel.protocol import JobPayload, result_key
 from groundlabel.redis_queue import PENDING_PREFIX, RESULT_PREFIX
 from groundlabel.settings import Settings
 from groundlabel.spec import parse_label_config
+from groundlabel.versions import versioned
 from labeling_backend.app import create_app
 from labeling_backend.queue import RedisJobQueue
 from labeling_backend.service import cache_key

@@ -20,9 +20,9 @@ pytest.importorskip("torch")
 from conftest import make_tiny_gem_engine, png_bytes, png_data_uri  # noqa: E402
 
 from groundlabel import spec as kernel_spec  # noqa: E402
-from groundlabel.protocol import versioned  # noqa: E402
 from groundlabel.settings import Settings  # noqa: E402
 from groundlabel.spec import parse_label_config, read_spec  # noqa: E402
+from groundlabel.versions import versioned  # noqa: E402
 from groundlabel_cli.main import main  # noqa: E402
 from workers import engines, registry  # noqa: E402
 from workers.inprocess import InProcessRunner  # noqa: E402

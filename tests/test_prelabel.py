@@ -18,9 +18,9 @@ from groundlabel.ls_client import (
     iter_tasks,
     make_client,
 )
-from groundlabel.protocol import versioned
 from groundlabel.settings import Settings
 from groundlabel.spec import parse_label_config, read_spec
+from groundlabel.versions import versioned
 from groundlabel_cli.main import main
 from labeling_backend.prelabel import PrelabelReport, chunked, plan_tasks, run_prelabel
 from workers.engines import announced_version, model_versions

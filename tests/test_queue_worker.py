@@ -23,10 +23,10 @@ from rq.job import Job
 from rq.registry import FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
-from groundlabel.protocol import JobPayload, result_key, spec_tag
+from groundlabel.protocol import JobPayload, result_key
 from groundlabel.redis_queue import COMPRESS_MAX_BYTES, RESULT_PREFIX, make_queues
 from groundlabel.settings import Settings
-from groundlabel.spec import parse_label_config
+from groundlabel.spec import parse_label_config, spec_tag
 from labeling_backend.app import create_app
 from labeling_backend.queue import RedisJobQueue
 

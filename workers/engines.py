@@ -19,10 +19,12 @@ from typing import Any
 from groundlabel.errors import UserError
 from groundlabel.ls_access import FetchSettings
 from groundlabel.settings import EngineSettings, Settings, split_refine
+from groundlabel.versions import STAND_IN_SUFFIX, refined, stand_in, with_lavt
 from workers import registry
 from workers.registry import SCORE_MAPS, gem_config, lavt_config, sam3_config, sam_config
 
-__all__ = ["gem_config", "lavt_config", "sam3_config", "sam_config"]  # the registry's, named here too
+#: Named here too: the kernel's stand-in suffix and the registry's settings readers.
+__all__ = ["STAND_IN_SUFFIX", "gem_config", "lavt_config", "sam3_config", "sam_config"]
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,6 @@ _store: list[Any] = [None, None]  # (model store settings, the ModelStore opened
 _store_lock = threading.Lock()
 _settings = Settings()
 
-#: How a prediction is named when GEM grounds an expression because no LAVT model is configured.
-STAND_IN_SUFFIX = "-expressions"
 
 
 def configure(settings: Settings) -> None:
@@ -64,24 +64,22 @@ def model_versions(engines: EngineSettings) -> dict[str, str]:
     (``gem``, ``sam3``: a label config may ask for any), ``lavt`` when configured, else ``gem_for_lavt``
     (GEM grounding expressions), and ``sam`` when configured. Computed without loading any model or
     reading a weight file (the backend's machine need not hold the weights)."""
-    from workers.models.sam.config import refined_version
-
     sam = sam_config(engines)
     sam_version = sam.model_version() if sam is not None else None
 
-    def refined(version: str, kind: str) -> str:
-        sharpened = sam_version is not None and sam_refines(engines, kind)
-        return refined_version(version, sam_version) if sharpened else version
+    def sharpened(version: str, kind: str) -> str:
+        sharp = sam_version is not None and sam_refines(engines, kind)
+        return refined(version, sam_version) if sharp else version
 
     out: dict[str, str] = {}
     for entry in registry.entries():
         if entry.answers_class_prompts():
             version = entry.version(engines)
-            out[entry.name] = refined(version, "gem") if SCORE_MAPS in entry.answers else version
+            out[entry.name] = sharpened(version, "gem") if SCORE_MAPS in entry.answers else version
     if lavt_config(engines) is None:
-        out["gem_for_lavt"] = refined(registry.get_entry("gem").version(engines) + STAND_IN_SUFFIX, "gem")
+        out["gem_for_lavt"] = sharpened(stand_in(registry.get_entry("gem").version(engines)), "gem")
     else:
-        out["lavt"] = refined(registry.get_entry("lavt").version(engines), "lavt")
+        out["lavt"] = sharpened(registry.get_entry("lavt").version(engines), "lavt")
     if sam_version is not None:
         out["sam"] = sam_version
     return out
@@ -97,9 +95,7 @@ def announced_version(settings: Settings) -> str:
         return settings.backend.model_version
     engines = settings.engines
     version = model_versions(engines)[engines.engine]
-    if engines.lavt_enabled:
-        version += "+lavt-" + (Path(engines.lavt_checkpoint).stem if engines.lavt_checkpoint else "random")
-    return version
+    return with_lavt(version, engines.lavt_checkpoint) if engines.lavt_enabled else version
 
 
 def get_engine(name: str, project: str | None = None) -> Any:

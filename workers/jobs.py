@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from groundlabel import versions
 from groundlabel.errors import UserError
 from groundlabel.ls_format import context_clicks, context_text, context_text_controls, text_entries
 from groundlabel.protocol import JobPayload, failed_prediction, prediction
@@ -109,7 +110,7 @@ def run_prediction_job(payload: JobPayload) -> list[dict[str, Any]]:
     project = payload.project
     wants_lavt = any(expressions.values()) and engines.lavt_enabled(project)
     lavt = engines.get_lavt_engine(project) if wants_lavt else None
-    stand_in = gem.model_version + engines.STAND_IN_SUFFIX
+    stand_in = versions.stand_in(gem.model_version)
     outputs = spec.without(excluded)
     default = engines.default_engine()
 

@@ -28,7 +28,7 @@ import numpy as np
 from groundlabel.errors import UserError
 from groundlabel.ls_format import Click
 from groundlabel.spec import ControlSpec, LabelingSpec
-from workers.models.sam.config import refined_version
+from groundlabel.versions import combined, refined
 from workers.regions import (
     DEFAULT_THRESHOLD,
     control_model,
@@ -175,7 +175,7 @@ def _class_prompt_group(
         except Exception as exc:
             out.append(exc)
             continue
-        version = gem.model_version if sam is None else refined_version(gem.model_version, sam.model_version)
+        version = gem.model_version if sam is None else refined(gem.model_version, sam.model_version)
         out.append(ImageRegions(results, score, version, maps=scores if keep_maps else None))
     return out
 
@@ -259,7 +259,7 @@ def expression_regions(
 
         if mask.any():
             mask, _ = refine_mask(sam, image, mask, np.where(mask, prob, 0.0))
-        version = refined_version(version, sam.model_version)
+        version = refined(version, sam.model_version)
     results, score = _mask_regions(spec, mask, prob, image, lambda c: label_for_expression(c, expression))
     return ImageRegions(results, score, version, meta)
 
@@ -453,7 +453,7 @@ def combine_regions(parts: Sequence[ImageRegions]) -> ImageRegions:
     if len(parts) == 1:
         return parts[0]
     results = [r for p in parts for r in p.results]
-    versions = "+".join(dict.fromkeys(p.model_version for p in parts))
+    versions = combined(p.model_version for p in parts)
     meta = {k: v for p in parts for k, v in p.meta.items()}
     maps = {k: v for p in parts for k, v in (p.maps or {}).items()} or None
     return ImageRegions(results, prediction_score(results), versions, meta, maps)

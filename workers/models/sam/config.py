@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from groundlabel.errors import UserError
+from groundlabel.versions import refined
 
 #: ``refine=sam`` keeps SAM's mask of a coarse part when their IoU reaches this (docs/sam.md).
 DEFAULT_MIN_IOU = 0.0
@@ -15,9 +16,8 @@ DEFAULT_MIN_SCORE = 0.4
 DEFAULT_CACHE_BYTES = 512 * 2**20
 
 
-def refined_version(version: str, sam_version: str) -> str:
-    """The name of predictions whose masks SAM sharpened: ``<engine's>+<SAM's>``."""
-    return f"{version}+{sam_version}"
+#: The name of predictions whose masks SAM sharpened (:func:`groundlabel.versions.refined`).
+refined_version = refined
 
 
 @dataclass
