@@ -20,10 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("groundlabel", "groundlabel_cli", "labeling_backend", "workers", "exporters")
 #: ``python -m groundlabel``: a script that runs the command; no module imports it.
 SCRIPTS = ("groundlabel/__main__.py",)
-#: Import cycles still to be cut, each as its sorted modules (the list only shrinks).
-KNOWN_CYCLES = [
-    ["workers.evaluation.sam_quality", "workers.models.sam.tiny"],
-]
 
 #: What each part may import of the project's packages (the composition roots: anything).
 ALLOWED = {
@@ -188,7 +184,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycle() -> None:
-    assert [c for c in cycles(module_graph()) if c not in KNOWN_CYCLES] == []
+    assert cycles(module_graph()) == []
 
 
 def test_the_cycle_check_finds_a_cycle() -> None:

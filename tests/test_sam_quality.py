@@ -153,7 +153,8 @@ def test_training_continues_from_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_gem_parts_are_refine_prompts_with_an_object_or_an_empty_target() -> None:
-    from workers.models.sam.tiny import GemParts, instance_masks
+    from workers.evaluation.scenes import instance_masks
+    from workers.models.sam.tiny import GemParts
 
     parts = GemParts(CLIP)
     rng = np.random.default_rng(3)

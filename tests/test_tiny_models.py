@@ -82,13 +82,12 @@ def test_open_clip_reads_the_tiny_clip_with_its_own_tokenizer(exported: Path) ->
 def test_a_worker_configured_by_the_settings_answers_like_the_checkpoints(exported: Path) -> None:
     from groundlabel.settings import Settings
     from workers.engines import gem_config, sam_config
-    from workers.evaluation.scenes import COLOURS, make_scenes
+    from workers.evaluation.scenes import COLOURS, instance_masks, make_scenes
     from workers.evaluation.tiny_clip import load_tiny_clip
     from workers.evaluation.tiny_models import scene_mask, scene_picture
     from workers.models.gem import GemEngine
     from workers.models.sam import Prompt, SamConfig, SamEngine
     from workers.models.sam.refine import interior_point, mask_iou
-    from workers.models.sam.tiny import instance_masks
 
     engines = Settings.from_env({**env_file(exported), "GROUNDLABEL_DEVICE": "cpu"}).engines
     config = gem_config(engines, register=True)

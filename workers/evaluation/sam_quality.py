@@ -24,7 +24,7 @@ import numpy as np
 
 from workers.evaluation.metrics import BoundaryF, ConfusionMatrix, boundary_f
 from workers.evaluation.quality import BACKGROUND_PROMPTS, EVAL_SEED, THRESHOLDS, VALIDATION_SEED
-from workers.evaluation.scenes import COLOURS, Scene, make_scenes
+from workers.evaluation.scenes import COLOURS, Scene, instance_masks, make_scenes
 
 TOLERANCE = 2.0  # boundary F tolerance in pixels
 #: ``refine=sam``'s rule (``min_score``, ``min_iou``) is tuned on scenes of this seed (not the held-out ones).
@@ -178,7 +178,6 @@ def tune_refinement(
 def object_clicks(scene: Scene) -> list[tuple[np.ndarray, int, tuple[float, float]]]:
     """Each visible object of ``scene``: its mask, its colour label and its centre (the deepest point)."""
     from workers.models.sam.refine import interior_point
-    from workers.models.sam.tiny import instance_masks
 
     out = []
     for mask in instance_masks(scene):

@@ -252,3 +252,17 @@ def make_scenes(count: int, seed: int, size: int = 64, **kwargs: object) -> list
     """``count`` scenes from ``seed`` (the same seed always gives the same scenes)."""
     rng = np.random.default_rng(seed)
     return [make_scene(rng, size, **kwargs) for _ in range(count)]  # type: ignore[arg-type]
+
+
+def instance_masks(scene: Scene, min_area: int = 12) -> list[np.ndarray]:
+    """The scene's visible objects as masks: connected parts of one (shape, colour) pair."""
+    import cv2
+
+    out = []
+    pairs = scene.labels.astype(np.int32) * 64 + scene.colour_labels.astype(np.int32)
+    for value in np.unique(pairs[scene.labels > 0]):
+        n, comp, stats, _ = cv2.connectedComponentsWithStats(
+            (pairs == value).astype(np.uint8), connectivity=8
+        )
+        out += [comp == k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] >= min_area]
+    return out

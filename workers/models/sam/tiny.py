@@ -56,20 +56,6 @@ def tiny_sam_config(
     return t.SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
 
 
-def instance_masks(scene: Any, min_area: int = 12) -> list[np.ndarray]:
-    """The scene's visible objects as masks: connected parts of one (shape, colour) pair."""
-    import cv2
-
-    out = []
-    pairs = scene.labels.astype(np.int32) * 64 + scene.colour_labels.astype(np.int32)
-    for value in np.unique(pairs[scene.labels > 0]):
-        n, comp, stats, _ = cv2.connectedComponentsWithStats(
-            (pairs == value).astype(np.uint8), connectivity=8
-        )
-        out += [comp == k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] >= min_area]
-    return out
-
-
 def coarse_mask(mask: np.ndarray, grid: int = COARSE_GRID, threshold: float = 0.5) -> np.ndarray:
     """``mask`` as a patch-resolution model sees it: pooled to ``grid`` × ``grid``, upsampled, thresholded."""
     from PIL import Image
@@ -132,7 +118,7 @@ class GemParts:
     def draw(self, rng: np.random.Generator, n: int) -> list[tuple[Any, Any, np.ndarray]]:
         """``n`` (scene, prompt, target mask) triples, from GEM and GEM + PAMR in turn."""
         from workers.evaluation.sam_quality import label_map
-        from workers.evaluation.scenes import COLOURS, make_scene
+        from workers.evaluation.scenes import COLOURS, instance_masks, make_scene
 
         from .refine import mask_parts
 
@@ -194,7 +180,7 @@ def train_tiny_sam(
     import torch
     import torch.nn.functional as F
 
-    from workers.evaluation.scenes import make_scene
+    from workers.evaluation.scenes import instance_masks, make_scene
 
     from .engine import SamEngine, load_checkpoint, save_checkpoint
 
