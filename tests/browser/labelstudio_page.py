@@ -6,6 +6,7 @@ Playwright's own browser builds are never downloaded: the tests launch ``/usr/bi
 *Auto-Annotation*, type a prompt, click with a smart tool, accept suggestions, submit) with role and
 text selectors where the page has them, and reads back what is drawn: the region list as shown, and
 the regions of the annotation under edit as Label Studio would store them (``serializeAnnotation``).
+Screenshots go to pytest's temporary folder unless asked elsewhere (:func:`screenshot_folder`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,38 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-#: Where the screenshots go: the docs' pictures, unless ``GROUNDLABEL_TEST_SCREENSHOTS`` names a folder.
-SCREENSHOTS = Path(os.environ.get("GROUNDLABEL_TEST_SCREENSHOTS") or REPO / "docs" / "images")
-VIEWPORT = {"width": 1280, "height": 800}
+#: The docs' pictures: the screenshots replace them only when ``GROUNDLABEL_UPDATE_DOCS_IMAGES=1``.
+DOCS_IMAGES = REPO / "docs" / "images"
+#: Tall enough for a square task image: Label Studio fits the image to the canvas width.
+VIEWPORT = {"width": 1280, "height": 960}
 #: How long the page may take to show what the backend answered (the tiny model answers in about 1 s).
 ANSWER_TIMEOUT_MS = 60_000
+
+
+def screenshot_folder(basetemp: Path, env: Mapping[str, str] | None = None) -> Path:
+    """Where the screenshots go: ``docs/images/`` when ``GROUNDLABEL_UPDATE_DOCS_IMAGES`` is ``1`` (the
+    explicit opt-in that updates the docs' pictures), else the folder ``GROUNDLABEL_TEST_SCREENSHOTS``
+    names, else ``<basetemp>/screenshots`` (pytest's temporary folder), so a test run leaves the tree as
+    it found it."""
+    env = os.environ if env is None else env
+    if env.get("GROUNDLABEL_UPDATE_DOCS_IMAGES", "").strip().lower() in ("1", "true", "yes", "on"):
+        return DOCS_IMAGES
+    if env.get("GROUNDLABEL_TEST_SCREENSHOTS"):
+        return Path(env["GROUNDLABEL_TEST_SCREENSHOTS"])
+    return Path(basetemp) / "screenshots"
+
+
+class ScreenshotSummary:
+    """A pytest plugin that names, at the end of the session's report, the folder the screenshots went to."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        pictures = sorted(self.folder.glob("*.png")) if self.folder.is_dir() else []
+        if pictures:
+            names = ", ".join(p.name for p in pictures)
+            terminalreporter.write_line(f"browser screenshots in {self.folder}: {names}")
 
 
 def browser_available() -> tuple[bool, str]:
@@ -96,19 +124,31 @@ def log_in(page: Any, url: str, email: str, password: str) -> None:
 class LabelingPage:
     """One Label Studio page as an annotator uses it."""
 
-    def __init__(self, page: Any, url: str) -> None:
+    def __init__(self, page: Any, url: str, screenshots: Path) -> None:
         self.page = page
         self.url = url
+        self.screenshots = screenshots
 
     # -- navigation ---------------------------------------------------------------------------------
 
     def open_task(self, project: int, task: int) -> None:
-        """Open a task in the labelling view and wait until its image is shown."""
+        """Open a task in the labelling view, wait until its image is shown, and fit it to the canvas."""
         self.page.goto(f"{self.url}/projects/{project}/data?task={task}")
         self.page.get_by_role("button", name="Submit").wait_for()
         self.page.wait_for_function(
             "() => window.Htx?.annotationStore?.selected?.objects?.some(o => o.imageIsLoaded ?? o.isReady)",
             timeout=ANSWER_TIMEOUT_MS,
+        )
+        self.fit_image()
+
+    def fit_image(self) -> None:
+        """*Zoom to fit*: the whole image in view. Label Studio fits the image to the canvas before the
+        panels below take their room and keeps that zoom, so a tall image's edges would be hidden."""
+        self.page.evaluate(
+            "() => window.Htx.annotationStore.selected.objects.find(o => o.type === 'image').sizeToFit()"
+        )
+        self.page.wait_for_function(
+            "() => window.Htx.annotationStore.selected.objects.find(o => o.type === 'image').zoomScale === 1"
         )
 
     def open_data_manager(self, project: int) -> None:
@@ -238,8 +278,8 @@ class LabelingPage:
         assert response.value.status in (200, 201), response.value.text()
 
     def screenshot(self, name: str) -> Path:
-        """Save the page as ``<SCREENSHOTS>/<name>.png``."""
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        path = SCREENSHOTS / f"{name}.png"
+        """Save the page as ``<screenshots>/<name>.png`` (:func:`screenshot_folder`)."""
+        self.screenshots.mkdir(parents=True, exist_ok=True)
+        path = self.screenshots / f"{name}.png"
         self.page.screenshot(path=str(path))
         return path
