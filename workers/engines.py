@@ -21,6 +21,7 @@ from groundlabel.ls_access import FetchSettings
 from groundlabel.settings import EngineSettings, Settings, split_refine
 from groundlabel.versions import STAND_IN_SUFFIX, refined, stand_in, with_lavt
 from workers import registry
+from workers.cache import LRUCache
 from workers.registry import SCORE_MAPS, gem_config, lavt_config, sam3_config, sam_config
 
 #: Named here too: the kernel's stand-in suffix and the registry's settings readers.
@@ -42,6 +43,7 @@ def configure(settings: Settings) -> None:
     with _lock:
         _settings = settings
         _engines.clear()
+        _trained.clear()
 
 
 def settings() -> Settings:
@@ -135,6 +137,8 @@ def get_sam3_engine() -> Any:
 
 #: Trained versions kept loaded at once (one per project served), the least recently used dropped first.
 MAX_PROJECT_ENGINES = 4
+#: The engines of trained versions, by ``kind@project/name``.
+_trained: LRUCache[Any] = LRUCache(MAX_PROJECT_ENGINES)
 
 
 def project_version(project: str | None, kind: str = "lavt") -> Any:
@@ -190,15 +194,12 @@ def _project_engine(version: Any, build: Any) -> Any:
     version; the least recently used ones beyond :data:`MAX_PROJECT_ENGINES` are dropped."""
     key = f"{version.kind}@{version.project}/{version.name}"
     with _lock:
-        engine = _engines.pop(key, None)
+        engine = _trained.get(key)
         if engine is None:
             log.info("loading %s %s for project %s", version.kind, version.name, version.project)
             engine = build(_settings.engines, _weights(version))
             engine.model_version = version.name
-        _engines[key] = engine  # most recently used last
-        loaded = [k for k in _engines if "@" in k]
-        for old in loaded[: max(0, len(loaded) - MAX_PROJECT_ENGINES)]:
-            del _engines[old]
+            _trained.put(key, engine)
         return engine
 
 
@@ -257,6 +258,7 @@ def clear_engines() -> None:
     """Forget the loaded engines (the next job loads them again)."""
     with _lock:
         _engines.clear()
+        _trained.clear()
 
 
 def load_all() -> list[str]:

@@ -22,7 +22,6 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -30,44 +29,9 @@ from typing import Any
 
 from groundlabel.protocol import QUEUE_BATCH, QUEUE_INTERACTIVE, JobPayload, JobState, result_key
 from groundlabel.settings import Settings
+from workers.cache import LRUCache
 
 log = logging.getLogger(__name__)
-
-
-class TTLCache:
-    """A thread-safe LRU mapping whose entries expire."""
-
-    def __init__(self, maxsize: int, ttl: float) -> None:
-        self.maxsize, self.ttl = maxsize, ttl
-        self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> Any | None:
-        with self._lock:
-            item = self._data.get(key)
-            if item is None:
-                return None
-            expires, value = item
-            if expires < time.monotonic():
-                del self._data[key]
-                return None
-            self._data.move_to_end(key)
-            return value
-
-    def set(self, key: str, value: Any) -> None:
-        with self._lock:
-            self._data[key] = (time.monotonic() + self.ttl, value)
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
-
-    def pop(self, key: str) -> Any | None:
-        with self._lock:
-            item = self._data.pop(key, None)
-            return None if item is None else item[1]
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 #: Seconds a child waits between two looks at whether its parent still lives.
@@ -106,7 +70,7 @@ class InProcessRunner:
         self.settings = settings
         self.workers = int(workers or settings.backend.workers_inprocess)
         self.where = "in-process"
-        self._cache = TTLCache(maxsize=100_000, ttl=settings.queue.result_ttl)
+        self._cache: LRUCache[dict[str, Any]] = LRUCache(100_000, ttl=settings.queue.result_ttl)
         self._pending: dict[str, tuple[str, int]] = {}
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
@@ -193,7 +157,7 @@ class InProcessRunner:
             results = json.loads(job.future.result()[0])
             for key, prediction in zip(job.keys, results, strict=False):
                 if isinstance(prediction, dict) and not prediction.get("error"):
-                    self._cache.set(result_key(key, str(prediction.get("model_version") or "")), prediction)
+                    self._cache.put(result_key(key, str(prediction.get("model_version") or "")), prediction)
         self.release_pending(job.keys, job_id)
         # Keep finished jobs for a while so that waiting requests can read them, then forget them.
         backend = self.settings.backend

@@ -6,10 +6,9 @@ OpenAI's CLIP; a prompt's embedding is the re-normalised mean of its L2-normalis
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable
-
 import numpy as np
+
+from workers.cache import LRUCache
 
 PAPER_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 
@@ -118,38 +117,8 @@ def expand_prompt(prompt: str, templates: tuple[str, ...]) -> list[str]:
     return [t.format(text) for t in templates]
 
 
-class EmbeddingCache:
+class EmbeddingCache(LRUCache[np.ndarray]):
     """A small LRU dict of unit-norm text embeddings (float32 numpy vectors), with hit/miss counters."""
 
     def __init__(self, max_size: int = 4096) -> None:
-        self.max_size = int(max_size)
-        self._data: OrderedDict[Hashable, np.ndarray] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def get(self, key: Hashable) -> np.ndarray | None:
-        """The cached vector (marking it recently used), or None."""
-        value = self._data.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self._data.move_to_end(key)
-        self.hits += 1
-        return value
-
-    def put(self, key: Hashable, value: np.ndarray) -> None:
-        """Store a vector, evicting the least recently used ones beyond ``max_size``."""
-        if self.max_size <= 0:
-            return
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_size:
-            self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        """Drop every entry and reset the counters."""
-        self._data.clear()
-        self.hits = self.misses = 0
+        super().__init__(max(0, int(max_size)))

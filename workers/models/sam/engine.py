@@ -13,8 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from groundlabel.errors import UserError
+from workers.cache import LRUCache
 from workers.models.device import resolve_device
 
 from .config import SamConfig
@@ -71,45 +71,17 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-class EmbeddingLRU:
+class EmbeddingLRU(LRUCache[Embedding]):
     """Least-recently-used image embeddings, bounded by their total size in bytes, with counters."""
 
     def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_weight=int(max_bytes), weight=lambda embedding: embedding.nbytes)
         self.max_bytes = int(max_bytes)
-        self._data: OrderedDict[Hashable, Embedding] = OrderedDict()
-        self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
 
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def get(self, key: Hashable) -> Embedding | None:
-        """The embedding (marked recently used), or None."""
-        value = self._data.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self._data.move_to_end(key)
-        self.hits += 1
-        return value
-
-    def put(self, key: Hashable, value: Embedding) -> None:
-        """Store, then evict the least recently used until the total fits (one too large is not kept)."""
-        if key in self._data:
-            self.nbytes -= self._data.pop(key).nbytes
-        if value.nbytes > self.max_bytes:
-            return
-        self._data[key] = value
-        self.nbytes += value.nbytes
-        while self.nbytes > self.max_bytes:
-            _, old = self._data.popitem(last=False)
-            self.nbytes -= old.nbytes
-
-    def clear(self) -> None:
-        """Drop every entry and reset the counters."""
-        self._data.clear()
-        self.nbytes = self.hits = self.misses = 0
+    @property
+    def nbytes(self) -> int:
+        """The kept embeddings' total size in bytes."""
+        return self.weight
 
 
 def image_key(image: Image.Image) -> str:
