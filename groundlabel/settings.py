@@ -1,10 +1,11 @@
 """The one reader of groundlabel's configuration: environment variables into typed sections.
 
-:meth:`Settings.from_env` is called once, by each command that starts a process (``serve``, ``worker``,
-``prelabel``), and the sections are passed down from there: no other module reads ``os.environ``, and no
-process changes it to configure another. Secrets come from the environment only, never from files or
-flags. Every variable is listed in ``docs/backend.md`` (a test holds the table against :data:`VARIABLES`).
-A malformed value raises :class:`~groundlabel.errors.UserError` naming the variable.
+:meth:`Settings.from_env` is called by the commands (:mod:`groundlabel_cli`: ``serve``, ``worker`` and
+``prelabel`` once, when they start their process), and the sections are passed down from there: no other
+module reads ``os.environ``, and no process changes it to configure another. Secrets come from the
+environment only, never from files or flags. Every variable is listed in ``docs/backend.md`` (a test
+holds the table against :data:`VARIABLES`). A malformed value raises :class:`~groundlabel.errors.UserError`
+naming the variable.
 
 Sections: :class:`BackendSettings` (the HTTP service), :class:`QueueSettings` (Redis, jobs and their
 timeouts), :class:`~groundlabel.ls_access.FetchSettings` (where images may come from, with which token,

@@ -1,7 +1,8 @@
 """``groundlabel export``: Label Studio annotations to the formats of :mod:`exporters.registry` (COCO,
-RefCOCO, gRefCOCO, YOLO; and COCO back to Label Studio import JSON). The command line becomes one
-:class:`~exporters.registry.ExportOptions` and the format's exporter runs; heavy modules are imported
-only then."""
+RefCOCO, gRefCOCO, YOLO; and COCO back to Label Studio import JSON).
+
+The command line becomes one :class:`~exporters.registry.ExportOptions` and the format's exporter runs;
+heavy modules are imported only then."""
 
 from __future__ import annotations
 

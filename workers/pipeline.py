@@ -1,16 +1,19 @@
 """The one road from decoded images to Label Studio regions, for the jobs and ``groundlabel predict``.
 
-Three ways in, each a function:
+The ways in, each a function, choose by what an engine answers (:mod:`workers.registry`), never its name:
 
-- :func:`class_prompt_regions`: every label's prompts (its ``predicted_values`` synonyms, which share the
-  label's probability instead of competing) through GEM as one batch; a batch that fails is run again one
-  image at a time, so that one bad image fails alone. Each control turns the score maps into regions at
-  its own threshold (:func:`workers.regions.control_threshold`).
-- :func:`expression_regions`: a referring expression through LAVT (or GEM standing in for it); the mask
+- :func:`prompt_regions`: every control's class prompts through its engine. Score maps
+  (:func:`class_prompt_regions`: every label's prompts, its ``predicted_values`` synonyms sharing the
+  label's probability, as one batch; a batch that fails is run again one image at a time, so that one bad
+  image fails alone; each control thresholds the maps at its own threshold,
+  :func:`workers.regions.control_threshold`), or instances (:func:`instance_regions`: one region each).
+- :func:`text_regions`: a typed phrase: instances of it (:func:`phrase_regions`), or a referring
+  expression through LAVT, or a score-map engine standing in for it (:func:`expression_regions`); the mask
   becomes one region per control, labelled with the control's label that the expression names.
-- :func:`click_regions`: interactive key points and boxes; GEM scores the clicked label and the part of its
-  thresholded map under each positive click (inside each box) is kept; a negative click carves out the
-  part of that mask nearer to it than to any positive click (:func:`clicks_mask`).
+- :func:`click_regions`: interactive key points and boxes: a promptable SAM's point and box prompts when
+  one is configured; else GEM scores the clicked label and the part of its thresholded map under each
+  positive click (inside each box) is kept, and a negative click carves out the part of that mask nearer to
+  it than to any positive click (:func:`clicks_mask`).
 
 Each returns :class:`ImageRegions`; the model version it carries is the engine's that produced it.
 """

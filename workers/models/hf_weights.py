@@ -34,7 +34,6 @@ class HubSource:
     token: str | None = field(default=None, repr=False)  # for gated models
     offline: bool = False  # never reach the hub
     variable: str = "the model setting"  # the setting that named the source, for errors
-    gated: bool = False  # the hub asks for an accepted licence and a token (SAM 3)
     gated: bool = False  # the hub repository needs an accepted licence and a token (SAM 3)
 
     @property

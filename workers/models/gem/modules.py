@@ -1,7 +1,7 @@
 """GEM's dual-path vision transformer, built around an open_clip ``VisionTransformer`` (batch-first).
 
 The wrapper reuses the tower's own parameters (it adds none) and never changes the wrapped module: CLIP's
-``encode_image`` keeps working exactly as before. Three dense-feature methods share the code:
+``encode_image`` keeps working exactly as before. Eight dense-feature methods share the code:
 
 - ``gem``: the last ``gem_depth - 1`` blocks run two paths. The original path is CLIP's block, unchanged.
   The GEM path is a residual stream without MLP that accumulates ``out_proj(SSAttn(ln_1(x_ori)))``, where
@@ -31,8 +31,9 @@ scale), ``scale_heads``, ``inner_norm`` and a ``scale`` other than ``head_dim **
 ``nn.MultiheadAttention``'s ``add_bias_kv`` and ``add_zero_attn``. Dropout is not applied (inference only).
 
 Every block, the unchanged ones before GEM's path included, runs its attention as q/k/v from
-:class:`BlockAttention` and fused ``scaled_dot_product_attention``, never through the attention module's own
-forward (``nn.MultiheadAttention``'s CPU fast path materialises the N×N attention matrix). For ``gem`` the
+:class:`BlockAttention` through :mod:`.kernels` (oneDNN row blocks for fp32 on the CPU, fused
+``scaled_dot_product_attention`` elsewhere), never through the attention module's own forward
+(``nn.MultiheadAttention``'s CPU fast path materialises the N×N attention matrix). For ``gem`` the
 last block's original attention, MLP and head, which nothing reads, are not computed.
 """
 

@@ -1,6 +1,8 @@
-"""A small generated referring dataset in RefCOCO format: coloured shapes on a textured background with
-expressions such as "the red circle on the left". For smoke tests of ``train-lavt`` / ``eval-lavt`` and
-for checking that a model learns; it writes exactly the files the RefCOCO reader expects."""
+"""A small generated referring dataset in RefCOCO format: coloured shapes with expressions such as "the red
+circle on the left".
+
+The shapes lie on a textured background. For smoke tests of ``train-lavt`` / ``eval-lavt`` and for
+checking that a model learns; it writes exactly the files the RefCOCO reader expects."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Tokenisation as LAVT does it: BERT WordPiece, ``encode(raw, add_special_tokens=True)[:20]``, zero
-padding, attention mask 1 on the real tokens. Long expressions are truncated (the ``[SEP]`` may be cut
-off, as in LAVT) and reported in the meta, never refused."""
+padding, attention mask 1 on the real tokens.
+
+Long expressions are truncated (the ``[SEP]`` may be cut off, as in LAVT) and reported in the meta, never
+refused."""
 
 from __future__ import annotations
 

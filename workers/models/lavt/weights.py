@@ -1,7 +1,9 @@
-"""Where LAVT weights come from and how they are checked: official checkpoints (``model`` +
-``bert_model``, or ``lavt_one``'s ``model`` with ``text_encoder.*``), plain state dicts, our own training
-checkpoints (the same two entries plus ``config`` and ``tokenizer_vocab``), their safetensors form (what the
-model store keeps), ImageNet Swin weights and Hugging Face BERT weights.
+"""Where LAVT weights come from and how they are checked.
+
+The sources: official checkpoints (``model`` + ``bert_model``, or ``lavt_one``'s ``model`` with
+``text_encoder.*``), plain state dicts, our own training checkpoints (the same two entries plus ``config``
+and ``tokenizer_vocab``), their safetensors form (what the model store keeps), ImageNet Swin weights and
+Hugging Face BERT weights.
 
 No weight file is ever unpickled with code: ``.safetensors`` files are read by safetensors, every other
 file by ``torch.load(weights_only=True)`` with one class allowed beyond tensors and plain values,
