@@ -9,7 +9,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -132,24 +131,32 @@ class _ThreadRunner(InProcessRunner):
         return ThreadPoolExecutor(max_workers=1)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_a_registered_engine_answers_through_prelabel(squares, monkeypatch):
-    import groundlabel.ls_client as ls_client
+    """``groundlabel prelabel`` against a real Label Studio writes the engine's regions into the task."""
+    from labelstudio_server import require_label_studio, shared_label_studio
+
     import groundlabel_cli.prelabel as prelabel_verb
 
-    pushed: list[dict] = []
-    task = {"id": 5, "data": {"image": png_data_uri(64, 48)}, "predictions_model_versions": ""}
+    require_label_studio()
+    studio = shared_label_studio()
+    project = studio.create_project("registered engine", CONFIG)
+    folder = f"engine{project}"
+    studio.add_local_storage(project, folder)
+    (studio.files_root / folder / "a.png").write_bytes(png_bytes(64, 48))
+    (task_id,) = studio.import_tasks(project, [{"image": f"/data/local-files/?d={folder}/a.png"}])
     monkeypatch.delenv("REDIS_URL", raising=False)
-    monkeypatch.setattr(ls_client, "make_client", lambda url, key, **_kw: object())
-    monkeypatch.setattr(ls_client, "get_project", lambda client, pid: SimpleNamespace(label_config=CONFIG))
-    monkeypatch.setattr(ls_client, "iter_tasks", lambda client, pid: iter([task]))
-    monkeypatch.setattr(ls_client, "push_predictions", lambda client, pid, preds: pushed.extend(preds))
-    monkeypatch.setattr(ls_client, "delete_predictions", lambda client, ids: None)
+    monkeypatch.setenv("LABEL_STUDIO_URL", studio.url)  # the job fetches the task's image from it
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", studio.legacy_token)
     monkeypatch.setattr(prelabel_verb, "make_runner", lambda s: _ThreadRunner(s, 1, warm_up=False))
-    code = main(["prelabel", "--project", "3", "--url", "http://ls.test", "--api-key", "k", "--no-progress"])
-    assert code == 0
-    (prediction,) = pushed
-    assert prediction["task"] == 5
+    args = ["prelabel", "--project", str(project), "--url", studio.url, "--api-key", studio.legacy_token]
+    assert main([*args, "--no-progress"]) == 0
+    (prediction,) = studio.predictions(task_id)
     _check(prediction, versioned("squares-1", read_spec(CONFIG, Settings.from_env({}))))  # as serve names it
+    # A second run finds the task's prediction current and writes none.
+    assert main([*args, "--no-progress"]) == 0
+    assert len(studio.predictions(task_id)) == 1
 
 
 def test_an_unknown_engine_is_refused_with_the_known_ones():
