@@ -144,11 +144,15 @@ class LabelingPage:
     def fit_image(self) -> None:
         """*Zoom to fit*: the whole image in view. Label Studio fits the image to the canvas before the
         panels below take their room and keeps that zoom, so a tall image's edges would be hidden."""
-        self.page.evaluate(
-            "() => window.Htx.annotationStore.selected.objects.find(o => o.type === 'image').sizeToFit()"
-        )
+        # Asked again at each poll: a fit asked for while the page still lays itself out can be undone.
         self.page.wait_for_function(
-            "() => window.Htx.annotationStore.selected.objects.find(o => o.type === 'image').zoomScale === 1"
+            """() => {
+                const image = window.Htx.annotationStore.selected.objects.find(o => o.type === 'image');
+                if (image.zoomScale !== 1) image.sizeToFit();
+                return image.zoomScale === 1;
+            }""",
+            polling=250,
+            timeout=ANSWER_TIMEOUT_MS,
         )
 
     def open_data_manager(self, project: int) -> None:
