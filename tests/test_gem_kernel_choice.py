@@ -18,7 +18,14 @@ from groundlabel.errors import UserError  # noqa: E402
 from groundlabel.settings import GEM_CPU_KERNELS, Settings, cache_folder  # noqa: E402
 from workers.models.cpu import CpuInfo, parse_cpuinfo  # noqa: E402
 from workers.models.gem import GemConfig, GemEngine, kernel_choice, kernels  # noqa: E402
-from workers.models.gem.kernel_choice import CACHE_FILE, choose, fastest, machine_key, time_paths  # noqa: E402
+from workers.models.gem.kernel_choice import (  # noqa: E402
+    CACHE_FILE,
+    choose,
+    fastest,
+    machine_key,
+    medians,
+    time_paths,
+)
 from workers.models.gem.modules import DENSE_METHODS, GemVisionTower  # noqa: E402
 
 ONEDNN = torch.backends.mkldnn.is_available()
@@ -75,7 +82,16 @@ def test_fastest_takes_the_smallest_time_and_plain_torch_within_the_tolerance():
         fastest({})
 
 
-def test_time_paths_alternates_the_paths_and_takes_medians():
+def test_fastest_compares_the_paths_within_each_round():
+    """Per round, the rounds aligned: packed was slower than torch in two rounds of three, and faster only
+    in the one where the machine's load dropped; its median time alone would have picked it."""
+    rounds = {"packed": [1.1, 2.2, 0.9], "onednn": [1.2, 2.4, 3.8], "torch": [1.0, 2.0, 4.0]}
+    assert fastest(rounds) == "torch"
+    assert medians(rounds) == {"packed": 1.1, "onednn": 2.4, "torch": 2.0}
+    assert fastest({"packed": [0.5, 2.0, 0.6], "torch": [1.0, 4.5, 1.0]}) == "packed"
+
+
+def test_time_paths_alternates_the_paths_and_times_each_round():
     """One warm-up per path, then rounds in rotating order; the clock is given, so are the times."""
     seen: list[str] = []
     durations = {
@@ -93,7 +109,7 @@ def test_time_paths_alternates_the_paths_and_takes_medians():
     result = time_paths(run, kernels.PATHS, rounds=3, clock=lambda: now[0])
     assert seen[:3] == ["packed", "onednn", "torch"]  # warm-ups, not timed
     assert seen[3:] == ["packed", "onednn", "torch", "onednn", "torch", "packed", "torch", "packed", "onednn"]
-    assert result == {"packed": 3.0, "onednn": 2.0, "torch": 4.0}
+    assert result == {"packed": [1.0, 5.0, 3.0], "onednn": [2.0, 2.0, 8.0], "torch": [4.0, 4.0, 4.0]}
     assert kernels.current_path() == "packed"  # the default again after timing
 
 
@@ -108,6 +124,7 @@ def test_the_choice_is_timed_once_kept_in_the_cache_folder_and_read_back(tmp_pat
     assert len(measure.calls) == 1
     kept = json.loads((tmp_path / CACHE_FILE).read_text())
     assert kept["choices"]["cpu A | torch 9"]["path"] == "torch"
+    assert kept["choices"]["cpu A | torch 9"]["rounds_s"]["torch"] == [1.0]
 
     kernel_choice._memo.clear()  # another process on the same machine reads the file
     again = choose(tower, "auto", tmp_path, measure=measure, key="cpu A | torch 9")

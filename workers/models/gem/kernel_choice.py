@@ -8,8 +8,9 @@ AVX-512, slower than plain PyTorch on an Intel Xeon, and on an AVX2-only machine
 pixels but twice as slow at 448. So :func:`choose`, on a tower's first CPU load on a machine, times a small
 input of the engine's token count on every path the build allows: one unchanged block and one GEM block's
 self-self attention (what a forward repeats, at about a sixth of its cost), the paths alternating for a
-few rounds, and keeps the fastest by median time. Plain PyTorch is kept unless another path beats it by
-more than :data:`TOLERANCE`, so the choice is never slower than plain PyTorch by more than the timing noise.
+few rounds, and keeps the fastest by the median over rounds of each path's time relative to plain
+PyTorch's in the same round. Plain PyTorch is kept unless another path beats it by more than
+:data:`TOLERANCE`, so the choice is never slower than plain PyTorch by more than the timing noise.
 
 The choice is written to :data:`CACHE_FILE` in the cache folder (``GemConfig.kernel_cache``; the workers'
 ``$XDG_CACHE_HOME/groundlabel``), keyed by :func:`machine_key`: the CPU (model name and a hash of its flags),
@@ -41,7 +42,7 @@ from workers.models.cpu import CpuInfo, cpu_info
 from . import kernels
 from .modules import GemVisionTower
 
-__all__ = ["CACHE_FILE", "TOLERANCE", "Choice", "choose", "fastest", "machine_key", "time_paths"]
+__all__ = ["CACHE_FILE", "TOLERANCE", "Choice", "choose", "fastest", "machine_key", "medians", "time_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +61,39 @@ class Choice:
 
     path: str
     source: str
-    timings: dict[str, float] = field(default_factory=dict)  # median seconds per forward, by path
+    timings: dict[str, float] = field(default_factory=dict)  # median seconds of the probe, by path
 
 
-def fastest(timings: Mapping[str, float], tolerance: float = TOLERANCE) -> str:
-    """The path of the smallest time; ``torch`` unless another is faster than it by more than ``tolerance``
-    (a fraction of torch's time)."""
-    if not timings:
+Times = Mapping[str, float | Sequence[float]]  # seconds by path: one number, or one per round
+
+
+def _rounds(times: Times) -> dict[str, list[float]]:
+    return {p: [float(t)] if isinstance(t, int | float) else [float(x) for x in t] for p, t in times.items()}
+
+
+def medians(times: Times) -> dict[str, float]:
+    """The median seconds of each path."""
+    return {path: statistics.median(values) for path, values in _rounds(times).items()}
+
+
+def fastest(times: Times, tolerance: float = TOLERANCE) -> str:
+    """The fastest path from its seconds (per round, the rounds aligned across paths): with ``torch``
+    timed, by the median over rounds of each path's time over torch's in the same round (a load that
+    comes and goes hits both alike), and ``torch`` unless another path is faster than it by more than
+    ``tolerance`` (a fraction); without it, by median time."""
+    rounds = _rounds(times)
+    if not rounds:
         raise ValueError("no timings to choose from")
-    best = min(timings, key=lambda path: (timings[path], kernels.PATHS.index(path)))
-    if "torch" in timings and best != "torch" and timings[best] > timings["torch"] * (1.0 - tolerance):
+    if "torch" in rounds:
+        base = rounds["torch"]
+        score = {
+            path: statistics.median(t / b for t, b in zip(ts, base, strict=True))
+            for path, ts in rounds.items()
+        }
+    else:
+        score = medians(rounds)
+    best = min(score, key=lambda path: (score[path], kernels.PATHS.index(path)))
+    if "torch" in score and best != "torch" and score[best] > 1.0 - tolerance:
         return "torch"
     return best
 
@@ -109,9 +133,10 @@ def time_paths(
     *,
     rounds: int = ROUNDS,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float]:
-    """Median seconds of ``run()`` under each of ``paths`` (:func:`kernels.using`): one warm-up call per path
-    (packing, compiling), then ``rounds`` rounds in which every path runs once, the order rotating."""
+) -> dict[str, list[float]]:
+    """Seconds of ``run()`` under each of ``paths`` (:func:`kernels.using`), one per round: one warm-up call
+    per path (packing, compiling), then ``rounds`` rounds in which every path runs once, the order
+    rotating."""
     for path in paths:
         with kernels.using(path):
             run()
@@ -123,7 +148,7 @@ def time_paths(
                 start = clock()
                 run()
                 times[path].append(clock() - start)
-    return {path: statistics.median(values) for path, values in times.items()}
+    return times
 
 
 def _tokens(tower: GemVisionTower, size: tuple[int, int]) -> int:
@@ -155,13 +180,13 @@ def choose(
     cache_dir: str | Path | None = None,
     *,
     size: tuple[int, int] | None = None,
-    measure: Callable[[Sequence[str]], Mapping[str, float]] | None = None,
+    measure: Callable[[Sequence[str]], Times] | None = None,
     key: str | None = None,
 ) -> Choice:
     """The CPU path for ``tower`` on inputs of ``size`` (height, width; default the tower's native size):
     ``setting`` when it names one, else the machine's kept choice, else the fastest by timing
-    (``measure(paths)`` → seconds by path; default :func:`time_paths` on a probe of the tower), written to
-    ``cache_dir`` (when None, kept for this process only)."""
+    (``measure(paths)`` → seconds by path, per round; default :func:`time_paths` on a probe of the tower),
+    written to ``cache_dir`` (when None, kept for this process only)."""
     if setting != "auto":
         if setting not in kernels.PATHS:
             raise ValueError(f"unknown CPU kernel path {setting!r}; expected auto or one of {kernels.PATHS}")
@@ -184,16 +209,16 @@ def choose(
             if isinstance(kept, dict) and kept.get("path") in paths:
                 choice = Choice(kept["path"], "cached", dict(kept.get("timings_s") or {}))
             else:
-                timings = dict((measure or (lambda ps: time_paths(_probe(tower, tokens), ps)))(paths))
-                choice = Choice(fastest(timings), "timed", timings)
+                rounds = _rounds((measure or (lambda ps: time_paths(_probe(tower, tokens), ps)))(paths))
+                choice = Choice(fastest(rounds), "timed", medians(rounds))
                 log.info(
-                    "GEM CPU kernels: %s (%s; %s)",
+                    "GEM CPU kernels: %s (median %s; %s)",
                     choice.path,
-                    ", ".join(f"{p} {t * 1000:.0f} ms" for p, t in timings.items()),
+                    ", ".join(f"{p} {t * 1000:.0f} ms" for p, t in choice.timings.items()),
                     key,
                 )
                 if file is not None:
-                    _store(file, key, choice)
+                    _store(file, key, choice, rounds)
             if choice.path != "packed":
                 kernels.release_packed_weights()  # the timing's packed copies, unused from now on
         _memo[memo_key] = choice
@@ -234,12 +259,14 @@ def _read(file: Path | None) -> dict:
     return choices if isinstance(choices, dict) else {}
 
 
-def _store(file: Path, key: str, choice: Choice) -> None:
-    """Adds ``choice`` under ``key`` to the file (written whole to a temporary file, then renamed)."""
+def _store(file: Path, key: str, choice: Choice, rounds: Mapping[str, Sequence[float]]) -> None:
+    """Adds ``choice`` (and the times of each round) under ``key`` to the file (written whole to a
+    temporary file, then renamed)."""
     choices = _read(file)
     choices[key] = {
         "path": choice.path,
         "timings_s": {p: round(t, 6) for p, t in choice.timings.items()},
+        "rounds_s": {p: [round(t, 6) for t in ts] for p, ts in rounds.items()},
         "measured": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     tmp = None
