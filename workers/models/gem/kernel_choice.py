@@ -4,20 +4,20 @@ The tower's CPU forward can take three paths (:data:`kernels.PATHS`) that comput
 ``packed`` (oneDNN kernels, linear weights packed once and kept), ``onednn`` (oneDNN kernels, weights
 reordered on every call) and ``torch`` (plain PyTorch). Which is fastest depends on the CPU, on how
 oneDNN and MKL serve it and on the input size: oneDNN's kernels were twice MKL's speed on one AMD EPYC with
-AVX-512, slower than plain PyTorch on an Intel Xeon, and on an AVX2-only machine about even with it at 224
-pixels but twice as slow at 448. So :func:`choose`, on a tower's first CPU load on a machine, times a small
-input of the engine's token count on every path the build allows: one unchanged block and one GEM block's
-self-self attention (what a forward repeats, at about a sixth of its cost), the paths alternating for a
-few rounds, and keeps the fastest by the median over rounds of each path's time relative to plain
-PyTorch's in the same round. Plain PyTorch is kept unless another path beats it by more than
-:data:`TOLERANCE`, so the choice is never slower than plain PyTorch by more than the timing noise.
+AVX-512, slower than plain PyTorch on an Intel Xeon, and on an AVX2-only machine within 10 % of it (behind
+on two threads) but slowed far more when other jobs took a core. So :func:`choose`, on a tower's first CPU
+load on a machine, times a small input of the engine's token count on every path the build allows: one
+unchanged block and one GEM block's self-self attention (what a forward repeats, at about a sixth of its
+cost), the paths alternating for a few rounds, and keeps the fastest by the median over rounds of each
+path's time relative to plain PyTorch's in the same round. Plain PyTorch is kept unless another path beats
+it by more than :data:`TOLERANCE`, so the choice is never slower than plain PyTorch by more than the timing
+noise.
 
 The choice is written to :data:`CACHE_FILE` in the cache folder (``GemConfig.kernel_cache``; the workers'
 ``$XDG_CACHE_HOME/groundlabel``), keyed by :func:`machine_key`: the CPU (model name and a hash of its flags),
 the torch version, the thread count, the paths allowed, the tower's shape and the token count. Later loads
 with the same key read it and time nothing; processes loading at once take turns (a lock beside the file),
-so only the first times. ``GemConfig.cpu_kernels`` (``GROUNDLABEL_GEM_CPU_KERNELS``)
-forces a path.
+so only the first times. ``GemConfig.cpu_kernels`` (``GROUNDLABEL_GEM_CPU_KERNELS``) forces a path.
 """
 
 from __future__ import annotations
