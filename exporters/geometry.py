@@ -15,7 +15,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from groundlabel.jit import compiled
-from groundlabel.ls_format import percent_to_pixels
+from groundlabel.ls_format import percent_to_pixels, rectangle_corners
 
 
 class GeometryError(ValueError):
@@ -69,10 +69,7 @@ def rectangle_from_percent(value: dict[str, Any], width: int, height: int) -> tu
         raise GeometryError("degenerate polygon", "rectangle coordinates are not finite")
     if w <= 0 or h <= 0:
         raise GeometryError("degenerate polygon", f"rectangle of size {w:.3g}x{h:.3g} pixels has no area")
-    theta = math.radians(rotation)
-    c, s = math.cos(theta), math.sin(theta)
-    corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
-    pts = [(x + dx * c - dy * s, y + dx * s + dy * c) for dx, dy in corners]
+    pts = rectangle_corners(value, width, height).tolist()
     xs = [p[0] for p in pts]
     ys = [p[1] for p in pts]
     bbox = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]

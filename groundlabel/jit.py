@@ -8,7 +8,9 @@ compile. The plain function stays reachable as ``.py_func`` for tests.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 from groundlabel.errors import UserError
@@ -38,3 +40,10 @@ class Compiled:
 def compiled(fn: Callable[..., Any]) -> Compiled:
     """Decorator: compile ``fn`` with numba when it is first called (see the module docstring)."""
     return Compiled(fn)
+
+
+@cache
+def numba_available() -> bool:
+    """Whether numba is installed (it comes with the worker and export extras, not with the backend's base
+    install), without importing it."""
+    return importlib.util.find_spec("numba") is not None

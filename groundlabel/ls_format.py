@@ -3,21 +3,23 @@
 Coordinates in Label Studio results are percent of the original image (0..100); ``original_width``
 and ``original_height`` are pixels. Brush masks use Label Studio's own bit-packed RLE over RGBA
 pixels (not COCO RLE): encoded with numpy (identical to label-studio-sdk's converter) and decoded by a
-compiled loop (:mod:`groundlabel.jit`).
+compiled loop (:mod:`groundlabel.jit`), or by label-studio-sdk's own decoder where numba is not installed
+(the backend's base install).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from groundlabel.errors import UserError
-from groundlabel.jit import compiled
+from groundlabel.jit import compiled, numba_available
 
 #: Result types that carry a region on an image.
 REGION_TYPES = ("polygonlabels", "brushlabels", "rectanglelabels", "keypointlabels")
@@ -199,7 +201,8 @@ def brush_rle_decode(rle: Sequence[int], height: int, width: int) -> np.ndarray:
     ready for COCO RLE encoding without a copy).
 
     Only the alpha channel is kept (what Label Studio draws); a compiled decoder reads the bits and
-    writes the mask directly, about 20x faster than expanding the whole RGBA stream in Python.
+    writes the mask directly, about 20x faster than expanding the whole RGBA stream in Python (which is
+    what happens where numba is not installed).
     Raises :class:`UserError` when the RLE is corrupt or does not hold ``height*width`` RGBA pixels.
     """
     try:
@@ -219,6 +222,8 @@ def brush_rle_decode(rle: Sequence[int], height: int, width: int) -> np.ndarray:
         raise UserError(
             f"brush RLE holds {num // 4} pixels but the image is {width}x{height} ({height * width})"
         )
+    if not numba_available():
+        return _brush_alpha_sdk(bytes(items), height, width)
     out = np.zeros(height * width, np.uint8)
     status = _brush_alpha(data, num, word_size, sizes, out, height, width)
     if status:
@@ -226,10 +231,38 @@ def brush_rle_decode(rle: Sequence[int], height: int, width: int) -> np.ndarray:
     return out.view(np.bool_).reshape((height, width), order="F")
 
 
+def _brush_alpha_sdk(rle: bytes, height: int, width: int) -> np.ndarray:
+    """:func:`brush_rle_decode`'s mask from label-studio-sdk's pure-Python decoder (a base dependency), for an
+    install without numba (the backend's): the same mask, some tens of times slower."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    try:
+        rgba = decode_rle(rle)
+    except (ValueError, OverflowError, IndexError) as exc:
+        raise UserError(f"brush RLE cannot be decoded: {exc}") from exc
+    return np.asfortranarray(rgba[3::4].reshape(height, width) != 0)
+
+
 def percent_to_pixels(points: Any, width: int, height: int) -> np.ndarray:
     """``[[x%, y%], ...]`` to a float ``(N, 2)`` array of pixel coordinates."""
     arr = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     return arr * np.array([width / 100.0, height / 100.0])
+
+
+def rectangle_corners(value: Mapping[str, Any], width: int, height: int) -> np.ndarray:
+    """A Label Studio rectangle's four corners in pixels, ``(4, 2)``, starting at its top-left ``(x, y)``:
+    the box is rotated by ``rotation`` degrees (clockwise on screen) around that corner.
+
+    Raises ``KeyError``, ``TypeError`` or ``ValueError`` for a value without numeric coordinates."""
+    x = float(value["x"]) * width / 100.0
+    y = float(value["y"]) * height / 100.0
+    w = float(value["width"]) * width / 100.0
+    h = float(value["height"]) * height / 100.0
+    theta = math.radians(float(value.get("rotation") or 0.0))
+    c, s = math.cos(theta), math.sin(theta)
+    return np.array(
+        [(x + dx * c - dy * s, y + dx * s + dy * c) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+    )
 
 
 def pixels_to_percent(points: Any, width: int, height: int) -> list[list[float]]:

@@ -10,6 +10,19 @@ from groundlabel.spec import LabelingSpec, spec_tag
 
 #: What a score-map engine's version adds when it grounds an expression standing in for LAVT.
 STAND_IN_SUFFIX = "-expressions"
+#: What an engine's version adds when it ran on a CPU in bf16 (``GROUNDLABEL_CPU_PRECISION``): its outputs
+#: differ from the fp32 ones, so its predictions and cached results carry another name.
+BF16_SUFFIX = "-bf16"
+
+
+def with_precision(version: str, precision: str) -> str:
+    """The name of ``version``'s predictions computed in ``precision`` (``fp32``: the name itself; ``bf16``:
+    with :data:`BF16_SUFFIX`)."""
+    if precision == "fp32":
+        return version
+    if precision == "bf16":
+        return version if version.endswith(BF16_SUFFIX) else version + BF16_SUFFIX
+    raise ValueError(f"unknown precision {precision!r}; expected fp32 or bf16")
 
 
 def stand_in(version: str) -> str:
@@ -48,10 +61,22 @@ def trained_names(name: str, kind: str) -> list[str]:
 
 
 def replaced_by(kind: str, version: str) -> bool:
-    """Whether a promoted trained version of ``kind`` replaces the base predictions named ``version``: a
-    trained LAVT the expressions (the base LAVT's and GEM's stand-in), a distilled GEM every base GEM name."""
+    """Whether a promoted version of ``kind`` replaces the base predictions named ``version``: a trained
+    LAVT the expressions (the base LAVT's and GEM's stand-in), a distilled GEM every base GEM name, a
+    calibration the class prompts' (GEM's and SAM 3's, not the expressions')."""
     if kind == "lavt":
         return version.startswith("lavt-") or version.endswith(STAND_IN_SUFFIX)
     if kind == "gem":
         return version.startswith("gem-")
+    if kind == "calibration":  # the class prompts' engines, not the expressions'
+        return version.startswith(("gem-", "sam3")) and not version.endswith(STAND_IN_SUFFIX)
     return False
+
+
+def engine_of(model_version: str) -> str:
+    """The engines a prediction's ``model_version`` names: the first word of each ``+``-joined part, in
+    order (``gem-ViT-B-16-openai-cfg1a2b`` is ``gem``; a GEM mask sharpened by SAM,
+    ``gem-ViT-B-16-openai+sam-tiny-cfg1a2b``, is ``gem+sam``; a trained ``lavt-tiny-p7-v2`` is ``lavt``).
+    Every engine's and trained version's name starts with its engine's (see the workers' registry)."""
+    words = (part.split("-", 1)[0] for part in model_version.split("+") if part)
+    return "+".join(dict.fromkeys(w for w in words if w)) or model_version
