@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from groundlabel.calibration import CALIBRATION_FILE, Calibration, read_calibration
 from groundlabel.errors import UserError
 from groundlabel.ls_format import project_id
 from groundlabel.settings import S3Settings, TrainingSettings
@@ -47,8 +48,9 @@ META = "meta.json"
 PROMOTED = "promoted.json"
 #: The file name of a version's weights: a safetensors file (tensors and a JSON header, no code).
 WEIGHTS = "model.safetensors"
-#: The kinds of trained versions: which engine a version replaces for its project.
-KINDS = ("lavt", "gem")
+#: The kinds of versions: which engine a trained version replaces for its project, or a calibration
+#: (per-label engine, refinement and threshold: a small JSON file, :mod:`groundlabel.calibration`).
+KINDS = ("lavt", "gem", "calibration")
 #: A version name: one path component that starts with a letter or digit (so never ``.`` nor ``..``).
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _NUMBER = re.compile(r"-v(\d+)$")
@@ -70,7 +72,7 @@ class ModelVersion:
     """One stored version's record (``meta.json``)."""
 
     name: str
-    kind: str  # "lavt" (a fine-tuned LAVT checkpoint) or "gem" (a distilled CLIP state dict for GEM)
+    kind: str  # "lavt" (a fine-tuned LAVT checkpoint), "gem" (a distilled CLIP for GEM) or "calibration"
     project: str
     parent: str | None  # the version it was fine-tuned from (a stored name, or the base model's)
     annotation_count: int
@@ -145,6 +147,8 @@ def parse_record(data: Any, project: str, name: str, where: str) -> ModelVersion
         raise bad(f"its project {data['project'][:40]!r} is not {project!r}")
     if not is_version_name(data["weights"]):
         raise bad("'weights' must be a file name inside the version's folder")
+    if (data["kind"] == "calibration") != (data["weights"] == CALIBRATION_FILE):
+        raise bad(f"a calibration's file, and only its, is {CALIBRATION_FILE}")
     parent = data.get("parent")
     if parent is not None and (not isinstance(parent, str) or len(parent) > 256):
         raise bad("'parent' must be a version name or null")
@@ -582,6 +586,24 @@ class ModelStore:
         check_safetensors(path, where)
         return path
 
+    def calibration(self, version: ModelVersion) -> Calibration:
+        """The choices of a ``calibration`` version, read from its JSON file and checked
+        (:func:`groundlabel.calibration.parse_calibration`); :class:`StoreFileError` saying why otherwise."""
+        project = check_project(version.project)
+        check_version_name(version.name)
+        where = self.backend.where(project, version.name, CALIBRATION_FILE)
+        if version.kind != "calibration":
+            raise StoreFileError(f"{version.name} of project {project} is a {version.kind} version")
+        raw = self.backend.read(project, version.name, CALIBRATION_FILE)
+        if raw is None:
+            raise StoreFileError(f"{where} is missing")
+        try:
+            return read_calibration(raw, where)
+        except StoreFileError:
+            raise
+        except UserError as exc:
+            raise StoreFileError(str(exc)) from exc
+
     def _pointer(self, project: str | int) -> dict[str, Any]:
         project = check_project(project)
         data = self._json(project, None, PROMOTED)
@@ -625,19 +647,24 @@ class ModelStore:
         metrics: dict[str, Any] | None = None,
         note: str = "",
     ) -> ModelVersion:
-        """Store a new version holding a copy of ``weights`` (a safetensors file); returns its record (never
-        overwrites)."""
+        """Store a new version holding a copy of ``weights`` (a safetensors file; for a ``calibration``, its
+        JSON file); returns its record (never overwrites)."""
         project = check_project(project)
         if kind not in KINDS:
             raise UserError(f"a version's kind is one of {', '.join(KINDS)}, not {kind!r}")
         source = Path(weights)
         if not source.is_file():
             raise UserError(f"weights {source} do not exist")
-        try:
-            check_safetensors(source)
-        except StoreFileError as exc:
-            raise UserError(f"a version's weights must be a safetensors file: {source} is not one") from exc
-        target_name = WEIGHTS
+        if kind == "calibration":
+            read_calibration(source.read_bytes(), str(source))  # refused unless it is one
+        else:
+            try:
+                check_safetensors(source)
+            except StoreFileError as exc:
+                raise UserError(
+                    f"a version's weights must be a safetensors file: {source} is not one"
+                ) from exc
+        target_name = CALIBRATION_FILE if kind == "calibration" else WEIGHTS
         for _ in range(100):
             version = ModelVersion(
                 name=self.next_name(project, kind, variant),

@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "groundlabel_cli.serve",
     "groundlabel_cli.prelabel",
     "groundlabel_cli.models",
+    "groundlabel_cli.calibrate",
     "groundlabel_cli.worker",
 ]
 

@@ -151,10 +151,42 @@ def project_version(project: str | None, kind: str = "lavt") -> Any:
         return None
     try:
         version = model_store().promoted(project)
+        if version is not None and version.kind == "calibration":  # served over the version it calibrated
+            trained = model_store().calibration(version).trained
+            version = model_store().get(project, trained) if trained else None
     except UserError as exc:
         log.warning("model store: %s; project %s gets the base models", exc, project)
         return None
     return version if version is not None and version.kind == kind else None
+
+
+def project_calibration(project: str | None) -> Any:
+    """``(version name, Calibration)`` of the calibration the model store promotes for ``project``, or None.
+
+    Read on every job, like :func:`project_version`: a promotion or rollback is served from the next job on.
+    """
+    if not _settings.training.model_store or not project:
+        return None
+    try:
+        version = model_store().promoted(project)
+        if version is None or version.kind != "calibration":
+            return None
+        return version.name, model_store().calibration(version)
+    except UserError as exc:
+        log.warning("model store: %s; project %s gets its uncalibrated settings", exc, project)
+        return None
+
+
+def variant_engine(variant: str, project: str | None = None) -> Any:
+    """The engine answering a calibration variant for ``project`` (GEM with the variant's own refinement,
+    or SAM 3); SAM's sharpening is the caller's (:func:`get_sam_engine`)."""
+    from groundlabel.calibration import variant_parts
+    from workers.calibration import with_refine
+
+    engine, own, _ = variant_parts(variant)
+    if engine != "gem":
+        return get_engine(engine, project)
+    return with_refine(get_engine("gem", project), own)
 
 
 def model_store() -> Any:

@@ -136,13 +136,53 @@ def run_prediction_job(payload: JobPayload) -> list[dict[str, Any]]:
             log.warning("task %s failed: %s", tasks[i].get("id"), _describe(exc))
             out[i] = failed(exc)
 
-    if batch:
+    calibrated = engines.project_calibration(project) if batch else None
+    if calibrated is not None:  # the calibrated controls answer per label, the others as before
+        found = _calibrated(outputs, [images[i] for i in batch], calibrated, engine_for, default, project)
+    elif batch:
         found = pipeline.prompt_regions(
             outputs, [images[i] for i in batch], engine_for, default=default, sam=engines.refiner("gem")
         )
+    if batch:
         for i, item in zip(batch, found, strict=True):
             out[i] = failed(item) if isinstance(item, Exception) else answer(item)
     return [o if o is not None else failed(UserError("no prediction was made")) for o in out]
+
+
+def _calibrated(
+    spec: LabelingSpec, images: list[Any], calibrated: tuple[str, Any], engine_for, default: str, project
+) -> list[Any]:
+    """Class prompts of a project served by a calibration (:func:`workers.calibration.calibrated_regions`)
+    for the controls it chose for, the others through :func:`workers.pipeline.prompt_regions`."""
+    from workers import engines, pipeline
+    from workers.calibration import calibrated_regions, current_variant
+
+    name, calibration = calibrated
+    chosen = {c.control for c in calibration.choices}
+    own = spec.without({c.name for c in spec.controls if c.name not in chosen})
+    rest = spec.without(chosen)
+    refine = engines.settings().engines.gem_refine
+    parts = []
+    if own.controls:
+        parts.append(
+            calibrated_regions(
+                own,
+                images,
+                calibration,
+                lambda v: engines.variant_engine(v, project),
+                current=lambda c: current_variant(c, default, refine),
+                version=name,
+                sam=engines.get_sam_engine(),
+            )
+        )
+    if rest.controls:
+        sam = engines.refiner("gem")
+        parts.append(pipeline.prompt_regions(rest, images, engine_for, default=default, sam=sam))
+    out: list[Any] = []
+    for per_image in zip(*parts, strict=True):
+        failed = [p for p in per_image if isinstance(p, Exception)]
+        out.append(failed[0] if failed else pipeline.combine_regions(per_image))
+    return out
 
 
 def run_job(payload: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,151 @@
+"""Calibration from corrections: the record and its checks, the model store's ``calibration`` versions, the
+sweep on generated scenes with the in-repo tiny CLIP, the promotion rule, and a worker serving a promoted
+calibration to its project only (then the project's old settings again after a rollback)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from groundlabel.calibration import VARIANTS, Calibration, LabelChoice, parse_calibration
+from groundlabel.errors import UserError
+from groundlabel.model_store import ModelStore, StoreFileError, version_summary
+from groundlabel.versions import replaced_by
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("pycocotools")
+
+from test_training_gem import CONFIG, scene_export, tiny_engines  # noqa: E402
+
+
+def write_calibration(path: Path, choices: list[LabelChoice]) -> Path:
+    path.write_text(json.dumps(Calibration(choices).to_dict()), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [],
+        {"choices": {}},
+        {"choices": [{"control": "mask", "label": "red", "variant": "yolo", "threshold": 0.5}]},
+        {"choices": [{"control": "mask", "label": "red", "variant": "gem", "threshold": 1.5}]},
+        {"choices": [{"control": "mask", "label": "red", "variant": "gem", "threshold": True}]},
+        {"choices": [{"control": "mask", "label": 3, "variant": "gem", "threshold": 0.5}]},
+        {"choices": [], "trained": ["x"]},
+    ],
+)
+def test_a_calibration_record_is_checked_field_by_field(data):
+    with pytest.raises(UserError, match="not a valid calibration"):
+        parse_calibration(data, "c.json")
+
+
+def test_the_store_keeps_calibrations_as_json_versions_and_refuses_other_files(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    file = write_calibration(tmp_path / "c.json", [LabelChoice("mask", "red", "gem+pamr", 0.3)])
+    version = store.add(
+        project="4",
+        kind="calibration",
+        variant="gem",
+        weights=file,
+        parent="gem-base",
+        annotation_count=3,
+        metrics={"base": {"mIoU": 20.0}, "new": {"mIoU": 30.0}},
+    )
+    assert version.name == "calibration-gem-p4-v1" and version.weights == "calibration.json"
+    assert store.calibration(store.get("4", version.name)).choices == [
+        LabelChoice("mask", "red", "gem+pamr", 0.3)
+    ]
+    summary = version_summary(version, None)
+    assert summary["kind"] == "calibration" and summary["heldout_mIoU"] == 30.0
+    with pytest.raises(UserError):  # anything but a calibration record is refused as one
+        store.add(project="4", kind="calibration", variant="gem", weights=REPO / "README.md", parent=None,
+                  annotation_count=0)  # fmt: skip
+    # a file in the store rewritten by someone else is an error of that project, named
+    (tmp_path / "store/4" / version.name / "calibration.json").write_text('{"choices": [1]}')
+    with pytest.raises(StoreFileError, match="choice 0 is not an object"):
+        store.calibration(store.get("4", version.name))
+    assert replaced_by("calibration", "gem-ViT-B-16-openai") and replaced_by("calibration", "sam3")
+    assert not replaced_by("calibration", "gem-ViT-B-16-openai-expressions")
+    assert not replaced_by("calibration", "lavt-swin_b-refcoco")
+
+
+def _settings(tmp_path, root: str, engines):
+    from groundlabel.settings import Settings
+
+    s = Settings()
+    return replace(
+        s,
+        engines=engines,
+        training=replace(s.training, model_store=str(tmp_path / "store"), holdout=0.3),
+        fetch=replace(s.fetch, local_files_root=root),
+    )
+
+
+@pytest.mark.slow
+def test_calibrating_scenes_chooses_per_label_is_promoted_only_when_better_and_workers_serve_it(tmp_path):
+    from groundlabel.protocol import JobPayload
+    from groundlabel.spec import read_spec
+    from groundlabel_cli.calibrate import calibrate_project
+    from workers import engines
+    from workers.jobs import run_prediction_job
+
+    tasks, root = scene_export(tmp_path, 24)
+    engine_settings, _ = tiny_engines(tmp_path)
+    settings = _settings(tmp_path, root, engine_settings)
+    engines.configure(settings)
+    store = ModelStore(tmp_path / "store")
+    try:
+        first = calibrate_project("5", settings, store, annotations=(tasks, CONFIG), variants=["gem"])
+        metrics = first.metrics
+        # the choice is the best on the tuning images, so it is never worse there than what it replaces
+        assert metrics["new"]["tuning_IoU"] >= metrics["base"]["tuning_IoU"] - 1e-9
+        assert metrics["new"]["tuning_IoU"] >= metrics["global_threshold"]["tuning_IoU"] - 1e-9
+        assert metrics["tuning_images"] > 0 and metrics["heldout_images"] > 0
+        assert first.promoted == (metrics["new"]["IoU"] > metrics["base"]["IoU"])
+        record = store.get("5", first.version)
+        assert record.kind == "calibration" and record.annotation_count == 24
+        assert {c.variant for c in store.calibration(record).choices} <= set(VARIANTS)
+        if not first.promoted:
+            store.promote("5", first.version, "by hand, for the serving check")
+
+        # calibrating again over the promoted calibration finds the same choices: stored, not promoted
+        second = calibrate_project("5", settings, store, annotations=(tasks, CONFIG), variants=["gem"])
+        assert not second.promoted and "not promoted" in second.reason
+        assert store.promoted_name("5") == first.version
+        assert second.metrics["new"]["IoU"] == pytest.approx(second.metrics["base"]["IoU"])
+
+        # a worker serves the calibration to its project, named after it; another project keeps GEM
+        spec = read_spec(CONFIG, settings)
+        job = [{"id": t["id"], "data": t["data"]} for t in tasks[:3]]
+        served = run_prediction_job(JobPayload(job, spec, project="5"))
+        other = run_prediction_job(JobPayload(job, spec, project="6"))
+        assert {p["model_version"] for p in served} == {first.version}, [p.get("error") for p in served]
+        assert all(p["model_version"].startswith("gem-") for p in other)
+        calibration = store.calibration(record)
+        for prediction in served:  # every region's label was answered at its calibrated threshold
+            for result in prediction["result"]:
+                label = result["value"]["brushlabels"][0]
+                assert calibration.choice("mask", label) is not None
+        assert served != other or all(not p["result"] for p in served)
+        store.rollback("5")
+        again = run_prediction_job(JobPayload(job, spec, project="5"))
+        assert [p["model_version"] for p in again] == [p["model_version"] for p in other]
+    finally:
+        engines.configure(type(settings)())
+
+
+def test_a_project_without_a_held_out_image_is_refused(tmp_path):
+    from groundlabel_cli.calibrate import calibrate_project
+
+    tasks, root = scene_export(tmp_path, 1)
+    engine_settings, _ = tiny_engines(tmp_path)
+    settings = _settings(tmp_path, root, engine_settings)
+    with pytest.raises(UserError, match="both parts need at least one"):
+        calibrate_project("5", settings, ModelStore(tmp_path / "store"), annotations=(tasks, CONFIG))
+    assert np.array(ModelStore(tmp_path / "store").projects()).size == 0
