@@ -29,6 +29,9 @@ from groundlabel.ls_access import FetchSettings
 RANDOM_WEIGHTS = ("none", "random")
 #: ``GROUNDLABEL_GEM_CPU_KERNELS``: ``auto`` (timed once per machine) or the CPU path GEM's tower takes.
 GEM_CPU_KERNELS = ("auto", "packed", "onednn", "torch")
+#: ``GROUNDLABEL_CPU_PRECISION``: the arithmetic of the engines on a CPU; ``auto`` is bf16 where the CPU
+#: multiplies bf16 natively (AVX512-BF16 or AMX), fp32 elsewhere.
+CPU_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def weights_source(text: str | None) -> str | None:
@@ -250,6 +253,7 @@ class EngineSettings:
     lavt_refine: str | None = None
     gem_pack_weights: bool = True  # CPU: keep oneDNN-packed copies of GEM's linear weights (faster, +memory)
     gem_cpu_kernels: str = "auto"  # CPU: GEM's kernels, timed once per machine (auto) or one of them
+    cpu_precision: str = "auto"  # CPU: the engines' arithmetic, fp32, bf16 or auto (bf16 where native)
     cache_dir: str | None = None  # groundlabel's cache folder (the CPU kernel choice); None: not kept
     hub: HubSettings = field(default_factory=HubSettings)  # hub access for every engine's downloads
 
@@ -262,6 +266,9 @@ class EngineSettings:
         if self.gem_cpu_kernels not in GEM_CPU_KERNELS:
             choices = ", ".join(GEM_CPU_KERNELS)
             raise UserError(f"GROUNDLABEL_GEM_CPU_KERNELS={self.gem_cpu_kernels!r} must be one of {choices}")
+        if self.cpu_precision not in CPU_PRECISIONS:
+            choices = ", ".join(CPU_PRECISIONS)
+            raise UserError(f"GROUNDLABEL_CPU_PRECISION={self.cpu_precision!r} must be one of {choices}")
         if self.gem_cpu_kernels == "packed" and not self.gem_pack_weights:
             raise UserError(
                 "GROUNDLABEL_GEM_CPU_KERNELS=packed contradicts GROUNDLABEL_GEM_PACK_WEIGHTS=false"
@@ -287,7 +294,11 @@ class EngineSettings:
             "token": self.hub.token,
             "offline": self.hub.offline,
         }
-        for key, value in (("batch_size", self.sam3_batch), ("device", self.device)):
+        for key, value in (
+            ("batch_size", self.sam3_batch),
+            ("device", self.device),
+            ("cpu_precision", self.cpu_precision),
+        ):
             if value is not None:
                 options[key] = value
         return options
@@ -304,7 +315,10 @@ class EngineSettings:
         if self.sam_model is None and self.sam_family is None:
             options["family"] = "sam2"
         for key, value in (
-            ("device", self.device), ("min_iou", self.sam_min_iou), ("min_score", self.sam_min_score)
+            ("device", self.device),
+            ("min_iou", self.sam_min_iou),
+            ("min_score", self.sam_min_score),
+            ("cpu_precision", self.cpu_precision),
         ):
             if value is not None:
                 options[key] = value
@@ -331,6 +345,7 @@ class EngineSettings:
             ("device", self.device),
             ("cpu_kernels", self.gem_cpu_kernels),
             ("kernel_cache", self.cache_dir),
+            ("cpu_precision", self.cpu_precision),
         ):
             if value is not None:
                 options[key] = value
@@ -346,6 +361,7 @@ class EngineSettings:
             ("tokenizer", self.lavt_tokenizer),
             ("device", self.device),
             ("cache_dir", self.weights_dir),
+            ("cpu_precision", self.cpu_precision),
         ):
             if value is not None:
                 options[key] = value
@@ -409,7 +425,7 @@ VARIABLES: tuple[str, ...] = (
     "GROUNDLABEL_WEIGHTS_DIR", "GROUNDLABEL_GEM_IMAGE_SIZE", "GROUNDLABEL_GEM_METHOD",
     "GROUNDLABEL_GEM_REFINE", "GROUNDLABEL_GEM_TEMPLATES", "GROUNDLABEL_GEM_BATCH", "GROUNDLABEL_GEM_DEPTH",
     "GROUNDLABEL_GEM_TEMPERATURE", "GROUNDLABEL_GEM_PACK_WEIGHTS", "GROUNDLABEL_GEM_CPU_KERNELS",
-    "GROUNDLABEL_DEVICE",
+    "GROUNDLABEL_DEVICE", "GROUNDLABEL_CPU_PRECISION",
     "GROUNDLABEL_LAVT_CHECKPOINT", "GROUNDLABEL_LAVT_VARIANT", "GROUNDLABEL_LAVT_TOKENIZER",
     "GROUNDLABEL_ENGINE", "GROUNDLABEL_SAM3_MODEL",
     "GROUNDLABEL_SAM3_BATCH", "GROUNDLABEL_SAM_MODEL", "GROUNDLABEL_SAM_FAMILY", "GROUNDLABEL_SAM_MIN_IOU",
@@ -480,6 +496,7 @@ def _engine_settings(e: _Env) -> EngineSettings:
         lavt_refine=e.text("GROUNDLABEL_LAVT_REFINE"),
         gem_pack_weights=e.bool("GROUNDLABEL_GEM_PACK_WEIGHTS", True),
         gem_cpu_kernels=(e.text("GROUNDLABEL_GEM_CPU_KERNELS") or "auto").lower(),
+        cpu_precision=(e.text("GROUNDLABEL_CPU_PRECISION") or "auto").lower(),
         cache_dir=str(cache_folder(e.env)),
         hub=hub_settings(e.env),
     )

@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     from groundlabel.settings import Settings
     from labeling_backend.prelabel import chunked, plan_tasks, run_prelabel
-    from workers.engines import announced_version, model_versions
+    from workers.engines import all_model_versions, announced_version
 
     if args.chunk_size < 1:
         raise UserError("--chunk-size must be at least 1")
@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         if not settings.fetch.api_key and settings.fetch.label_studio_url == url:
             settings = settings.with_(api_key=api_key)
     model_version = announced_version(settings)
-    versions = tuple(model_versions(settings.engines).values())
+    versions = tuple(all_model_versions(settings.engines))
     client = make_client(url, api_key)
 
     if args.dry_run:

@@ -47,11 +47,11 @@ def make_runner(settings: Settings, *, warm_up: bool = True) -> JobRunner:
 def build_app(settings: Settings, *, warm_up: bool = True) -> FastAPI:
     """The backend app with its runner and the announced model version (the engines' names)."""
     from labeling_backend.app import create_app
-    from workers.engines import announced_version, model_versions
+    from workers.engines import all_model_versions, announced_version
 
     version = announced_version(settings)  # an invalid engine setting is refused here, at start-up
     named = settings.backend.model_version  # the operator's one name: no engine names to look up
-    versions = [] if named else list(model_versions(settings.engines).values())
+    versions = [] if named else all_model_versions(settings.engines)
     runner = make_runner(settings, warm_up=warm_up)
     return create_app(settings, runner=runner, model_version=version, versions=versions)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GROUNDLABEL_CPU_PRECISION", "fp32")  # the workers the tests start: fp32 anywhere
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,8 +160,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def make_tiny_gem_engine(seed: int = 0, image_size: int = 64):
-    """A GemEngine on the tiny CLIP with random weights, built in this process."""
+def make_tiny_gem_engine(seed: int = 0, image_size: int = 64, **options):
+    """A GemEngine on the tiny CLIP with random weights, built in this process (``options``: more
+    :class:`GemConfig` fields)."""
     import open_clip
     import torch
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
@@ -173,7 +175,7 @@ def make_tiny_gem_engine(seed: int = 0, image_size: int = 64):
         vision_cfg=CLIPVisionCfg(**TINY_GEM_CONFIG["vision_cfg"]),
         text_cfg=CLIPTextCfg(**TINY_GEM_CONFIG["text_cfg"]),
     ).eval()
-    config = GemConfig(model_name="tinyclip", pretrained=None, image_size=image_size, device="cpu")
+    config = GemConfig(model_name="tinyclip", pretrained=None, image_size=image_size, device="cpu", **options)
     return GemEngine(config, clip_model=model)
 
 
@@ -407,3 +409,23 @@ def serve_backend(label_studio_session, tiny_gem_env, tmp_path_factory) -> Itera
     )
     with serve_process(env, log_path) as url:
         yield url
+
+
+@pytest.fixture(autouse=True)
+def _engines_in_fp32(monkeypatch) -> None:
+    """Engines built in the tests resolve ``auto`` precisions as on a CPU without native bf16, so every
+    output compared with a reference is fp32 on any machine (a test asking for bf16 says so, with
+    ``cpu_precision="bf16"`` or a CPU's flags). Workers started by the tests get
+    ``GROUNDLABEL_CPU_PRECISION=fp32`` from this process's environment (set below)."""
+    from workers.models import cpu
+
+    pinned = without_native_bf16(cpu.machine_cpu())
+    monkeypatch.setattr(cpu, "machine_cpu", lambda: pinned)
+
+
+def without_native_bf16(info):
+    """``info`` (a :class:`workers.models.cpu.CpuInfo`) less its native-bf16 flags: how the tests see the
+    machine's CPU."""
+    from workers.models import cpu
+
+    return cpu.CpuInfo(info.model, info.flags - set(cpu.BF16_FLAGS))

@@ -19,7 +19,7 @@ from typing import Any
 from groundlabel.errors import UserError
 from groundlabel.ls_access import FetchSettings
 from groundlabel.settings import EngineSettings, Settings, split_refine
-from groundlabel.versions import STAND_IN_SUFFIX, refined, stand_in, with_lavt
+from groundlabel.versions import STAND_IN_SUFFIX, refined, stand_in, with_lavt, with_precision
 from workers import registry
 from workers.cache import LRUCache
 from workers.registry import SCORE_MAPS, gem_config, lavt_config, sam3_config, sam_config
@@ -61,13 +61,32 @@ def sam_refines(engines: EngineSettings, kind: str) -> bool:
     return split_refine(engines.gem_refine if kind == "gem" else engines.lavt_refine)[1]
 
 
-def model_versions(engines: EngineSettings) -> dict[str, str]:
+def cpu_precisions(engines: EngineSettings) -> tuple[str, ...]:
+    """The precisions the workers that ``engines`` configures may name in their versions, from the settings
+    alone (the backend does not know the workers' CPUs): ``fp32`` on CUDA or under
+    ``GROUNDLABEL_CPU_PRECISION=fp32``, ``bf16`` for ``bf16`` on ``GROUNDLABEL_DEVICE=cpu``, else both
+    (``auto``: bf16 on a worker whose CPU has it natively), the first one the announced name's."""
+    device = (engines.device or "auto").strip().lower()
+    if device.startswith("cuda") or engines.cpu_precision == "fp32":
+        return ("fp32",)
+    if engines.cpu_precision == "bf16" and device == "cpu":
+        return ("bf16",)
+    return ("fp32", "bf16")
+
+
+def model_versions(engines: EngineSettings, precision: str = "fp32") -> dict[str, str]:
     """The name each configured engine gives its predictions: every engine of class prompts in the registry
     (``gem``, ``sam3``: a label config may ask for any), ``lavt`` when configured, else ``gem_for_lavt``
     (GEM grounding expressions), and ``sam`` when configured. Computed without loading any model or
-    reading a weight file (the backend's machine need not hold the weights)."""
+    reading a weight file (the backend's machine need not hold the weights). ``precision``: the names of
+    workers running their CPU engines in it (``bf16``: each with ``-bf16``, see :func:`cpu_precisions`)."""
+
+    def named(entry: registry.EngineEntry) -> str:
+        version = entry.version(engines)
+        return with_precision(version, precision) if entry.cpu_bf16 and version else version
+
     sam = sam_config(engines)
-    sam_version = sam.model_version() if sam is not None else None
+    sam_version = named(registry.get_entry("sam")) if sam is not None else None
 
     def sharpened(version: str, kind: str) -> str:
         sharp = sam_version is not None and sam_refines(engines, kind)
@@ -76,15 +95,22 @@ def model_versions(engines: EngineSettings) -> dict[str, str]:
     out: dict[str, str] = {}
     for entry in registry.entries():
         if entry.answers_class_prompts():
-            version = entry.version(engines)
+            version = named(entry)
             out[entry.name] = sharpened(version, "gem") if SCORE_MAPS in entry.answers else version
     if lavt_config(engines) is None:
-        out["gem_for_lavt"] = sharpened(stand_in(registry.get_entry("gem").version(engines)), "gem")
+        out["gem_for_lavt"] = sharpened(stand_in(named(registry.get_entry("gem"))), "gem")
     else:
-        out["lavt"] = sharpened(registry.get_entry("lavt").version(engines), "lavt")
+        out["lavt"] = sharpened(named(registry.get_entry("lavt")), "lavt")
     if sam_version is not None:
         out["sam"] = sam_version
     return out
+
+
+def all_model_versions(engines: EngineSettings) -> list[str]:
+    """Every name the configured engines' predictions may carry, over :func:`cpu_precisions` (the result
+    cache is read under each: a bf16 answer is stored under its own name, never under an fp32 one)."""
+    names = (v for p in cpu_precisions(engines) for v in model_versions(engines, p).values())
+    return list(dict.fromkeys(names))
 
 
 def announced_version(settings: Settings) -> str:
@@ -96,7 +122,7 @@ def announced_version(settings: Settings) -> str:
     if settings.backend.model_version:
         return settings.backend.model_version
     engines = settings.engines
-    version = model_versions(engines)[engines.engine]
+    version = model_versions(engines, cpu_precisions(engines)[0])[engines.engine]
     return with_lavt(version, engines.lavt_checkpoint) if engines.lavt_enabled else version
 
 
@@ -230,7 +256,7 @@ def _project_engine(version: Any, build: Any) -> Any:
         if engine is None:
             log.info("loading %s %s for project %s", version.kind, version.name, version.project)
             engine = build(_settings.engines, _weights(version))
-            engine.model_version = version.name
+            engine.model_version = with_precision(version.name, getattr(engine, "version_precision", "fp32"))
             _trained.put(key, engine)
         return engine
 

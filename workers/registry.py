@@ -41,6 +41,9 @@ class EngineEntry:
     version: Callable[[EngineSettings], str]
     #: Builds it on a trained version's weights file (the model store's versions of this kind), if any.
     trained: Callable[[EngineSettings, str], Any] | None = None
+    #: Whether it honours ``GROUNDLABEL_CPU_PRECISION``: in bf16 on a CPU its names end in ``-bf16``
+    #: (:func:`groundlabel.versions.with_precision`).
+    cpu_bf16: bool = False
 
     def answers_class_prompts(self) -> bool:
         """Whether a control may name it with ``engine=`` (it answers score maps or instances)."""
@@ -216,6 +219,7 @@ register_engine(
         build=lambda engines: new_gem_engine(gem_config(engines, register=True), engines),
         version=_gem_version,
         trained=_trained_gem,
+        cpu_bf16=True,
     )
 )
 register_engine(
@@ -225,6 +229,7 @@ register_engine(
         "GROUNDLABEL_SAM3_*",
         build=_build_sam3,
         version=lambda engines: sam3_config(engines).model_version(),
+        cpu_bf16=True,
     )
 )
 register_engine(
@@ -235,8 +240,16 @@ register_engine(
         build=_build_lavt,
         version=_lavt_version,
         trained=_trained_lavt,
+        cpu_bf16=True,
     )
 )
 register_engine(
-    EngineEntry("sam", frozenset({PROMPT_MASKS}), "GROUNDLABEL_SAM_*", build=_build_sam, version=_sam_version)
+    EngineEntry(
+        "sam",
+        frozenset({PROMPT_MASKS}),
+        "GROUNDLABEL_SAM_*",
+        build=_build_sam,
+        version=_sam_version,
+        cpu_bf16=True,
+    )
 )

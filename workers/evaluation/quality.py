@@ -107,10 +107,11 @@ def evaluate_tiny_clip(
     bg_threshold: float = 0.5,
     threads: int | None = None,
     target: str = "shape",
+    cpu_precision: str = "fp32",
 ) -> list[MethodResult]:
     """Evaluate GEM, MaskCLIP and the original path (and any ``variants``: (name, GemConfig overrides))
     of the tiny CLIP at ``checkpoint`` on ``scenes`` held-out scenes (of the model's input size unless
-    ``scene_size`` is given)."""
+    ``scene_size`` is given), in ``cpu_precision`` unless a variant sets its own."""
     import torch
 
     from workers.evaluation.tiny_clip import load_tiny_clip
@@ -137,6 +138,7 @@ def evaluate_tiny_clip(
             "device": "cpu",
             "batch_size": 32,
             "gem_depth": depth,
+            "cpu_precision": cpu_precision,
             **overrides,
         }
         engine = GemEngine(GemConfig(**options), clip_model=model, tokenizer=tokenizer)

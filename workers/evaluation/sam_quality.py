@@ -49,8 +49,9 @@ class Row:
                 "seconds": self.seconds, **self.extra}  # fmt: skip
 
 
-def tiny_gem(checkpoint: str, *, temperature: float | None, pamr: bool) -> Any:
-    """GEM on the tiny CLIP, with the offline quality test's options (PAMR at full size when asked)."""
+def tiny_gem(checkpoint: str, *, temperature: float | None, pamr: bool, cpu_precision: str = "fp32") -> Any:
+    """GEM on the tiny CLIP, with the offline quality test's options (PAMR at full size when asked), in
+    ``cpu_precision`` (``fp32``, ``bf16`` or ``auto``: ``GROUNDLABEL_CPU_PRECISION``)."""
     from workers.evaluation.tiny_clip import load_tiny_clip
     from workers.models.gem import GemConfig, GemEngine
 
@@ -59,17 +60,19 @@ def tiny_gem(checkpoint: str, *, temperature: float | None, pamr: bool) -> Any:
         "model_name": "tiny-clip", "pretrained": None, "image_size": cfg.image_size, "device": "cpu",
         "background_prompts": BACKGROUND_PROMPTS, "batch_size": 32, "method": "gem",
         "gem_depth": min(7, cfg.vision_layers + 1), "ss_attn_temp": temperature,
+        "cpu_precision": cpu_precision,
     }  # fmt: skip
     if pamr:
         options.update(refine="pamr", pamr_scale=1.0)
     return GemEngine(GemConfig(**options), clip_model=model, tokenizer=tokenizer)
 
 
-def tiny_sam(checkpoint: str, **rule: float) -> Any:
-    """The tiny SAM engine (CPU); ``rule``: ``min_iou`` / ``min_score`` of ``refine=sam`` (else defaults)."""
+def tiny_sam(checkpoint: str, cpu_precision: str = "fp32", **rule: float) -> Any:
+    """The tiny SAM engine (CPU, its image encoder in ``cpu_precision``); ``rule``: ``min_iou`` /
+    ``min_score`` of ``refine=sam`` (else defaults)."""
     from workers.models.sam import SamConfig, SamEngine
 
-    return SamEngine(SamConfig(model=checkpoint, device="cpu", **rule))
+    return SamEngine(SamConfig(model=checkpoint, device="cpu", cpu_precision=cpu_precision, **rule))
 
 
 def label_map(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -117,24 +120,26 @@ def evaluate_refinement(
     validation_scenes: int = 100,
     temperature: float | None = None,
     seed: int = EVAL_SEED,
+    cpu_precision: str = "fp32",
     **rule: float,
 ) -> list[Row]:
     """The label-map rows (module docstring) on ``scenes`` held-out scenes; thresholds are chosen on
     ``validation_scenes`` scenes of their own seed. ``temperature``: GEM's inverse temperature; ``rule``:
-    ``min_iou`` / ``min_score`` of ``refine=sam`` (else its defaults)."""
+    ``min_iou`` / ``min_score`` of ``refine=sam`` (else its defaults); ``cpu_precision``: GEM's and SAM's
+    arithmetic."""
     from workers.models.sam.refine import refine_label_map
 
     held = make_scenes(scenes, seed, 48)
     val = make_scenes(validation_scenes, VALIDATION_SEED, 48)
     names = list(COLOURS)
-    sam = tiny_sam(sam_checkpoint, **rule)
+    sam = tiny_sam(sam_checkpoint, cpu_precision, **rule)
     rows = []
 
     def refine(scene: Scene, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
         return refine_label_map(sam, scene.image, labels, scores)
 
     for pamr in (False, True):
-        gem = tiny_gem(clip_checkpoint, temperature=temperature, pamr=pamr)
+        gem = tiny_gem(clip_checkpoint, temperature=temperature, pamr=pamr, cpu_precision=cpu_precision)
         val_maps = gem.heatmaps([s.image for s in val], names)
         start = time.perf_counter()
         maps = gem.heatmaps([s.image for s in held], names)
@@ -194,9 +199,10 @@ def evaluate_clicks(
     temperature: float | None = None,
     threshold: float = 0.5,
     seed: int = EVAL_SEED,
+    cpu_precision: str = "fp32",
 ) -> list[Row]:
     """``click → sam`` and ``click → gem component`` (module docstring): mean IoU and mean boundary F over
-    the objects of ``scenes`` held-out scenes."""
+    the objects of ``scenes`` held-out scenes (GEM and SAM in ``cpu_precision``)."""
     from groundlabel.ls_format import Click
     from workers.models.sam.engine import Prompt
     from workers.models.sam.refine import mask_iou
@@ -204,8 +210,8 @@ def evaluate_clicks(
 
     held = make_scenes(scenes, seed, 48)
     names = list(COLOURS)
-    sam = tiny_sam(sam_checkpoint)
-    gem = tiny_gem(clip_checkpoint, temperature=temperature, pamr=False)
+    sam = tiny_sam(sam_checkpoint, cpu_precision)
+    gem = tiny_gem(clip_checkpoint, temperature=temperature, pamr=False, cpu_precision=cpu_precision)
     objects = [object_clicks(s) for s in held]
     scores: dict[str, tuple[list[float], list[float]]] = {
         "click → sam": ([], []),

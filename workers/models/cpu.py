@@ -1,17 +1,39 @@
 """The CPU the workers run on, as Linux describes it: model name and feature flags (no torch import).
 
-Used to key per-machine choices (GEM's CPU kernels) and to describe the machine in benchmark results.
+Used to key per-machine choices (GEM's CPU kernels), to choose the engines' CPU arithmetic
+(:func:`cpu_precision`: ``GROUNDLABEL_CPU_PRECISION``) and to describe the machine in benchmark results.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from groundlabel.settings import CPU_PRECISIONS
+
 #: Flags that mean the CPU multiplies bf16 natively (AVX512-BF16 dot products, AMX tiles).
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def has_native_bf16(flags: Iterable[str]) -> bool:
+    """Whether CPU feature ``flags`` (as ``/proc/cpuinfo`` names them) include bf16 arithmetic in
+    hardware: :data:`BF16_FLAGS`."""
+    return not set(BF16_FLAGS).isdisjoint(flags)
+
+
+def cpu_precision(setting: str, flags: Iterable[str]) -> str:
+    """The arithmetic the engines use on a CPU with feature ``flags``: ``fp32`` or ``bf16`` as ``setting``
+    (``GROUNDLABEL_CPU_PRECISION``) names it, ``auto`` → bf16 where the CPU has it natively
+    (:func:`has_native_bf16`), else fp32 (emulated bf16 would be slower than fp32)."""
+    if setting not in CPU_PRECISIONS:
+        raise ValueError(f"unknown CPU precision {setting!r}; expected one of {', '.join(CPU_PRECISIONS)}")
+    if setting != "auto":
+        return setting
+    return "bf16" if has_native_bf16(flags) else "fp32"
 
 
 @dataclass(frozen=True)
@@ -24,7 +46,7 @@ class CpuInfo:
     @property
     def native_bf16(self) -> bool:
         """Whether the CPU has bf16 arithmetic in hardware (AVX512-BF16 or AMX)."""
-        return any(flag in self.flags for flag in BF16_FLAGS)
+        return has_native_bf16(self.flags)
 
     @property
     def avx512(self) -> bool:
@@ -62,3 +84,9 @@ def cpu_info(path: str | Path = "/proc/cpuinfo") -> CpuInfo:
     except OSError:
         text = ""
     return parse_cpuinfo(text)
+
+
+@functools.cache
+def machine_cpu() -> CpuInfo:
+    """This machine's CPU, read once per process (what ``auto`` precisions are resolved against)."""
+    return cpu_info()

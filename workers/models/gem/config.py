@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from groundlabel.errors import UserError
-from groundlabel.settings import GEM_CPU_KERNELS, HubSettings
+from groundlabel.settings import CPU_PRECISIONS, GEM_CPU_KERNELS, HubSettings
 
 METHODS = ("gem", "maskclip", "original", "clip_surgery", "sclip", "clearclip", "naclip", "clipself")
 REFINES = ("none", "pamr")
@@ -69,6 +69,7 @@ class GemConfig:
     naclip_std: float = 5.0
     cpu_kernels: str = "auto"  # CPU path of the tower: auto (timed once per machine), packed, onednn, torch
     kernel_cache: str | None = None  # the folder keeping the timed choice; None: timed once per process
+    cpu_precision: str = "auto"  # CPU arithmetic: auto (bf16 where the CPU has it natively), fp32, bf16
 
     def __post_init__(self) -> None:
         self.validate()
@@ -149,6 +150,10 @@ class GemConfig:
             raise UserError(
                 f"GemConfig.cpu_kernels must be one of {GEM_CPU_KERNELS}, got {self.cpu_kernels!r}"
             )
+        if self.cpu_precision not in CPU_PRECISIONS:
+            raise UserError(
+                f"GemConfig.cpu_precision must be one of {CPU_PRECISIONS}, got {self.cpu_precision!r}"
+            )
 
     def model_version(self, weights_label: str) -> str:
         """``gem-<model>-<weights>`` plus a suffix for every non-default option: the name predictions carry
@@ -180,6 +185,7 @@ class GemConfig:
         d.pop("hub")  # how the weights were reached, not what the model is (and it may hold a token)
         d.pop("cpu_kernels")  # how this machine computes the same numbers
         d.pop("kernel_cache")
+        d.pop("cpu_precision")  # where it runs; a bf16 engine's version says so (groundlabel.versions)
         d["background_prompts"] = list(self.background_prompts)
         d["pamr_dilations"] = list(self.pamr_dilations)
         if isinstance(self.image_size, tuple):

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from groundlabel.errors import UserError
+from groundlabel.versions import with_precision
 from workers.models.clipself.eva import EVA_METHODS, EvaDenseTower, is_timm_eva
-from workers.models.device import autocast_context, resolve_device
+from workers.models.device import autocast_context, resolve_device, resolve_precision, version_precision
 
 from ..inputs import check_images_and_prompts
 from .config import GemConfig
@@ -123,6 +124,8 @@ class GemEngine:
         self.config.validate()
         cfg = self.config
         self.device = resolve_device(cfg.device)
+        #: ``fp32`` or ``bf16`` (autocast): bf16 on CUDA, on a CPU as ``cpu_precision`` resolves there.
+        self.precision = resolve_precision(self.device, "auto", cfg.cpu_precision)
         if clip_model is None:
             loaded = load_clip(cfg.model_name, cfg.pretrained, cfg.cache_dir, hub=cfg.hub)
             clip_model = loaded.model
@@ -140,7 +143,8 @@ class GemEngine:
         self.tokenizer = tokenizer
         self.tower = self._dense_tower()
         self.kernel_choice = self._choose_cpu_kernels()
-        self.model_version = cfg.model_version(weights_label)
+        self.version_precision = version_precision(self.device, self.precision)
+        self.model_version = with_precision(cfg.model_version(weights_label), self.version_precision)
         self._text_cache = EmbeddingCache(cfg.text_cache_size)
         self._lock = threading.RLock()  # one forward at a time; the text cache is shared
 
@@ -164,10 +168,15 @@ class GemEngine:
 
     def _choose_cpu_kernels(self) -> Choice | None:
         """On the CPU, the path GEM's tower takes (:mod:`.kernel_choice`: forced, kept for this machine, or
-        timed now); None elsewhere."""
+        timed now; plain PyTorch under bf16 autocast, the oneDNN kernels being fp32 only); None elsewhere."""
         if self.device.type != "cpu" or not isinstance(self.tower, GemVisionTower):
             return None
         cfg = self.config
+        if self.precision == "bf16":
+            if cfg.cpu_kernels not in ("auto", "torch"):
+                log.warning("GEM CPU kernels: %s is fp32 only; bf16 takes plain PyTorch", cfg.cpu_kernels)
+            self.tower.cpu_kernels = "torch"
+            return Choice("torch", "bf16")
         choice = choose(self.tower, cfg.cpu_kernels, cfg.kernel_cache, size=cfg.input_size)
         self.tower.cpu_kernels = choice.path
         return choice
@@ -183,7 +192,7 @@ class GemEngine:
         outs = []
         for i in range(0, len(sentences), _TEXT_BATCH):
             tokens = self.tokenizer(sentences[i : i + _TEXT_BATCH]).to(self.device)
-            with autocast_context(self.device):
+            with autocast_context(self.device, self.precision):
                 emb = self.model.encode_text(tokens)
             outs.append(F.normalize(emb.float(), dim=-1))
         return torch.cat(outs, dim=0)
@@ -219,7 +228,7 @@ class GemEngine:
         """Unit-norm dense features ``[B, gh, gw, D]`` (float32) of preprocessed ``pixels [B, 3, H, W]``,
         computed under ``torch.inference_mode`` (an inference tensor: read it, do not modify it in place)."""
         gh, gw = self.tower.grid_for(pixels.shape[-2], pixels.shape[-1])
-        with autocast_context(self.device):
+        with autocast_context(self.device, self.precision):
             tokens = self.tower.dense_features(
                 pixels.to(self.device), self.config.method, naclip_std=self.config.naclip_std
             )

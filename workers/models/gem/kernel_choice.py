@@ -57,7 +57,8 @@ _memo_lock = threading.Lock()
 @dataclass(frozen=True)
 class Choice:
     """The CPU path a tower takes, and why: ``forced`` (the setting), ``cached`` (timed on this machine
-    before), ``timed`` (timed now) or ``only`` (a single path available)."""
+    before), ``timed`` (timed now), ``only`` (a single path available) or ``bf16`` (plain PyTorch under
+    bf16 autocast: the oneDNN kernels compute in fp32 only)."""
 
     path: str
     source: str

@@ -150,9 +150,9 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def onednn_usable(*tensors: torch.Tensor | None) -> bool:
-    """Whether the oneDNN kernels apply: fp32 CPU tensors, no gradient to record, and a oneDNN path
-    (not ``torch``) in effect."""
-    if _LINEAR is None or _path.get() == "torch":
+    """Whether the oneDNN kernels apply: fp32 CPU tensors, no gradient to record, no CPU autocast (bf16
+    products belong to autocast's own kernels) and a oneDNN path (not ``torch``) in effect."""
+    if _LINEAR is None or _path.get() == "torch" or torch.is_autocast_enabled("cpu"):
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

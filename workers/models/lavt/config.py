@@ -64,7 +64,8 @@ class LavtConfig:
     # Engine options.
     device: str = "auto"  # cuda if available else cpu
     batch_size: int = 8
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, cpu_precision on a CPU) | fp32 | bf16
+    cpu_precision: str = "auto"  # GROUNDLABEL_CPU_PRECISION: auto (bf16 where the CPU has it), fp32, bf16
     cache_dir: str | None = None  # where the Hugging Face cache is looked up for the tokenizer / BERT
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +84,8 @@ class LavtConfig:
             raise UserError("LAVT needs 4 stages: depths, num_heads and fusion_heads must each have 4 values")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
+        if self.cpu_precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"cpu_precision must be auto, fp32 or bf16, not {self.cpu_precision!r}")
         if self.image_size % 32:
             raise UserError(f"image_size must be a multiple of 32 (LAVT uses 480), got {self.image_size}")
         if self.max_tokens < 2:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from groundlabel.errors import UserError
-from workers.models.device import autocast_context, resolve_device
+from groundlabel.versions import with_precision
+from workers.models.device import autocast_context, resolve_device, resolve_precision, version_precision
 from workers.models.lavt.config import LavtConfig, lavt_model_version
 from workers.models.lavt.factory import load_network
 from workers.models.lavt.model import IMAGE_MEAN, IMAGE_STD, LavtNetwork
@@ -54,6 +55,9 @@ class LavtEngine:
             self.network, extras = load_network(checkpoint, config)
         self.config: LavtConfig = self.network.config
         self.device = resolve_device(self.config.device)
+        #: ``fp32`` or ``bf16`` (autocast): ``precision`` when it names one, else bf16 on CUDA and on a CPU
+        #: as ``cpu_precision`` resolves there.
+        self.precision = resolve_precision(self.device, self.config.precision, self.config.cpu_precision)
         self.network.to(self.device).eval()
         if tokenizer is None:
             vocab = extras.get("tokenizer_vocab") if self.config.tokenizer is None else None
@@ -65,9 +69,11 @@ class LavtEngine:
                 f"the tokenizer has {len(self.tokenizer.get_vocab())} tokens but the model's BERT "
                 f"only {vocab_size}: use the tokenizer the model was trained with"
             )
-        self.model_version = lavt_model_version(
+        self.version_precision = version_precision(self.device, self.precision)
+        name = lavt_model_version(
             self.config.variant, None if checkpoint is None else str(checkpoint), custom=network is not None
         )
+        self.model_version = with_precision(name, self.version_precision)
 
     @torch.inference_mode()
     def probabilities(
@@ -87,7 +93,7 @@ class LavtEngine:
             batch = torch.stack([image_tensor(im, cfg.image_size) for im in chunk]).to(self.device)
             b_ids = ids[start : start + len(chunk)].to(self.device)
             b_mask = mask[start : start + len(chunk)].to(self.device)
-            with autocast_context(self.device, cfg.precision):
+            with autocast_context(self.device, self.precision):
                 logits = self.network(batch, b_ids, b_mask, upsample=False)
             logits = logits.float()
             for k, image in enumerate(chunk):

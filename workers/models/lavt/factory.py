@@ -13,7 +13,7 @@ from workers.models.lavt.weights import load_network_state, read_checkpoint, spl
 log = logging.getLogger(__name__)
 
 #: LavtConfig fields that are run-time options, not architecture: the caller's values win over a file's.
-RUNTIME_FIELDS = ("device", "batch_size", "precision", "tokenizer", "cache_dir")
+RUNTIME_FIELDS = ("device", "batch_size", "precision", "cpu_precision", "tokenizer", "cache_dir")
 
 
 def load_network(

@@ -28,6 +28,8 @@ class SamConfig:
     the family's smallest published architecture with random weights (for trying the protocol only).
     ``family``: one of :data:`workers.models.sam.families.FAMILIES`; guessed from the folder's
     ``config.json`` or the id when not given. ``min_iou``, ``min_score``: ``refine=sam``'s rule (docs/sam.md).
+    ``cpu_precision`` (``GROUNDLABEL_CPU_PRECISION``): the image encoder's arithmetic on a CPU (the prompt
+    encoder and the mask decoder stay fp32; CUDA runs fp32 as before).
     """
 
     model: str | None = "facebook/sam2.1-hiera-tiny"
@@ -39,6 +41,7 @@ class SamConfig:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     min_iou: float = DEFAULT_MIN_IOU
     min_score: float = DEFAULT_MIN_SCORE
+    cpu_precision: str = "auto"  # the image encoder on a CPU: auto (bf16 where the CPU has it), fp32, bf16
 
     def __post_init__(self) -> None:
         if self.model is not None and not str(self.model).strip():
@@ -49,6 +52,8 @@ class SamConfig:
             raise UserError(f"the SAM refinement's minimum IoU must lie in [0, 1], got {self.min_iou}")
         if not 0.0 <= self.min_score <= 1.0:
             raise UserError(f"the SAM refinement's minimum score must lie in [0, 1], got {self.min_score}")
+        if self.cpu_precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"the SAM cpu_precision must be auto, fp32 or bf16, got {self.cpu_precision!r}")
         if self.cache_bytes < 0:
             raise UserError(f"the SAM embedding cache size must be >= 0 bytes, got {self.cache_bytes}")
 

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from groundlabel.errors import UserError
+from groundlabel.versions import with_precision
 from workers.cache import LRUCache
-from workers.models.device import resolve_device
+from workers.models.device import autocast_context, resolve_device, resolve_precision, version_precision
 
 from .config import SamConfig
 from .families import Family, family, real_config
@@ -61,6 +62,15 @@ class Embedding:
     width: int
     height: int
     nbytes: int
+
+
+def _as_float(value: Any) -> Any:
+    """A bf16 encoder output (a tensor, or lists and tuples of them) as fp32, for the fp32 decoder."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_float(v) for v in value)
+    return value
 
 
 def _nbytes(value: Any) -> int:
@@ -172,12 +182,16 @@ class SamEngine:
     ) -> None:
         self.config = config if config is not None else SamConfig()
         self.device = resolve_device(self.config.device)
+        #: The image encoder's ``fp32`` or ``bf16`` (autocast, CPU only; the decoder stays fp32).
+        self.precision = resolve_precision(self.device, "auto", self.config.cpu_precision, cuda="fp32")
+        self.version_precision = version_precision(self.device, self.precision)
         if model is None:
             model, fam = _load_model(self.config)
             self.model_version = self.config.model_version()
         else:
             fam = family(family_name or self.config.family or "sam")
             self.model_version = f"sam-{fam.name}-custom"
+        self.model_version = with_precision(self.model_version, self.version_precision)
         self.family = fam
         self.model = model.to(self.device).eval()
         self.input_size = int(self._prompt_config().image_size)
@@ -225,7 +239,10 @@ class SamEngine:
             if cached is not None:
                 return cached
             pixels = self.preprocess(image).to(self.device)
-            out = self.model.get_image_embeddings(pixels)
+            with autocast_context(self.device, self.precision):
+                out = self.model.get_image_embeddings(pixels)
+            if self.precision == "bf16":
+                out = _as_float(out)
             if isinstance(out, tuple):  # SAM-HQ: (embeddings, intermediate ViT embeddings)
                 out = (out[0], list(out[1]))
             emb = Embedding(out, image.width, image.height, _nbytes(out))

@@ -29,7 +29,8 @@ class Sam3Config:
     token: str | None = field(default=None, repr=False)
     offline: bool = False
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, cpu_precision on a CPU) | fp32 | bf16
+    cpu_precision: str = "auto"  # GROUNDLABEL_CPU_PRECISION: auto (bf16 where the CPU has it), fp32, bf16
     batch_size: int = 4
     pair_batch: int = 8
     mask_threshold: float = 0.5
@@ -46,6 +47,10 @@ class Sam3Config:
             raise UserError(f"SAM 3 merge_iou must lie in (0, 1], got {self.merge_iou}")
         if self.precision not in PRECISIONS:
             raise UserError(f"SAM 3 precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.cpu_precision not in PRECISIONS:
+            raise UserError(
+                f"SAM 3 cpu_precision must be one of {', '.join(PRECISIONS)}, got {self.cpu_precision!r}"
+            )
 
     def model_version(self, custom: bool = False) -> str:
         """The name of the predictions: the weights' name (the hub id's last part or the folder's name)

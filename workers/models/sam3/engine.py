@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from groundlabel.errors import UserError
-from workers.models.device import autocast_context, resolve_device
+from groundlabel.versions import with_precision
+from workers.models.device import autocast_context, resolve_device, resolve_precision, version_precision
 from workers.models.gem.prompts import EmbeddingCache, normalize_prompt
 from workers.models.inputs import check_images_and_prompts
 
@@ -75,6 +76,10 @@ class Sam3Engine:
         self.config = config if config is not None else Sam3Config()
         self.config.validate()
         self.device = resolve_device(self.config.device)
+        #: ``fp32`` or ``bf16`` (autocast): ``precision`` when it names one, else bf16 on CUDA and on a CPU
+        #: as ``cpu_precision`` resolves there.
+        self.precision = resolve_precision(self.device, self.config.precision, self.config.cpu_precision)
+        self.version_precision = version_precision(self.device, self.precision)
         if model is None:
             model, loaded_processor, self.weights_source = load_sam3(self.config)
             processor = processor if processor is not None else loaded_processor
@@ -82,6 +87,7 @@ class Sam3Engine:
         else:
             self.weights_source = "model argument"
             self.model_version = self.config.model_version(custom=True)
+        self.model_version = with_precision(self.model_version, self.version_precision)
         if processor is None:
             processor = default_processor(model.config.vision_config.backbone_config.image_size)
         self.model = model.to(self.device).eval()
@@ -118,7 +124,7 @@ class Sam3Engine:
                 feats[key] = cached
         if missing:
             index = torch.as_tensor(missing)
-            with autocast_context(self.device, self.config.precision):
+            with autocast_context(self.device, self.precision):
                 out = self.model.get_text_features(
                     input_ids=tokens["input_ids"][index].to(self.device),
                     attention_mask=tokens["attention_mask"][index].to(self.device),
@@ -178,7 +184,7 @@ class Sam3Engine:
         cfg = self.config
         n_prompts = text.shape[0]
         pixels = self.preprocess(chunk).to(self.device)
-        with autocast_context(self.device, cfg.precision):
+        with autocast_context(self.device, self.precision):
             vision = self.model.get_vision_features(pixel_values=pixels)
         kept: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in chunk]
         pairs = [(i, j) for i in range(len(chunk)) for j in range(n_prompts)]
@@ -190,7 +196,7 @@ class Sam3Engine:
                 fpn_hidden_states=tuple(t.index_select(0, ii) for t in vision.fpn_hidden_states),
                 fpn_position_encoding=tuple(t.index_select(0, ii) for t in vision.fpn_position_encoding),
             )
-            with autocast_context(self.device, cfg.precision):
+            with autocast_context(self.device, self.precision):
                 result = self.model(
                     vision_embeds=embeds,
                     text_embeds=BaseModelOutputWithPooling(pooler_output=text.index_select(0, jj)),
