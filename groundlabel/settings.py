@@ -129,6 +129,9 @@ class BackendSettings:
     workers_inprocess: int = 1  # child processes running the jobs when there is no Redis
     max_body_bytes: int = 100 * 1024 * 1024  # largest request body; refused with 413 before it is read
     default_threshold: float | None = None  # model_score_threshold of controls that set none
+    background: bool = True  # finish a /predict's late tasks in the background, writing them into LS
+    background_jobs: int = 0  # a background run's jobs queued or running at once; 0: one per worker
+    background_chunk_size: int = 2  # tasks per background job: small, so interactive jobs wait little
 
     @property
     def auth_enabled(self) -> bool:
@@ -558,6 +561,9 @@ class Settings:
                 workers_inprocess=e.number("GROUNDLABEL_WORKERS_INPROCESS", 1, int, minimum=1),
                 max_body_bytes=e.number("GROUNDLABEL_MAX_BODY_BYTES", 100 * 1024 * 1024, int, minimum=1024),
                 default_threshold=e.number("GROUNDLABEL_DEFAULT_THRESHOLD", None, float, minimum=0.0),
+                background=e.bool("GROUNDLABEL_BACKGROUND_PREDICTIONS", True),
+                background_jobs=e.number("GROUNDLABEL_BACKGROUND_JOBS", 0, int, minimum=0),
+                background_chunk_size=e.number("GROUNDLABEL_BACKGROUND_CHUNK_SIZE", 2, int, minimum=1),
             ),
             queue=QueueSettings(
                 redis_url=e.text("REDIS_URL"),

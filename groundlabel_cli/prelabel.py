@@ -51,7 +51,9 @@ def _run(args: argparse.Namespace) -> int:
         resolve_url,
     )
     from groundlabel.settings import Settings
+    from labeling_backend.background import TaskOwners
     from labeling_backend.prelabel import chunked, plan_tasks, run_prelabel
+    from labeling_backend.queue import RedisJobQueue
     from workers.engines import all_model_versions, announced_version
 
     if args.chunk_size < 1:
@@ -107,6 +109,7 @@ def _run(args: argparse.Namespace) -> int:
             force=args.force,
             parallel=args.parallel,
             chunk_timeout=args.timeout,
+            owners=TaskOwners(runner.connection) if isinstance(runner, RedisJobQueue) else None,
             progress=not args.no_progress and sys.stderr.isatty() or args.progress,
         )
     finally:

@@ -68,7 +68,17 @@ def create_app(
         state.bind_loop(asyncio.get_running_loop())
         if not settings.backend.auth_enabled:
             log.warning("no BASIC_AUTH_USER/BASIC_AUTH_PASS nor GROUNDLABEL_API_TOKEN: the API is open")
+        reason = state.background.off_reason()
+        if reason:
+            log.info("%s", reason)
+        driver = None if reason else asyncio.create_task(state.background.serve(state.stopping))
         yield
+        state.stopping.set()
+        if driver is not None:
+            try:
+                await asyncio.wait_for(driver, 10)
+            except Exception:  # a step still talking to Label Studio: its run is taken over later
+                log.warning("background runs: stopped before the last step ended")
         state.close()
 
     app = FastAPI(

@@ -22,7 +22,8 @@ log = logging.getLogger("groundlabel.backend")
 
 #: Paths counted under their own name in the request metrics; the rest count as "other".
 ENDPOINTS = (
-    "/", "/health", "/setup", "/predict", "/webhook", "/train", "/job_status", "/versions", "/metrics"
+    "/", "/health", "/setup", "/predict", "/webhook", "/train", "/job_status", "/versions", "/metrics",
+    "/background",
 )  # fmt: skip
 
 

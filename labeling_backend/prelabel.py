@@ -14,12 +14,17 @@ Label Studio's own "Retrieve predictions" action sends every selected task in on
 4. imports each chunk's predictions into Label Studio as soon as the chunk is done
    (``POST /api/projects/{id}/import/predictions``), with a progress bar, then prints a summary.
 
+With Redis, each chunk claims its tasks first (:class:`labeling_backend.background.TaskOwners`): a task
+that a backend's background run is writing is left to it, and the backend leaves this run's tasks alone,
+so no task gets two predictions of one version.
+
 Tasks that fail get no prediction (a re-run tries them again); the summary lists their reasons.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -31,6 +36,7 @@ from groundlabel.protocol import JobRunner
 from groundlabel.settings import Settings
 from groundlabel.spec import LabelingSpec
 from groundlabel.versions import versioned
+from labeling_backend.background import TaskOwners
 
 log = logging.getLogger("groundlabel.prelabel")
 
@@ -55,6 +61,7 @@ class PrelabelReport:
     done: list[int] = field(default_factory=list)
     empty: list[int] = field(default_factory=list)  # done, but no region was found
     failed: dict[int, str] = field(default_factory=dict)  # task id -> reason
+    busy: list[int] = field(default_factory=list)  # left to a backend's background run writing them
 
     def summary_lines(self, max_failures: int = 20) -> list[str]:
         """A short human summary."""
@@ -66,6 +73,8 @@ class PrelabelReport:
             f"  skipped: {len(plan.skipped)} (already predicted by {plan.model_version})",
             f"  failed:  {len(self.failed)}",
         ]
+        if self.busy:
+            lines.append(f"  left to the backend's background run writing them: {len(self.busy)}")
         if self.failed:
             reasons = Counter(self.failed.values())
             for reason, count in reasons.most_common(max_failures):
@@ -125,12 +134,14 @@ def run_prelabel(
     parallel: int | None = None,
     chunk_timeout: float | None = None,
     progress: bool = True,
+    owners: TaskOwners | None = None,
 ) -> PrelabelReport:
     """Predict every task of ``project_id`` that lacks a current prediction and push the results.
 
     ``model_version`` is the announced version and ``versions`` the names the configured engines give
     their predictions (a task holding one of them is skipped). Chunks run on ``runner``, ``parallel`` at a
-    time (default: one per worker); each prediction is stored under its own engine's name.
+    time (default: one per worker); each prediction is stored under its own engine's name. ``owners``
+    (with Redis): each chunk claims its tasks, and skips those a backend's background run owns.
     """
     from tqdm import tqdm
 
@@ -159,6 +170,7 @@ def run_prelabel(
         parallel = max(1, runner.worker_count())
     chunks = chunked(plan.todo, chunk_size)
     bar = tqdm(total=len(plan.todo), unit="task", desc=f"project {project_id}", disable=not progress)
+    owner = f"prelabel-{uuid.uuid4().hex[:12]}"
 
     def predict_chunk(chunk: list[dict[str, Any]]) -> Any:
         return dispatcher.answer_blocking(
@@ -171,11 +183,22 @@ def run_prelabel(
         while queue or pending:
             while queue and len(pending) < parallel:
                 chunk = queue.pop(0)
+                if owners is not None:
+                    held = set(owners.claim(str(project_id), [t["id"] for t in chunk], owner))
+                    report.busy.extend(t["id"] for t in chunk if t["id"] not in held)
+                    bar.update(len(chunk) - len(held))
+                    chunk = [t for t in chunk if t["id"] in held]
+                    if not chunk:
+                        continue
                 pending[pool.submit(predict_chunk, chunk)] = chunk
             finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for future in finished:
                 chunk = pending.pop(future)
                 _collect(client, project_id, chunk, future, report, replace=force)
+                if owners is not None:
+                    written = set(report.done)
+                    owners.settle(str(project_id), [t["id"] for t in chunk if t["id"] in written], owner)
+                    owners.release(str(project_id), [t["id"] for t in chunk if t["id"] not in written], owner)
                 bar.update(len(chunk))
                 bar.set_postfix(done=len(report.done), failed=len(report.failed))
     bar.close()

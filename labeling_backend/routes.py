@@ -36,7 +36,7 @@ from labeling_backend.schemas import (
     WebhookRequest,
     optional_project,
 )
-from labeling_backend.service import Dispatcher
+from labeling_backend.service import Dispatcher, TaskAnswer
 from labeling_backend.state import MODEL_CLASS, BackendState
 
 log = logging.getLogger("groundlabel.backend")
@@ -77,6 +77,7 @@ def _health(state: BackendState) -> tuple[dict[str, Any], int]:
         warm = getattr(state.runner, "warm_state", None)
         if warm is not None:
             body["engines"] = warm()
+        body["background"] = state.background.health()
     except QueueUnavailable as exc:
         body.update(status="DOWN", reason=str(exc))
         code = 503
@@ -151,14 +152,39 @@ async def predict(body: Predict, state: State) -> JSONResponse:
     except UserError as exc:  # the reason names the field, never its value
         raise HTTPException(422, f"invalid request: params.context: {exc}") from exc
     ls_url = body.hostname or project.get("hostname")
-    tasks = [{"id": t.id, "data": t.data} for t in body.tasks]
     start = time.perf_counter()
+    runs = state.background
+    background = context is None and bool(body.project) and runs.off_reason() is None
+    owned: dict[int, str] = {}
+    if background:  # tasks a background run (or prelabel) is writing are left to it
+        owned = await asyncio.to_thread(runs.owned, body.project, [t.id for t in body.tasks])
+    tasks = [{"id": t.id, "data": t.data} for t in body.tasks if t.id not in owned]
     dispatcher = await asyncio.to_thread(_dispatcher, state, body.project)
-    outcome = await dispatcher.answer(tasks, spec, context=context, label_studio_url=ls_url)
+    outcome = await dispatcher.answer(
+        tasks, spec, context=context, label_studio_url=ls_url, detach=background
+    )
+    if background and outcome.answers:  # a run that took a task over while this request waited keeps it
+        answered = [a.task_id for a in outcome.answers if a.prediction is not None]
+        owned.update(await asyncio.to_thread(runs.owned, body.project, answered))
+    late_sources = ("timeout", "stopping") if runs.durable else ("timeout",)
+    late = [a for a in outcome.answers if a.source in late_sources and a.key]
+    if late and background:
+        run = await asyncio.to_thread(runs.start, str(body.project), spec, dispatcher, late, tasks, ls_url)
+        for answer in late if run is not None else ():
+            answer.error = (
+                f"not finished within the request's deadline: background run {run.id} finishes it and "
+                "writes its prediction into Label Studio (see GET /background)"
+            )
+    elif late and context is None:
+        log.info("%d task(s) not finished in time: %s", len(late), runs.off_reason() or "no project given")
+    answers = {a.task_id: a for a in outcome.answers}
+    for task_id, owner in owned.items():
+        reason = f"being predicted by {_owner_name(owner)}: its prediction is written into Label Studio"
+        answers[task_id] = TaskAnswer(task_id, error=reason)
     mv = outcome.model_version
     results: list[Any] = []
     errors: list[dict[str, Any]] = []
-    for answer in outcome.answers:
+    for answer in (answers[t.id] for t in body.tasks):
         if answer.prediction is not None:
             results.append({k: v for k, v in answer.prediction.items() if k != "error"})
         else:
@@ -170,8 +196,8 @@ async def predict(body: Predict, state: State) -> JSONResponse:
     log.info(
         "predict project=%s tasks=%d answered=%d errors=%d jobs=%d interactive=%s %.2fs",
         body.project or "-",
-        len(tasks),
-        len(tasks) - len(errors),
+        len(body.tasks),
+        len(body.tasks) - len(errors),
         len(errors),
         len(outcome.jobs),
         outcome.interactive,
@@ -180,6 +206,32 @@ async def predict(body: Predict, state: State) -> JSONResponse:
     for err in errors[:5]:
         log.info("task %s: %s", err["task"], err["error"])
     return JSONResponse({"results": results, "model_version": mv, "errors": errors})
+
+
+def _owner_name(owner: str) -> str:
+    """A task owner as a person reads it: a background run's id, or ``groundlabel prelabel``."""
+    return "groundlabel prelabel" if owner.startswith("prelabel") else f"background run {owner}"
+
+
+@protected.get("/background")
+def background_runs(state: State) -> dict[str, Any]:
+    """The latest background runs (newest first) and whether new ones start."""
+    return {
+        "enabled": state.background.off_reason() is None,
+        "reason": state.background.off_reason(),
+        "runs": [run.to_dict() for run in state.background.runs()],
+    }
+
+
+@protected.post("/background/{run_id}/cancel")
+def cancel_background(run_id: str, state: State) -> dict[str, Any]:
+    """Stop a background run: nothing more of it is written into Label Studio."""
+    if not run_id.isalnum() or len(run_id) > 64:
+        raise HTTPException(404, "no such background run")
+    try:
+        return state.background.cancel(run_id).to_dict()
+    except UserError as exc:
+        raise HTTPException(404, str(exc)) from exc
 
 
 @protected.post("/webhook")

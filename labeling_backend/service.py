@@ -99,14 +99,25 @@ def cache_key(
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def named_prediction(
+    prediction: dict[str, Any], spec: LabelingSpec, operator_name: str | None
+) -> dict[str, Any]:
+    """The prediction under the name Label Studio keeps: the operator's (``GROUNDLABEL_MODEL_VERSION``),
+    else the engine's followed by the spec's tag (:func:`groundlabel.versions.versioned`)."""
+    if operator_name:
+        return {**prediction, "model_version": operator_name}
+    return {**prediction, "model_version": versioned(str(prediction.get("model_version")), spec)}
+
+
 @dataclass
 class TaskAnswer:
-    """One task's outcome: a prediction, or the reason there is none."""
+    """One task's outcome: a prediction, or the reason there is none (``key``: its result-cache key)."""
 
     task_id: int
     prediction: dict[str, Any] | None = None
     error: str | None = None
     source: str = ""
+    key: str = ""
 
 
 @dataclass
@@ -162,11 +173,7 @@ class Dispatcher:
         return versioned(self.model_version, spec)
 
     def _named(self, prediction: dict[str, Any], spec: LabelingSpec) -> dict[str, Any]:
-        """The prediction under the name Label Studio keeps: the operator's, else the engine's + spec tag."""
-        named = self.settings.backend.model_version
-        if named:
-            return {**prediction, "model_version": named}
-        return {**prediction, "model_version": versioned(str(prediction.get("model_version")), spec)}
+        return named_prediction(prediction, spec, self.settings.backend.model_version)
 
     @staticmethod
     async def _call(fn: Callable[..., T], *args: Any) -> T:
@@ -183,9 +190,10 @@ class Dispatcher:
         """The cached prediction of each task key under the first engine version that has one."""
         if not keys:
             return []
-        return await self._call(self._cache_hits, keys)
+        return await self._call(self.cache_hits, keys)
 
-    def _cache_hits(self, keys: list[str]) -> list[dict[str, Any] | None]:
+    def cache_hits(self, keys: list[str]) -> list[dict[str, Any] | None]:
+        """The cached prediction of each task key (blocking; :meth:`_cache_get` from the event loop)."""
         if not keys:
             return []
         n = len(self.versions)
@@ -201,8 +209,12 @@ class Dispatcher:
         context: dict[str, Any] | None = None,
         label_studio_url: str | None = None,
         timeout: float | None = None,
+        detach: bool = False,
     ) -> PredictOutcome:
-        """Answer every task, waiting at most ``timeout`` seconds (the configured one by default)."""
+        """Answer every task, waiting at most ``timeout`` seconds (the configured one by default).
+
+        ``detach``: the jobs do not stop at this request's deadline (a background run takes over the tasks
+        they have not finished by then); otherwise no job fetches an image after it."""
         interactive = is_interactive(context)
         if timeout is None:
             backend = self.settings.backend
@@ -236,7 +248,7 @@ class Dispatcher:
                 context,
                 label_studio_url,
                 interactive,
-                time.time() + timeout,
+                None if detach else time.time() + timeout,
             )
         jobs = sorted({w.job_id for w in waiting})
         if waiting:
@@ -254,8 +266,10 @@ class Dispatcher:
         """Key the tasks of ``todo``, answer them from the cache where it can and enqueue jobs for the rest
         (on a worker thread: hashing and serializing large inline images never runs on the event loop)."""
         keys = {i: cache_key(tasks[i], spec, spec_json, context) for i in todo}
+        for i in todo:
+            answers[i].key = keys[i]
         missing = []
-        for i, hit in zip(todo, self._cache_hits([keys[i] for i in todo]), strict=True):
+        for i, hit in zip(todo, self.cache_hits([keys[i] for i in todo]), strict=True):
             if hit is not None:
                 answers[i].prediction = self._named(hit, spec)
                 answers[i].source = "cache"
@@ -264,6 +278,15 @@ class Dispatcher:
         if not missing:
             return []
         return self._enqueue(tasks, missing, keys, spec, context, label_studio_url, interactive, deadline)
+
+    def enqueue_batch(
+        self, tasks: list[dict[str, Any]], keys: list[str], spec: LabelingSpec, label_studio_url: str | None
+    ) -> dict[int, tuple[str, int]]:
+        """Batch jobs, with no deadline of a request, for ``tasks`` (``{"id", "data"}``) whose ``keys`` no
+        job computes yet; each task id's (job id, index) where one took it or already computes it."""
+        index = dict(enumerate(keys))
+        waiting = self._enqueue(tasks, list(index), index, spec, None, label_studio_url, False, None)
+        return {int(tasks[w.index]["id"]): (w.job_id, w.job_index) for w in waiting if w.job_id}
 
     def _enqueue(
         self, tasks, missing, keys, spec, context, label_studio_url, interactive, deadline

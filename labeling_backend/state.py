@@ -1,5 +1,6 @@
 """What the backend keeps between requests: :class:`BackendState` (settings, versions, the runner, the
-metrics, the training jobs), which the app, its routes, dependencies and handlers share."""
+metrics, the training jobs, the background runs), which the app, its routes, dependencies and handlers
+share."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Any
 from groundlabel.protocol import JobRunner
 from groundlabel.settings import Settings
 from groundlabel.spec import LabelingSpec, read_spec
+from labeling_backend.background import BackgroundRuns
 from labeling_backend.metrics import Metrics
+from labeling_backend.queue import RedisJobQueue
 from labeling_backend.training import Training
 
 MODEL_CLASS = "GroundLabel"
@@ -37,6 +40,10 @@ class BackendState:
         self.metrics = Metrics(lambda: self.runner.stats())
         self.training = Training(settings)  # training jobs and the trained versions per project
         self.metrics.registry.register(self.training)
+        kv = runner.connection if isinstance(runner, RedisJobQueue) else None
+        #: Late tasks of /predict finished and written into Label Studio (``labeling_backend.background``).
+        self.background = BackgroundRuns(settings, runner, self.metrics, kv)
+        self.metrics.registry.register(self.background)
         self.started = time.time()
         self.health_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
         self._spec_lock = threading.Lock()

@@ -354,8 +354,8 @@ def label_studio_session():
 
 @contextlib.contextmanager
 def serve_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """``groundlabel serve`` on a free port with ``env``; yields its URL once the engines are loaded and
-    stops it at the end."""
+    """``groundlabel serve`` on a free port with ``env``; yields its URL once the engines are loaded (on
+    Redis: once it answers) and stops it at the end."""
     import httpx
 
     port = free_port()
@@ -375,7 +375,8 @@ def serve_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
                 raise RuntimeError(f"groundlabel serve exited: {log_path.read_text()[-3000:]}")
             try:
                 health = httpx.get(url + "/health", timeout=2).json()
-                if health.get("engines") == "ready":
+                on_redis = "engines" not in health and health.get("status") == "UP"  # workers load them
+                if health.get("engines") == "ready" or on_redis:
                     break
                 if str(health.get("engines", "")).startswith("failed"):
                     raise RuntimeError(f"engines failed: {health}")
