@@ -174,3 +174,95 @@ def make_export(
             }
         )
     return tasks
+
+
+def make_corrected_export(
+    n_tasks: int,
+    *,
+    width: int = 640,
+    height: int = 480,
+    regions_per_task: int = 3,
+    brush_every: int = 2,
+    seed: int = 0,
+    n_masks: int = 16,
+    model_version: str = "gem-ViT-B-16-openai-cfg0000",
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """A Label Studio JSON export of ``n_tasks`` pre-labelled and corrected tasks, and what the annotators
+    did: ``(tasks, {"kept", "edited", "deleted", "added"})``.
+
+    Each task holds a prediction of ``regions_per_task`` regions (every ``brush_every``-th a brush mask, the
+    others polygons) and an annotation that started from it (``parent_prediction``, a ``lead_time``): its
+    first region kept, its second edited (a brush mask swapped for a grown one, a polygon moved), its third
+    deleted on every other task, and a small brush region added in a corner on every third task. Region ids
+    are kept as Label Studio keeps them.
+    """
+    rng = np.random.default_rng(seed)
+    pool = [random_mask(rng, width, height) for _ in range(n_masks if brush_every else 0)]
+    masks = [brush_rle_encode(m) for m in pool]
+    grown = [brush_rle_encode(m | np.roll(m, 6, axis=1)) for m in pool]
+    corner = np.zeros((height, width), bool)
+    corner[:8, :8] = True  # what annotators add: overlaps no predicted region
+    added = brush_rle_encode(corner)
+    counts = dict.fromkeys(("kept", "edited", "deleted", "added"), 0)
+    tasks = []
+    k = 0
+    for t in range(n_tasks):
+        predicted, annotated = [], []
+        for r in range(regions_per_task):
+            label = LABELS[int(rng.integers(len(LABELS)))]
+            pick = int(rng.integers(len(masks))) if masks else 0
+            brush = brush_every and k % brush_every == brush_every - 1
+            k += 1
+            if brush:
+                region = brush_result(masks[pick], label, width, height)
+            else:
+                region = polygon_result(random_polygon(rng, width, height), label, width, height)
+            predicted.append(region)
+            if r == 0:
+                annotated.append(region)
+                counts["kept"] += 1
+            elif r == 1:
+                edited = {**region, "value": dict(region["value"])}
+                if brush:
+                    edited["value"]["rle"] = grown[pick]
+                else:
+                    edited["value"]["points"] = [[x + 1.0, y] for x, y in region["value"]["points"]]
+                annotated.append(edited)
+                counts["edited"] += 1
+            elif t % 2 == 0:
+                counts["deleted"] += 1
+            else:
+                annotated.append(region)
+                counts["kept"] += 1
+        if t % 3 == 0:
+            annotated.append(brush_result(added, LABELS[t % len(LABELS)], width, height, rid=f"new{t}"))
+            counts["added"] += 1
+        stamp = f"2024-01-01T{t // 3600 % 24:02d}:{t // 60 % 60:02d}:{t % 60:02d}Z"
+        tasks.append(
+            {
+                "id": t + 1,
+                "data": {"image": f"/data/local-files/?d=images/img_{t + 1:06d}.jpg"},
+                "annotations": [
+                    {
+                        "id": t + 1,
+                        "result": annotated,
+                        "was_cancelled": False,
+                        "ground_truth": False,
+                        "lead_time": round(float(rng.uniform(5, 60)), 3),
+                        "parent_prediction": 100_000 + t,
+                        "created_at": stamp,
+                        "updated_at": stamp,
+                    }
+                ],
+                "predictions": [
+                    {
+                        "id": 100_000 + t,
+                        "model_version": model_version,
+                        "score": 0.5,
+                        "result": predicted,
+                        "created_at": "2023-12-31T00:00:00Z",
+                    }
+                ],
+            }
+        )
+    return tasks, counts

@@ -171,7 +171,7 @@ def polygon_mask(points: Any, height: int, width: int) -> np.ndarray:
     x = (scale * xy[:, 0] + 0.5).astype(np.int64)
     y = (scale * xy[:, 1] + 0.5).astype(np.int64)
     xs, ys = x, y
-    xe, ye = np.roll(x, -1), np.roll(y, -1)
+    xe, ye = np.append(x[1:], x[:1]), np.append(y[1:], y[:1])
     dx, dy = np.abs(xe - xs), np.abs(ye - ys)
     along_x = dx >= dy
     flip = (along_x & (xs > xe)) | (~along_x & (ys > ye))
@@ -203,11 +203,11 @@ def polygon_mask(points: Any, height: int, width: int) -> np.ndarray:
     )
     # each start toggles inside/outside from there on (column-major), up to the end of the image; two at one
     # place cancel out
-    bounds = starts[times % 2 == 1].tolist()
-    if len(bounds) % 2:
-        bounds.append(height * width)
-    for begin, end in zip(bounds[::2], bounds[1::2], strict=True):
-        out[begin:end] = True
+    bounds = starts[times % 2 == 1]
+    if bounds.size % 2:
+        bounds = np.append(bounds, height * width)
+    begins, lengths = bounds[0::2], bounds[1::2] - bounds[0::2]
+    out[np.arange(int(lengths.sum())) + np.repeat(begins - (np.cumsum(lengths) - lengths), lengths)] = True
     return out.reshape(width, height).T
 
 
@@ -269,22 +269,39 @@ def label_masks(
 # Measures of two masks, two boxes
 
 
-def _window(a: np.ndarray, b: np.ndarray, margin: int) -> tuple[slice, slice] | None:
-    """The rows and columns holding any pixel of ``a`` or ``b``, widened by ``margin`` (None: both empty)."""
-    rows = np.flatnonzero(a.any(axis=1) | b.any(axis=1))
+#: A mask's bounding box: rows ``y0:y1`` and columns ``x0:x1`` (end-exclusive); None for an empty mask.
+Box = tuple[int, int, int, int]
+
+
+def mask_box(mask: np.ndarray) -> Box | None:
+    """The bounding box ``(y0, y1, x0, x1)`` of a boolean mask's pixels, None when it has none."""
+    rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return None
-    cols = np.flatnonzero(a.any(axis=0) | b.any(axis=0))
-    h, w = a.shape
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _window(
+    shape: tuple[int, ...], boxes: Iterable[Box | None], margin: int = 0
+) -> tuple[slice, slice] | None:
+    """The rows and columns around ``boxes``, widened by ``margin`` within ``shape`` (None: no box)."""
+    found = [b for b in boxes if b is not None]
+    if not found:
+        return None
+    h, w = shape[:2]
     return (
-        slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, h)),
-        slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, w)),
+        slice(max(min(b[0] for b in found) - margin, 0), min(max(b[1] for b in found) + margin, h)),
+        slice(max(min(b[2] for b in found) - margin, 0), min(max(b[3] for b in found) + margin, w)),
     )
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Intersection over union of two boolean masks of one size; None when both are empty."""
-    window = _window(a, b, 0)
+def mask_iou(
+    a: np.ndarray, b: np.ndarray, *, boxes: tuple[Box | None, Box | None] | None = None
+) -> float | None:
+    """Intersection over union of two boolean masks of one size; None when both are empty. ``boxes``: their
+    :func:`mask_box` when known (only the pixels around them are read)."""
+    window = _window(a.shape, boxes if boxes is not None else (mask_box(a), mask_box(b)))
     if window is None:
         return None
     a, b = a[window], b[window]
@@ -293,28 +310,46 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
     """The pixels of ``mask`` with a 4-neighbour outside it (outside the array counts as outside)."""
-    p = np.pad(mask, 1)
-    inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    inner[0] = inner[-1] = False
+    inner[:, 0] = inner[:, -1] = False
     return mask & ~inner
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """``mask`` grown by a disc of ``radius`` pixels (Euclidean)."""
+    """``mask`` grown by a disc of ``radius`` pixels (Euclidean): each row offset ``dy`` adds the mask grown
+    along its rows by ``isqrt(radius**2 - dy**2)``, shifted by ``dy``."""
     h, w = mask.shape
-    p = np.pad(mask, radius)
-    out = np.zeros_like(mask)
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            if dy * dy + dx * dx <= radius * radius:
-                out |= p[radius + dy : radius + dy + h, radius + dx : radius + dx + w]
+    along = [mask]  # along[k]: grown by k pixels to the left and right
+    for k in range(1, radius + 1):
+        grown = along[-1].copy()
+        grown[:, k:] |= mask[:, :-k]
+        grown[:, :-k] |= mask[:, k:]
+        along.append(grown)
+    out = along[radius].copy()
+    for dy in range(1, radius + 1):
+        row = along[math.isqrt(radius * radius - dy * dy)]
+        out[dy:] |= row[:-dy]
+        out[:-dy] |= row[dy:]
     return out
 
 
-def boundary_f(a: np.ndarray, b: np.ndarray, tolerance: int = BOUNDARY_TOLERANCE) -> float | None:
+def boundary_f(
+    a: np.ndarray,
+    b: np.ndarray,
+    tolerance: int = BOUNDARY_TOLERANCE,
+    *,
+    boxes: tuple[Box | None, Box | None] | None = None,
+) -> float | None:
     """The boundary F measure of two masks: precision is the share of ``a``'s boundary pixels within
     ``tolerance`` pixels of ``b``'s boundary, recall the share of ``b``'s within ``tolerance`` of ``a``'s,
-    F their harmonic mean (0 when either mask is empty and the other not; None when both are)."""
-    window = _window(a, b, tolerance + 1)
+    F their harmonic mean (0 when either mask is empty and the other not; None when both are). ``boxes``:
+    their :func:`mask_box` when known."""
+    window = _window(a.shape, boxes if boxes is not None else (mask_box(a), mask_box(b)), tolerance + 1)
     if window is None:
         return None
     ba, bb = _boundary(a[window]), _boundary(b[window])
@@ -395,8 +430,7 @@ class LabelMeasure:
     label: str
     iou: float  # mask IoU of the unions (0 when only one side has the label)
     boundary_f: float  # boundary F at BOUNDARY_TOLERANCE pixels
-    predicted_pixels: int
-    annotated_pixels: int
+    unchanged: bool = False  # every region of the label kept as predicted (its pixels were not read)
 
 
 @dataclass
@@ -448,8 +482,62 @@ class TaskMeasures:
         return asdict(self)
 
 
-def _match_key(region: Region, width: int, height: int) -> Any:
-    return region_point(region, width, height) if region.kind == "keypoint" else None
+@dataclass
+class _Geometry:
+    """What a region is measured on: its mask and the mask's box (area kinds), its box in pixels
+    (rectangles), its point (key points)."""
+
+    mask: np.ndarray | None = None
+    box: Box | None = None
+    rectangle: tuple[float, float, float, float] | None = None
+    point: tuple[float, float] | None = None
+
+
+def _geometry(region: Region, width: int, height: int) -> _Geometry:
+    if region.kind == "keypoint":
+        return _Geometry(point=region_point(region, width, height))
+    mask = region_mask(region, height, width)
+    rectangle = region_box(region, width, height) if region.kind == "rectangle" else None
+    return _Geometry(mask=mask, box=mask_box(mask), rectangle=rectangle)
+
+
+def _union(geometry: list[_Geometry]) -> _Geometry:
+    """The union of some regions' masks, with its box."""
+    found = [g for g in geometry if g.box is not None]
+    if not found:
+        return _Geometry(mask=geometry[0].mask if geometry else None)
+    mask = found[0].mask
+    for g in found[1:]:
+        mask = mask | g.mask
+    window = _window(mask.shape, (g.box for g in found))
+    return _Geometry(mask=mask, box=(window[0].start, window[0].stop, window[1].start, window[1].stop))
+
+
+def _same_pixels(a: _Geometry, b: _Geometry) -> bool:
+    if a.box != b.box:
+        return False
+    window = _window(a.mask.shape, (a.box,))
+    return window is None or bool(np.array_equal(a.mask[window], b.mask[window]))
+
+
+class _Side:
+    """The regions of a prediction or an annotation, their geometry made when first asked for."""
+
+    def __init__(self, results: Any, width: int, height: int, errors: list[str]) -> None:
+        self.regions = read_regions(results)
+        self.width, self.height = width, height
+        self.errors = errors
+        self.geometry: dict[int, _Geometry | None] = {}
+
+    def geo(self, i: int) -> _Geometry | None:
+        """Region ``i``'s geometry; None (and an error) when it cannot be read."""
+        if i not in self.geometry:
+            try:
+                self.geometry[i] = _geometry(self.regions[i], self.width, self.height)
+            except (UserError, KeyError, TypeError, ValueError) as exc:
+                self.errors.append(str(exc))
+                self.geometry[i] = None
+        return self.geometry[i]
 
 
 def compare(
@@ -463,117 +551,121 @@ def compare(
     tolerance: int = BOUNDARY_TOLERANCE,
 ) -> tuple[list[LabelMeasure], list[RegionChange], list[str]]:
     """Measure an annotation's results against a prediction's (both Label Studio ``result`` lists) on a
-    ``width`` x ``height`` image: ``(label measures, region changes, errors)``. A region that cannot be
-    read is left out of both and named in the errors."""
+    ``width`` x ``height`` image: ``(label measures, region changes, errors)``.
+
+    A region the annotator kept as Label Studio wrote it (same id, same value) is kept without being read;
+    its pixels are read only when another region of its label changed. A region that cannot be read is named
+    in the errors and left out of the measures that needed it."""
     errors: list[str] = []
-    sides: list[tuple[list[Region], dict[int, Any]]] = []
-    for results in (predicted, annotated):
-        regions, geometry = [], {}
-        for region in read_regions(results):
-            try:
-                if region.kind == "keypoint":
-                    geo: Any = region_point(region, width, height)
-                else:
-                    geo = region_mask(region, height, width)
-                    if region.kind == "rectangle":
-                        geo = (geo, region_box(region, width, height))
-            except (UserError, KeyError, TypeError, ValueError) as exc:
-                errors.append(str(exc))
-                continue
-            geometry[len(regions)] = geo
-            regions.append(region)
-        sides.append((regions, geometry))
-    (pred, pgeo), (ann, ageo) = sides
+    pred, ann = _Side(predicted, width, height, errors), _Side(annotated, width, height, errors)
 
-    def mask(geo: Any) -> np.ndarray:
-        return geo[0] if isinstance(geo, tuple) else geo
+    # pairs by region id; those left as they were share their geometry
+    pairs: dict[int, tuple[int, str]] = {}  # predicted index -> (annotated index, how)
+    unchanged: set[int] = set()  # predicted indexes whose annotated region is the same value
+    by_id = {(r.control, r.id): j for j, r in enumerate(ann.regions)}
+    for i, r in enumerate(pred.regions):
+        j = by_id.pop((r.control, r.id), None)
+        if j is not None and ann.regions[j].kind == r.kind:
+            pairs[i] = (j, "id")
+            if ann.regions[j].value == r.value and ann.regions[j].labels == r.labels:
+                unchanged.add(i)
+    shared = {pairs[i][0]: i for i in unchanged}
 
-    # label measures: the brush and polygon regions' unions per control and label
-    pmasks = label_masks(pred, height, width, {i: g for i, g in pgeo.items() if pred[i].kind in MASK_KINDS})
-    amasks = label_masks(ann, height, width, {i: g for i, g in ageo.items() if ann[i].kind in MASK_KINDS})
-    empty = np.zeros((height, width), dtype=bool)
-    labels = []
-    for key in sorted(set(pmasks) | set(amasks)):
-        a, b = pmasks.get(key, empty), amasks.get(key, empty)
-        iou = mask_iou(a, b)
-        if iou is None:  # the label's regions cover no pixel on either side
-            continue
-        labels.append(
-            LabelMeasure(
-                control=key[0],
-                label=key[1],
-                iou=iou,
-                boundary_f=boundary_f(a, b, tolerance) or 0.0,
-                predicted_pixels=int(np.count_nonzero(a)),
-                annotated_pixels=int(np.count_nonzero(b)),
-            )
-        )
+    def ann_geo(j: int) -> _Geometry | None:
+        return pred.geo(shared[j]) if j in shared else ann.geo(j)
 
-    # region changes: by id first, then by overlap within each control
-    pairs: list[tuple[int, int, str]] = []
-    by_id = {(r.control, r.id): j for j, r in enumerate(ann)}
-    taken_p, taken_a = set(), set()
-    for i, r in enumerate(pred):
-        j = by_id.get((r.control, r.id))
-        if j is not None and ann[j].kind == r.kind and j not in taken_a:
-            pairs.append((i, j, "id"))
-            taken_p.add(i)
-            taken_a.add(j)
+    # the other regions: by overlap within each control
+    taken = {j for j, _ in pairs.values()}
     limit = point_fraction * math.hypot(width, height)
     candidates = []
-    for i, r in enumerate(pred):
-        if i in taken_p:
+    for i, r in enumerate(pred.regions):
+        if i in pairs:
             continue
-        for j, s in enumerate(ann):
-            if j in taken_a or s.control != r.control or s.kind != r.kind:
+        for j, s in enumerate(ann.regions):
+            if j in taken or s.control != r.control or s.kind != r.kind:
+                continue
+            a, b = pred.geo(i), ann.geo(j)
+            if a is None or b is None:
                 continue
             if r.kind == "keypoint":
-                dist = math.dist(pgeo[i], ageo[j])
+                dist = math.dist(a.point, b.point)
                 if dist <= limit:
                     candidates.append((-dist, i, j))
             else:
-                iou = mask_iou(mask(pgeo[i]), mask(ageo[j])) or 0.0
+                iou = mask_iou(a.mask, b.mask, boxes=(a.box, b.box)) or 0.0
                 if iou >= match_iou:
                     candidates.append((iou, i, j))
     for _, i, j in sorted(candidates, key=lambda c: (-c[0], c[1], c[2])):
-        if i not in taken_p and j not in taken_a:
-            pairs.append((i, j, "overlap"))
-            taken_p.add(i)
-            taken_a.add(j)
+        if i not in pairs and j not in taken:
+            pairs[i] = (j, "overlap")
+            taken.add(j)
 
+    # what happened to each region
     regions = []
-    for i, j, how in sorted(pairs):
-        r, s = pred[i], ann[j]
-        change = RegionChange(
-            control=s.control,
-            label=s.label,
-            kind=s.kind,
-            change="edited",
-            matched_by=how,
-            predicted_id=r.id,
-            annotated_id=s.id,
-            predicted_label=r.label,
-        )
+    for i, (j, how) in sorted(pairs.items()):
+        r, s = pred.regions[i], ann.regions[j]
+        change = RegionChange(s.control, s.label, s.kind, "edited", how, r.id, s.id, predicted_label=r.label)
+        if i in unchanged:
+            change.change = "kept"
+            if r.kind == "keypoint":
+                change.distance = 0.0
+            else:
+                change.iou = 1.0
+            regions.append(change)
+            continue
+        a, b = pred.geo(i), ann.geo(j)
+        if a is None or b is None:
+            continue
         if r.kind == "keypoint":
-            change.distance = math.dist(pgeo[i], ageo[j])
+            change.distance = math.dist(a.point, b.point)
             same = change.distance < 0.5
         else:
-            a, b = mask(pgeo[i]), mask(ageo[j])
             if r.kind == "rectangle":
-                change.iou = box_iou(pgeo[i][1], ageo[j][1])
+                change.iou = box_iou(a.rectangle, b.rectangle)
             else:
-                change.iou = mask_iou(a, b) if a.any() or b.any() else 1.0
-            same = bool(np.array_equal(a, b))
+                iou = mask_iou(a.mask, b.mask, boxes=(a.box, b.box))
+                change.iou = 1.0 if iou is None else iou
+            same = _same_pixels(a, b)
         if same and r.labels == s.labels:
             change.change = "kept"
         regions.append(change)
-    for i, r in enumerate(pred):
-        if i not in taken_p:
+    for i, r in enumerate(pred.regions):
+        if i not in pairs and (r.kind == "keypoint" or pred.geo(i) is not None):
             regions.append(RegionChange(r.control, r.label, r.kind, "deleted", predicted_id=r.id))
-    for j, s in enumerate(ann):
-        if j not in taken_a:
+    for j, s in enumerate(ann.regions):
+        if j not in taken and (s.kind == "keypoint" or ann.geo(j) is not None):
             regions.append(RegionChange(s.control, s.label, s.kind, "added", annotated_id=s.id))
+
+    # per control and label: the union of the brush and polygon regions on each side
+    keys: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    for side, items in ((0, pred.regions), (1, ann.regions)):
+        for n, r in enumerate(items):
+            if r.kind in MASK_KINDS:
+                keys.setdefault((r.control, r.label), ([], []))[side].append(n)
+    labels = []
+    for key in sorted(keys):
+        mine, theirs = keys[key]
+        if all(i in unchanged for i in mine) and sorted(pairs[i][0] for i in mine) == sorted(theirs):
+            labels.append(LabelMeasure(key[0], key[1], 1.0, 1.0, unchanged=True))
+            continue
+        a = _union(
+            [g for i in mine if (g := pred.geo(i)) is not None] or [_Geometry(mask=_empty(height, width))]
+        )
+        b = _union(
+            [g for j in theirs if (g := ann_geo(j)) is not None] or [_Geometry(mask=_empty(height, width))]
+        )
+        if a.box is None and b.box is None:  # the label's regions cover no pixel on either side
+            continue
+        boxes = (a.box, b.box)
+        same = _same_pixels(a, b)
+        iou = 1.0 if same else mask_iou(a.mask, b.mask, boxes=boxes)
+        bf = 1.0 if same else boundary_f(a.mask, b.mask, tolerance, boxes=boxes)
+        labels.append(LabelMeasure(key[0], key[1], float(iou), float(bf or 0.0)))
     return labels, regions, errors
+
+
+def _empty(height: int, width: int) -> np.ndarray:
+    return np.zeros((height, width), dtype=bool)
 
 
 def _number(raw: Any) -> float | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,18 +190,13 @@ def _read_config(path: str | None) -> str | None:
         raise UserError(f"cannot read --label-config {path}: {exc}") from exc
 
 
-def run_export(args: argparse.Namespace) -> int:
-    """Handler of ``groundlabel export``: the format's exporter (:func:`exporters.registry.get_exporter`)
-    on the export file or the project's tasks."""
-    out = Path(args.out)
-    exporter = get_exporter(args.format)
-    if exporter.reads == "coco":
-        if not args.input:
-            raise UserError(f"--format {exporter.name} needs a COCO instances.json as INPUT")
-        print(exporter.load()(args.input, out, options_from_args(args, _read_config(args.label_config))))
-        return 0
-
-    from exporters.images import ImageResolver
+def read_input(
+    args: argparse.Namespace, *, predictions: bool, say: Callable[[str], object] = print
+) -> tuple[list[dict[str, Any]], str | None]:
+    """``(tasks, label config)`` of INPUT (a Label Studio JSON export) or of ``--project`` read through the
+    API (its label config; None for a file). ``--url``, ``--api-key`` and ``--allowed-hosts`` default to the
+    settings' (``args`` is updated). With ``predictions``, predictions that a JSON export lists by id are read
+    through the API when ``--project``, or ``--url`` and ``--api-key``, say where (``say`` tells how many)."""
     from exporters.labelstudio import (
         fetch_project,
         fill_predictions,
@@ -214,16 +210,15 @@ def run_export(args: argparse.Namespace) -> int:
     fetch = Settings.from_env().fetch  # the defaults of --url, --api-key and --allowed-hosts
     args.url = args.url or fetch.label_studio_url
     args.api_key = args.api_key or fetch.api_key
-    if args.allowed_hosts is None:
+    if getattr(args, "allowed_hosts", "") is None:
         args.allowed_hosts = ",".join(fetch.allowed_hosts)
-    config = _read_config(args.label_config)
     client = None
+    config = None
     if args.project is not None:
-        tasks, project_config, client = fetch_project(args.project, url=args.url, api_key=args.api_key)
-        config = config or project_config
+        tasks, config, client = fetch_project(args.project, url=args.url, api_key=args.api_key)
     else:
         tasks = load_labelstudio_export(args.input)
-    if args.include_predictions and has_prediction_ids(tasks):
+    if predictions and has_prediction_ids(tasks):
         from groundlabel.redaction import redact
 
         if client is None and args.url and args.api_key:
@@ -232,7 +227,26 @@ def run_export(args: argparse.Namespace) -> int:
             client = make_client(args.url, args.api_key)
         if client is not None:
             filled = fill_predictions(tasks, client, args.project)
-            print(f"read {filled} prediction(s) listed by id through the API of {redact(args.url)}")
+            say(f"read {filled} prediction(s) listed by id through the API of {redact(args.url)}")
+    return tasks, config
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of ``groundlabel export``: the format's exporter (:func:`exporters.registry.get_exporter`)
+    on the export file or the project's tasks."""
+    out = Path(args.out)
+    exporter = get_exporter(args.format)
+    if exporter.reads == "coco":
+        if not args.input:
+            raise UserError(f"--format {exporter.name} needs a COCO instances.json as INPUT")
+        print(exporter.load()(args.input, out, options_from_args(args, _read_config(args.label_config))))
+        return 0
+
+    from exporters.images import ImageResolver
+
+    config = _read_config(args.label_config)
+    tasks, project_config = read_input(args, predictions=args.include_predictions)
+    config = config or project_config
     resolver = ImageResolver(
         images_root=args.images_root,
         label_studio_url=args.url,

@@ -267,8 +267,12 @@ def test_kept_edited_deleted_and_added_regions() -> None:
     stripped = copy.deepcopy(s["annotated"])
     for n, r in enumerate(stripped):
         r["id"] = f"other{n}"
-    _, by_overlap, _ = compare(s["predicted"], stripped, W, H)
+    by_overlap_labels, by_overlap, _ = compare(s["predicted"], stripped, W, H)
     assert sorted(r.change for r in by_overlap) == sorted(r.change for r in regions)
+    # the kept regions were not read with their ids; read, they give the same figures
+    assert [(m.control, m.label, m.iou, m.boundary_f) for m in by_overlap_labels] == [
+        (m.control, m.label, m.iou, m.boundary_f) for m in labels
+    ]
     assert all(r.matched_by == "overlap" for r in by_overlap if r.change in ("kept", "edited"))
 
 
@@ -290,8 +294,12 @@ def test_label_measures_equal_pycocotools_on_the_same_pairs() -> None:
         a, b = union(s["predicted"], control, label), union(s["annotated"], control, label)
         assert m.iou == pytest.approx(coco_iou(a, b), abs=1e-12), (control, label)
         assert m.boundary_f == pytest.approx(brute_boundary_f(a, b), abs=1e-12)
-        assert (m.predicted_pixels, m.annotated_pixels) == (a.sum(), b.sum())
+        assert not m.unchanged  # every label has a changed region
     assert got[("poly", "Dog")].iou == 0.0  # relabelled away: none of the Dog polygon is left
+    # an annotation submitted as predicted: every label unchanged, every region kept, no pixel read
+    labels, regions, _ = compare(s["predicted"], copy.deepcopy(s["predicted"]), W, H)
+    assert all(m.unchanged and m.iou == m.boundary_f == 1.0 for m in labels) and len(labels) == 4
+    assert [r.change for r in regions] == ["kept"] * len(s["predicted"])
 
 
 def test_summary_adds_up_per_version_and_label() -> None:
