@@ -78,3 +78,43 @@ def test_inprocess_jobs_run_in_a_child_process(tiny_gem_env):
     assert first["results"][0]["result"] and first["results"][0]["model_version"] == "inproc"
     assert first["results"][1] == [] and "cannot fetch image" in first["errors"][0]["error"]
     assert data["second"]["results"][0] == first["results"][0]
+
+
+@pytest.mark.slow
+def test_inprocess_interactive_jobs_go_before_queued_batches(tiny_gem_env):
+    """One child, six batch jobs queued, then an interactive job: it runs as soon as the child is free."""
+    import time
+
+    from conftest import POLYGON_CONFIG, png_data_uri
+
+    from groundlabel.protocol import JobPayload
+    from groundlabel.settings import Settings
+    from groundlabel.spec import read_spec
+    from workers.inprocess import InProcessRunner
+
+    settings = Settings.from_env(tiny_gem_env)
+    spec = read_spec(POLYGON_CONFIG, settings)
+    runner = InProcessRunner(settings, workers=1, warm_up=False)
+    try:
+
+        def submit(i: int, interactive: bool) -> str:
+            task = {"id": i, "data": {"image": png_data_uri(seed=i)}}
+            job_id, taken = runner.submit(JobPayload([task], spec), [f"key{i}"], interactive=interactive)
+            assert taken == [0]
+            return job_id
+
+        batches = [submit(i, False) for i in range(6)]
+        first = runner.poll([batches[0]])[batches[0]]
+        assert first.status == "pending" and first.detail == "running"
+        assert runner.poll([batches[1]])[batches[1]].detail == "queued"
+        urgent = submit(99, True)
+        deadline = time.monotonic() + 300
+        jobs = [*batches, urgent]
+        while any(s.status == "pending" for s in runner.poll(jobs).values()):
+            assert time.monotonic() < deadline, runner.poll(jobs)
+            time.sleep(0.2)
+        assert all(s.status == "finished" for s in runner.poll(jobs).values())
+        order = sorted(jobs, key=lambda j: runner._jobs[j].ended)
+        assert order[:2] == [batches[0], urgent], order  # right after the batch job that was running
+    finally:
+        runner.close()

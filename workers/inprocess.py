@@ -5,6 +5,10 @@ configures them from the parent's settings and loads the engines once per child)
 cross the process boundary as JSON text. It offers :class:`groundlabel.protocol.JobRunner`, like the
 backend's Redis queue client, with an in-memory result cache.
 
+The runner hands the pool one job per child at a time and keeps the rest in two queues of its own,
+interactive before batch, as RQ workers take the ``interactive`` queue first: an annotator's request
+waits for the jobs already running, never behind a whole project's batch.
+
 No child outlives the backend: :meth:`InProcessRunner.close` (run when ``groundlabel serve`` stops, on
 SIGTERM too) terminates the children, busy or not, and a child whose parent died without closing it
 (SIGKILL) notices within a second and exits.
@@ -22,6 +26,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -57,8 +62,9 @@ def init_child(settings: Settings, parent_pid: int) -> None:
 
 
 class _Job:
-    def __init__(self, future: Future, keys: list[str], queue: str) -> None:
+    def __init__(self, future: Future, keys: list[str], queue: str, text: str | None) -> None:
         self.future, self.keys, self.queue = future, keys, queue
+        self.text = text  # the JSON payload, until a child takes it
         self.enqueued = time.monotonic()
         self.ended: float | None = None
 
@@ -73,7 +79,9 @@ class InProcessRunner:
         self._cache: LRUCache[dict[str, Any]] = LRUCache(100_000, ttl=settings.queue.result_ttl)
         self._pending: dict[str, tuple[str, int]] = {}
         self._jobs: dict[str, _Job] = {}
-        self._lock = threading.Lock()
+        self._queued: dict[str, deque[str]] = {QUEUE_INTERACTIVE: deque(), QUEUE_BATCH: deque()}
+        self._running = 0  # jobs handed to the pool and not ended
+        self._lock = threading.RLock()
         self._pool = self._new_pool()
         self._warm: Future | None = None
         if warm_up:
@@ -118,9 +126,7 @@ class InProcessRunner:
 
     # -- jobs ----------------------------------------------------------------------------------------
 
-    def submit(
-        self, payload: JobPayload, keys: Sequence[str], *, interactive: bool
-    ) -> tuple[str, list[int]]:
+    def submit(self, payload: JobPayload, keys: Sequence[str], *, interactive: bool) -> tuple[str, list[int]]:
         job_id = uuid.uuid4().hex
         with self._lock:
             taken = [i for i, k in enumerate(keys) if k not in self._pending]
@@ -130,11 +136,45 @@ class InProcessRunner:
             payload = dataclasses.replace(payload, tasks=[payload.tasks[i] for i in taken])
             for j, key in enumerate(kept_keys):
                 self._pending[key] = (job_id, j)
-            future = self._submit(json.dumps(payload.to_dict()))
-            job = _Job(future, kept_keys, QUEUE_INTERACTIVE if interactive else QUEUE_BATCH)
-            self._jobs[job_id] = job
+            queue = QUEUE_INTERACTIVE if interactive else QUEUE_BATCH
+            future: Future = Future()
+            self._jobs[job_id] = _Job(future, kept_keys, queue, json.dumps(payload.to_dict()))
+            self._queued[queue].append(job_id)
         future.add_done_callback(lambda f, jid=job_id: self._done(jid))
+        self._pump()
         return job_id, taken
+
+    def _pump(self) -> None:
+        """Hand queued jobs to the pool while a child is free, interactive ones first."""
+        with self._lock:
+            while self._running < self.workers:
+                queue = next((q for q in (QUEUE_INTERACTIVE, QUEUE_BATCH) if self._queued[q]), None)
+                if queue is None:
+                    return
+                job = self._jobs.get(self._queued[queue].popleft())
+                if job is None or not job.future.set_running_or_notify_cancel():
+                    continue  # cancelled while queued
+                text, job.text = job.text or "", None
+                self._running += 1
+                try:
+                    inner = self._submit(text)
+                except Exception as exc:  # the pool cannot start: the job fails with the reason
+                    self._running -= 1
+                    job.future.set_exception(exc)
+                    continue
+                inner.add_done_callback(lambda f, j=job: self._ended(j, f))
+
+    def _ended(self, job: _Job, inner: Future) -> None:
+        """A child finished ``job``: pass its outcome on and give the free child the next job."""
+        with self._lock:
+            self._running -= 1
+        if inner.cancelled():
+            job.future.set_exception(RuntimeError("the job was cancelled: the backend is stopping"))
+        elif inner.exception() is not None:
+            job.future.set_exception(inner.exception())
+        else:
+            job.future.set_result(inner.result())
+        self._pump()
 
     def _submit(self, text: str) -> Future:
         from workers.jobs import run_json_timed
@@ -226,6 +266,13 @@ class InProcessRunner:
 
     def close(self) -> None:
         """Cancel the queued jobs and stop the children, busy or not (SIGTERM, then SIGKILL)."""
+        with self._lock:
+            queued = [self._jobs.get(j) for q in self._queued.values() for j in q]
+            for queue in self._queued.values():
+                queue.clear()
+        for job in queued:
+            if job is not None:
+                job.future.cancel()
         _stop_pool(self._pool)
 
 
