@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from groundlabel.errors import UserError
+from groundlabel_cli.report_html import GROUP_COLUMNS, VERSION_COLUMNS, table_rows
 
 _EPILOG = """\
 input:
@@ -187,62 +188,6 @@ def build_report(
     if per_task:
         report["per_task"] = [m.to_dict() for m in measures]
     return report, summary
-
-
-#: The columns of the per-version table: (header, key, format); formats are :func:`cell`'s.
-VERSION_COLUMNS = [
-    ("model version", "model_version", "text"),
-    ("engine", "engine", "text"),
-    ("tasks", "tasks", "int"),
-    ("lead time s", "lead_time_mean", "seconds"),
-    ("lead time s (median)", "lead_time_median", "seconds"),
-    ("mask IoU", "mask_iou_mean", "ratio"),
-    ("kept", "kept", "int"),
-    ("edited", "edited", "int"),
-    ("deleted", "deleted", "int"),
-    ("added", "added", "int"),
-    ("kept %", "kept_rate", "percent"),
-]
-#: The columns of the per-label table.
-GROUP_COLUMNS = [
-    ("model version", "model_version", "text"),
-    ("control", "control", "text"),
-    ("label", "label", "text"),
-    ("kind", "kind", "text"),
-    ("tasks", "tasks", "int"),
-    ("IoU mean", "mask_iou_mean", "ratio"),
-    ("IoU median", "mask_iou_median", "ratio"),
-    ("boundary F", "boundary_f_mean", "ratio"),
-    ("box IoU", "box_iou_mean", "ratio"),
-    ("point px", "point_distance_mean", "seconds"),
-    ("kept", "kept", "int"),
-    ("edited", "edited", "int"),
-    ("deleted", "deleted", "int"),
-    ("added", "added", "int"),
-    ("kept %", "kept_rate", "percent"),
-    ("added %", "added_rate", "percent"),
-]
-
-
-def cell(value: Any, form: str, empty: str = "-") -> str:
-    """One figure as text: ``ratio`` with 3 decimals, ``seconds`` (and pixels) with 1, ``percent`` of a
-    ratio, anything else as it is; ``empty`` for a figure that does not apply (None, "")."""
-    if value is None or value == "":
-        return empty
-    if form == "ratio":
-        return f"{value:.3f}"
-    if form == "seconds":
-        return f"{value:.1f}"
-    if form == "percent":
-        return f"{100 * value:.0f}%"
-    return str(value)
-
-
-def table_rows(
-    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]], empty: str = "-"
-) -> list[list[str]]:
-    """The cells of ``rows`` under ``columns``."""
-    return [[cell(row[key], form, empty) for _, key, form in columns] for row in rows]
 
 
 def _table(columns: Sequence[tuple[str, str, str]], rows: list[list[str]]) -> list[str]:

@@ -1,4 +1,5 @@
-"""``groundlabel report --html DIR``: one page with the report's tables and three plots drawn with Pillow.
+"""``groundlabel report``'s tables (their columns, for the terminal and the page) and ``--html DIR``: one page
+with the tables and three plots drawn with Pillow.
 
 - ``iou_per_label.png``: the mean mask IoU of each control and label, one bar per model version;
 - ``iou_distribution.png``: how the per-task mask IoUs spread (twenty bins), one series per model version;
@@ -159,9 +160,63 @@ def plot_changes(summary: dict[str, Any], path: Path) -> Path:
     return chart.save(path)
 
 
-def _html_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    from groundlabel_cli.report import table_rows
+#: The columns of the per-version table: (header, key, format); formats are :func:`cell`'s.
+VERSION_COLUMNS = [
+    ("model version", "model_version", "text"),
+    ("engine", "engine", "text"),
+    ("tasks", "tasks", "int"),
+    ("lead time s", "lead_time_mean", "seconds"),
+    ("lead time s (median)", "lead_time_median", "seconds"),
+    ("mask IoU", "mask_iou_mean", "ratio"),
+    ("kept", "kept", "int"),
+    ("edited", "edited", "int"),
+    ("deleted", "deleted", "int"),
+    ("added", "added", "int"),
+    ("kept %", "kept_rate", "percent"),
+]
+#: The columns of the per-label table.
+GROUP_COLUMNS = [
+    ("model version", "model_version", "text"),
+    ("control", "control", "text"),
+    ("label", "label", "text"),
+    ("kind", "kind", "text"),
+    ("tasks", "tasks", "int"),
+    ("IoU mean", "mask_iou_mean", "ratio"),
+    ("IoU median", "mask_iou_median", "ratio"),
+    ("boundary F", "boundary_f_mean", "ratio"),
+    ("box IoU", "box_iou_mean", "ratio"),
+    ("point px", "point_distance_mean", "seconds"),
+    ("kept", "kept", "int"),
+    ("edited", "edited", "int"),
+    ("deleted", "deleted", "int"),
+    ("added", "added", "int"),
+    ("kept %", "kept_rate", "percent"),
+    ("added %", "added_rate", "percent"),
+]
 
+
+def cell(value: Any, form: str, empty: str = "-") -> str:
+    """One figure as text: ``ratio`` with 3 decimals, ``seconds`` (and pixels) with 1, ``percent`` of a
+    ratio, anything else as it is; ``empty`` for a figure that does not apply (None, "")."""
+    if value is None or value == "":
+        return empty
+    if form == "ratio":
+        return f"{value:.3f}"
+    if form == "seconds":
+        return f"{value:.1f}"
+    if form == "percent":
+        return f"{100 * value:.0f}%"
+    return str(value)
+
+
+def table_rows(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]], empty: str = "-"
+) -> list[list[str]]:
+    """The cells of ``rows`` under ``columns``."""
+    return [[cell(row[key], form, empty) for _, key, form in columns] for row in rows]
+
+
+def _html_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
@@ -188,8 +243,6 @@ def write_html(report: dict[str, Any], summary: dict[str, Any], folder: Path) ->
     plot_iou_distribution(summary, folder / "iou_distribution.png")
     plot_changes(summary, folder / "changes.png")
     t = report["tasks"]
-    from groundlabel_cli.report import GROUP_COLUMNS, VERSION_COLUMNS
-
     versions = _html_table(report["versions"], VERSION_COLUMNS)
     groups = _html_table(report["groups"], GROUP_COLUMNS)
     errors = ""
