@@ -620,6 +620,15 @@ class ModelStore:
         name = self.promoted_name(project)
         return self.get(project, name) if name else None
 
+    def served_trained(self, project: str | int) -> ModelVersion | None:
+        """The trained version (``lavt`` or ``gem``) the project serves: the promoted one, or the one a
+        promoted calibration was made over; None for the base models."""
+        version = self.promoted(project)
+        if version is not None and version.kind == "calibration":
+            trained = self.calibration(version).trained
+            version = self.get(project, trained) if trained else None
+        return version
+
     def history(self, project: str | int) -> list[dict[str, Any]]:
         """Every promotion of the project, oldest first (``version`` None: back to the base models)."""
         return self._pointer(project)["history"]

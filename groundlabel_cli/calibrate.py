@@ -127,7 +127,7 @@ def calibrate_project(
     from exporters.images import ImageResolver
     from exporters.labelstudio import fetch_project
     from groundlabel.spec import read_spec
-    from groundlabel_cli.training import annotation_count, split_coco_images
+    from groundlabel_cli.splits import annotation_count, split_coco_images
     from workers import engines
     from workers.calibration import calibrate, current_variant
 
@@ -167,7 +167,7 @@ def calibrate_project(
 
     promoted = store.promoted(project)
     served = store.calibration(promoted) if promoted is not None and promoted.kind == "calibration" else None
-    trained = engines.project_version(project, "gem")
+    trained = store.served_trained(project)  # the calibration serves over it
     default = settings.engines.engine
     refine = settings.engines.gem_refine
     from workers.regions import DEFAULT_THRESHOLD, control_threshold
@@ -208,11 +208,10 @@ def calibrate_project(
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "calibration.json"
         file.write_text(json.dumps(result.calibration.to_dict(), indent=2), encoding="utf-8")
-        variant = trained.name.split("-p")[0].replace("gem-", "", 1) if trained is not None else default
         version = store.add(
             project=project,
             kind="calibration",
-            variant=variant,
+            variant=default,
             weights=file,
             parent=parent,
             annotation_count=count,
@@ -228,6 +227,33 @@ def calibrate_project(
         reason = f"not promoted ({comparison}, needs a gain above {gain:g}): {parent} serves on"
     log.info("project %s: stored %s, %s", project, version.name, reason)
     return CalibrationOutcome(version.name, parent, better, reason, metrics)
+
+
+def calibrated_iou(spec: Any, samples: list[Any], calibration: Any, gem: Any) -> float:
+    """The held-out IoU of the GEM engine ``gem`` answering with ``calibration``'s choices (labels without
+    one at their control's threshold, as served): how a fine-tuned GEM is compared with the current one when
+    the project is served calibrated."""
+    from groundlabel.calibration import variant_parts
+    from workers import engines
+    from workers.calibration import calibrate, current_variant, with_refine
+    from workers.regions import control_threshold
+
+    settings = engines.settings().engines
+
+    def current(control: Any, label: str) -> tuple[str, float]:
+        choice = calibration.choice(control.name, label)
+        if choice is not None:
+            return choice.variant, choice.threshold
+        return current_variant(control, settings.engine, settings.gem_refine), control_threshold(control)
+
+    def get_variant(variant: str) -> Any:
+        engine, own, _ = variant_parts(variant)
+        return with_refine(gem, own) if engine == "gem" else engines.get_engine(engine)
+
+    used = sorted({current(c, lab)[0] for c in spec.controls for lab in c.labels})
+    sam = engines.get_sam_engine() if any(v.endswith("+sam") for v in used) else None
+    result = calibrate(spec, samples, get_variant, used, current=current, default_threshold=0.5, sam=sam)
+    return result.current.mean("val") or 0.0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,16 +26,15 @@ from groundlabel.errors import UserError
 from groundlabel.model_store import ModelStore
 from groundlabel.protocol import TrainPayload
 from groundlabel.settings import Settings
+from groundlabel_cli.splits import annotation_count, split_coco_images
+
+#: Named here too, for the training job's callers: the annotations counted, the split by image.
+__all__ = ["annotation_count", "split_coco_images"]
 
 log = logging.getLogger("groundlabel.training")
 
 #: Where the exported dataset goes inside the job's scratch folder.
 DATASET_DIR = "dataset"
-
-
-def annotation_count(tasks: list[dict[str, Any]]) -> int:
-    """Annotations of the export that count for training (cancelled ones do not)."""
-    return sum(1 for task in tasks for a in task.get("annotations") or [] if not a.get("was_cancelled"))
 
 
 def export_project(
@@ -103,22 +102,6 @@ def export_project(
     return "gem", count, summary.to_dict(), label_config
 
 
-def split_coco_images(data_root: Path, holdout: float, seed: int) -> dict[int, str]:
-    """``{COCO image id: split}`` of an exported COCO folder, by each image's Label Studio reference, as
-    the RefCOCO export splits the images (the same images stay held out as the project grows)."""
-    import json
-
-    from exporters.refcoco import assign_splits
-
-    coco = json.loads((data_root / "instances.json").read_text(encoding="utf-8"))
-    keys = {
-        int(img["id"]): str((img.get("labelstudio") or {}).get("image") or img["file_name"])
-        for img in coco["images"]
-    }
-    splits = assign_splits(sorted(set(keys.values())), "unc", (1.0 - holdout, holdout, 0.0, 0.0), seed)
-    return {image_id: splits[key] for image_id, key in keys.items()}
-
-
 def train_project(
     payload: TrainPayload,
     settings: Settings,
@@ -138,6 +121,7 @@ def train_project(
     scratch = Path(tempfile.mkdtemp(prefix=f"groundlabel-train-{payload.project}-"))
     recipe = Recipe.from_settings(settings.training)
     try:
+        calibration = calibrate_first(payload, settings, store, report)
         report({"stage": "exporting"})
         kind, count, summary, label_config = export_project(
             payload.project,
@@ -148,6 +132,8 @@ def train_project(
         )
         log.info("project %s: exported %s (%s)", payload.project, summary.get("exported"), kind)
         report({"stage": "exported", "kind": kind})
+        served = store.promoted(payload.project)
+        served_calibration = store.calibration(served) if served and served.kind == "calibration" else None
         if kind == "lavt":
             outcome: Any = fine_tune_project(
                 scratch / DATASET_DIR,
@@ -165,6 +151,17 @@ def train_project(
             from workers.training.gem import distill_project, mask_classes
 
             data = scratch / DATASET_DIR
+            splits = split_coco_images(data, settings.training.holdout, settings.training.seed)
+            compare = None
+            if served_calibration is not None:  # the fine-tune starts from the calibrated settings
+                from groundlabel.spec import read_spec
+                from groundlabel_cli.calibrate import calibrated_iou, read_samples
+
+                spec, samples = read_spec(label_config or "", settings), read_samples(data, splits)
+
+                def compare(gem: Any) -> float:
+                    return calibrated_iou(spec, samples, served_calibration, gem)
+
             outcome = distill_project(
                 scratch / DATASET_DIR,
                 store=store,
@@ -173,15 +170,83 @@ def train_project(
                 classes=mask_classes(label_config),
                 engines=settings.engines,
                 recipe=recipe,
-                splits=split_coco_images(data, settings.training.holdout, settings.training.seed),
+                splits=splits,
                 decode=decode_segmentation,
                 work_dir=scratch,
                 on_progress=report,
                 progress_bar=progress_bar,
+                calibrated=compare,
             )
-        return {**outcome.to_dict(), "annotation_count": count, "splits": summary.get("splits", {})}
+        if served_calibration is not None and outcome.promoted:  # the new version, calibrated as before
+            calibration = recalibrated(store, payload.project, served_calibration, outcome, count)
+        out = {**outcome.to_dict(), "annotation_count": count, "splits": summary.get("splits", {})}
+        return {**out, "calibration": calibration}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def calibrate_first(
+    payload: TrainPayload, settings: Settings, store: ModelStore, report: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """The training job's first, cheap step: ``groundlabel calibrate`` of the project
+    (:func:`groundlabel_cli.calibrate.calibrate_project`), stored and promoted by its own rule. A calibration
+    that cannot run (no mask label, too few images) is reported and the training goes on."""
+    from groundlabel_cli.calibrate import calibrate_project
+    from workers import engines
+
+    report({"stage": "calibrating"})
+    previous = engines.settings()
+    if previous is not settings:
+        engines.configure(settings)
+    try:
+        outcome = calibrate_project(
+            payload.project, settings, store, label_studio_url=payload.label_studio_url
+        )
+    except Exception as exc:  # an extra step: the training itself says what is wrong with the project
+        log.warning("project %s: no calibration: %s", payload.project, exc)
+        return {"error": str(exc)}
+    finally:
+        if previous is not settings:
+            engines.configure(previous)
+    report(
+        {
+            "stage": "calibrated",
+            "calibration_version": outcome.version,
+            "calibration_promoted": outcome.promoted,
+        }
+    )
+    return outcome.to_dict()
+
+
+def recalibrated(
+    store: ModelStore, project: str, calibration: Any, outcome: Any, count: int
+) -> dict[str, Any]:
+    """After a fine-tuned version is promoted over a calibrated project (a GEM compared under the calibrated
+    settings, a LAVT whose expressions the calibration does not touch): the same choices stored as a
+    calibration over it, and promoted, so the project keeps its calibrated settings."""
+    import json
+
+    from groundlabel.calibration import Calibration
+
+    again = Calibration(list(calibration.choices), trained=outcome.version)
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "calibration.json"
+        file.write_text(json.dumps(again.to_dict()), encoding="utf-8")
+        version = store.add(
+            project=project,
+            kind="calibration",
+            variant="gem",
+            weights=file,
+            parent=outcome.version,
+            annotation_count=count,
+            config=again.to_dict(),
+            metrics={
+                "base": {"IoU": outcome.base.get("calibrated_IoU")},
+                "new": {"IoU": outcome.new.get("calibrated_IoU")},
+            },
+        )
+    store.promote(project, version.name, f"the calibrated settings over {outcome.version}")
+    return {"version": version.name, "promoted": True, "trained": outcome.version}
 
 
 def run_training(payload: dict[str, Any]) -> dict[str, Any]:

@@ -135,5 +135,28 @@ def test_calibrate_a_label_studio_project_beats_the_default_and_the_best_global_
         assert main(["models", "list", "--project", str(project), "--json"]) == 0
         listed = json.loads(capsys.readouterr().out)
         assert [r["name"] for r in listed if r["promoted"]] == [first["version"]]
+
+        # Start Training's job: calibrating first, then the distilled GEM compared with the current one
+        # under the calibrated settings; promoted, it is served with the same calibrated choices
+        from groundlabel.protocol import TrainPayload
+        from groundlabel_cli.training import train_project
+
+        monkeypatch.setenv("GROUNDLABEL_TRAIN_EPOCHS", "4")
+        monkeypatch.setenv("GROUNDLABEL_TRAIN_LR", "3e-4")
+        job = train_project(TrainPayload(str(project)), Settings.from_env(), progress_bar=False)
+        assert job["kind"] == "gem" and job["calibration"]["promoted"] is False
+        base, new = job["base"]["calibrated_IoU"], job["new"]["calibrated_IoU"]
+        with capsys.disabled():
+            print(f"distilled GEM under the calibrated settings: held-out IoU {base:.4f} -> {new:.4f}")
+        assert job["promoted"] == (new > base)
+        served = store.promoted(str(project))
+        if job["promoted"]:
+            assert served.kind == "calibration" and served.name == job["calibration"]["version"]
+            assert store.calibration(served).trained == job["version"]
+            assert store.served_trained(str(project)).name == job["version"]
+            first_choices = store.calibration(store.get(str(project), first["version"])).choices
+            assert store.calibration(served).choices == first_choices
+        else:
+            assert served.name == first["version"]
     finally:
         engines.configure(Settings())

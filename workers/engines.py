@@ -176,10 +176,7 @@ def project_version(project: str | None, kind: str = "lavt") -> Any:
     if not _settings.training.model_store or not project:
         return None
     try:
-        version = model_store().promoted(project)
-        if version is not None and version.kind == "calibration":  # served over the version it calibrated
-            trained = model_store().calibration(version).trained
-            version = model_store().get(project, trained) if trained else None
+        version = model_store().served_trained(project)  # through a calibration, the version under it
     except UserError as exc:
         log.warning("model store: %s; project %s gets the base models", exc, project)
         return None

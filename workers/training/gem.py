@@ -160,7 +160,7 @@ def current_clip(store: ModelStore, project: str, engines: EngineSettings) -> tu
     from workers.models.gem.weights import weights_label
 
     config = gem_config(engines, register=True)
-    promoted = store.promoted(project)
+    promoted = store.served_trained(project)  # a promoted calibration's is the version under it
     if promoted is not None and promoted.kind == "gem":
         return replace(config, pretrained=str(store.weights_path(promoted))), promoted.name
     return config, config.model_version(weights_label(config.pretrained))
@@ -180,9 +180,12 @@ def distill_project(
     work_dir: str | Path,
     on_progress: Progress | None = None,
     progress_bar: bool = True,
+    calibrated: Callable[[Any], float] | None = None,
 ) -> GemOutcome:
     """Distil the project's current GEM CLIP on the training images of ``data_root``, store the result,
-    promote it if its held-out mIoU is better (see the module docstring)."""
+    promote it if its held-out mIoU is better (see the module docstring). ``calibrated(engine)``: the
+    held-out IoU of a GEM engine under the project's calibrated settings; when given (the project is served
+    calibrated), the current and the distilled GEM are compared on it instead."""
     from workers.images import decode_image
     from workers.models.clipself.distill import DistillConfig, distill
     from workers.models.device import resolve_device
@@ -249,6 +252,15 @@ def distill_project(
     report({"stage": "evaluating the new model"})
     new = evaluate(GemEngine(replace(config, pretrained=str(out))), heldout, classes)
     better = new["mIoU"] / 100 > base["mIoU"] / 100 + recipe.min_gain  # mIoU in percent, the gain in [0, 1]
+    comparison = f"held-out mIoU {new['mIoU']:.2f} vs {base['mIoU']:.2f} (percent) for {parent}"
+    if calibrated is not None:  # served calibrated: both answer with the calibrated settings
+        base["calibrated_IoU"] = calibrated(GemEngine(config))
+        new["calibrated_IoU"] = calibrated(GemEngine(replace(config, pretrained=str(out))))
+        better = new["calibrated_IoU"] > base["calibrated_IoU"] + recipe.min_gain
+        comparison = (
+            f"held-out IoU with the calibrated settings {new['calibrated_IoU']:.4f} vs "
+            f"{base['calibrated_IoU']:.4f} for {parent}"
+        )
     k = max(1, min(20, len(losses) // 5))
     version = store.add(
         project=project,
@@ -270,6 +282,5 @@ def distill_project(
             "recipe": asdict(recipe),
         },
     )
-    comparison = f"held-out mIoU {new['mIoU']:.2f} vs {base['mIoU']:.2f} (percent) for {parent}"
     reason = settle(store, project, version.name, parent, better, comparison, recipe.min_gain)
     return GemOutcome(version.name, parent, better, reason, base, new, len(train_files), len(heldout.images))

@@ -97,7 +97,7 @@ def current_model(store: ModelStore, project: str, engines: EngineSettings) -> t
     from workers.models.lavt.config import LavtConfig, lavt_model_version
 
     config = LavtConfig(**engines.lavt_options())
-    promoted = store.promoted(project)
+    promoted = store.served_trained(project)  # a promoted calibration's is the version under it
     if promoted is not None and promoted.kind == "lavt":
         return str(store.weights_path(promoted)), promoted.name, config
     if not engines.lavt_enabled:
