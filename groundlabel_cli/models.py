@@ -62,11 +62,18 @@ def run_list(args: argparse.Namespace) -> int:
     print(f"{'version':<32} {'parent':<32} {'annots':>6} {'oIoU':>7} {'parent':>7}  created")
     for r in rows:
         mark = "*" if r["promoted"] else " "
+        held, parent = r["heldout_oIoU"], r["parent_heldout_oIoU"]
+        if r["kind"] == "calibration":  # its mean IoU over the labels, in percent
+            pair = (r["heldout_mIoU"], r["parent_heldout_mIoU"])
+            held, parent = (None if v is None else v / 100 for v in pair)
         print(
             f"{mark}{r['name']:<31} {str(r['parent']):<32} {r['annotation_count']:>6} "
-            f"{_fmt(r['heldout_oIoU']):>7} {_fmt(r['parent_heldout_oIoU']):>7}  {r['created_at']}"
+            f"{_fmt(held):>7} {_fmt(parent):>7}  {r['created_at']}"
         )
-    print("* promoted (served); oIoU on the held-out part, in percent")
+    print(
+        "* promoted (served); oIoU on the held-out part, in percent (a calibration: the mean IoU of its "
+        "labels)"
+    )
     return broken
 
 
