@@ -18,7 +18,9 @@ Implementations (``--impls``):
   machine (``workers/models/gem/kernel_choice.py``, kept in the cache folder; ``--kernels`` forces one),
   timed on ``dense_features(pixels, "gem")``, the engine's call (``--path both`` times
   ``GemVisionTower.forward``, which computes the CLIP tokens too, as gem-torch does);
-- ``project/packed``, ``project/onednn``, ``project/torch``: the tower on one CPU path;
+- ``project/packed``, ``project/onednn``, ``project/torch``: the tower on one CPU path (fp32);
+- ``project/bf16``: the tower as the engine runs it on a CPU in bf16 (``GROUNDLABEL_CPU_PRECISION``):
+  plain PyTorch under bf16 autocast (fast only on a CPU with native bf16: AVX512-BF16 or AMX);
 - ``gem-torch``: the official ``GEMWrapper``'s forward (GEM and CLIP tokens);
 - ``baseline``: the tower of another checkout of this project (``--baseline DIR``, e.g. an earlier
   commit unpacked with ``git archive``), for before/after figures in one run.
@@ -33,6 +35,11 @@ flags, torch version, threads) and the load average before, during (per run) and
     python benchmarks/gem_speed.py --sizes 448 896 --batch 1 --repeats 2 --rounds 3 \\
         --impls project gem-torch project/packed project/torch
     python benchmarks/gem_speed.py --device cuda --sizes 448 672 896 --batch 8
+    python benchmarks/gem_speed.py --sizes 448 896 --batch 1 --repeats 3 --rounds 3 \\
+        --impls project project/bf16 gem-torch        # bf16 against fp32 and gem-torch on a CPU
+
+``--precision fp32|bf16|auto`` (default fp32) is the arithmetic of ``project`` on a CPU: ``auto`` as the
+engine resolves ``GROUNDLABEL_CPU_PRECISION=auto`` on this machine (bf16 where the CPU has it natively).
 
 Prints a table and writes JSON (default ``benchmarks/results/gem_speed.json``). Peak memory: on CUDA the
 growth of ``torch.cuda.max_memory_allocated`` over the loaded model; on CPU the growth of the process's peak
@@ -67,7 +74,8 @@ PROJECT = "project"
 PATHS = ("packed", "onednn", "torch")
 OFFICIAL = "gem-torch"
 BASELINE = "baseline"
-IMPLS = (PROJECT, *(f"{PROJECT}/{p}" for p in PATHS), OFFICIAL, BASELINE)
+BF16 = f"{PROJECT}/bf16"
+IMPLS = (PROJECT, *(f"{PROJECT}/{p}" for p in PATHS), BF16, OFFICIAL, BASELINE)
 LOCK = ROOT / "requirements" / "gemtorch.txt"
 
 
@@ -155,11 +163,31 @@ def build(model_name: str, device: str, threads: int | None, tree: str | None = 
     return model, GemVisionTower(model.visual, gem_depth=7)
 
 
+def impl_precision(impl: str, args) -> str:
+    """The arithmetic of ``impl``: ``bf16-autocast`` on CUDA; on a CPU ``bf16`` for ``project/bf16`` and for
+    ``project`` under ``--precision bf16`` (or ``auto`` on a CPU with native bf16), else ``fp32``."""
+    if args.device == "cuda":
+        return "bf16-autocast"
+    if impl == BF16:
+        return "bf16"
+    if impl == PROJECT and args.precision != "fp32":
+        import torch
+
+        from workers.models.device import resolve_precision
+
+        return resolve_precision(torch.device("cpu"), "auto", args.precision)
+    return "fp32"
+
+
 def set_kernels(tower, impl: str, size: int, args) -> dict:
     """Put the tower on its CPU path: the one ``impl`` names, else the machine's choice as the engine
-    makes it (``--kernels`` forces one). Returns what the row records of it."""
+    makes it (``--kernels`` forces one; in bf16 plain PyTorch, as the engine takes). Returns what the row
+    records of it."""
     if args.device != "cpu" or not hasattr(tower, "cpu_kernels"):
         return {}
+    if impl_precision(impl, args) == "bf16":
+        tower.cpu_kernels = "torch"
+        return {"cpu_kernels": "torch", "kernel_source": "bf16"}
     if "/" in impl:
         tower.cpu_kernels = impl.split("/", 1)[1]
         return {"cpu_kernels": tower.cpu_kernels, "kernel_source": "impl"}
@@ -171,12 +199,20 @@ def set_kernels(tower, impl: str, size: int, args) -> dict:
     return {"cpu_kernels": choice.path, "kernel_source": choice.source, "kernel_timings_s": choice.timings}
 
 
-def runner(tower, device: str, path: str = "gem"):
+def runner(tower, device: str, path: str = "gem", precision: str = "fp32"):
     """The project's forward to time: ``gem``, the GEM tokens alone as the engine asks for them; ``both``,
-    ``GemVisionTower.forward`` (GEM and CLIP tokens)."""
+    ``GemVisionTower.forward`` (GEM and CLIP tokens); in bf16 autocast on CUDA, and on a CPU for ``bf16``
+    (the engine's autocast, :func:`workers.models.device.autocast_context`)."""
     import torch
 
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    from workers.models.device import autocast_context
+
+    if device == "cuda":
+        amp = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        amp = (
+            autocast_context(torch.device("cpu"), "bf16") if precision == "bf16" else contextlib.nullcontext()
+        )
 
     def run(pixels):
         with torch.inference_mode(), amp:
@@ -227,7 +263,8 @@ def measure(impl: str, size: int, args) -> dict:
         tree = args.baseline if impl == BASELINE else None
         _, tower = build(args.model, args.device, args.threads, tree)
         extra = set_kernels(tower, impl, size, args) if impl != BASELINE else {}
-        run = runner(tower, args.device, "both" if args.tokens_out else args.path)
+        extra["precision"] = impl_precision(impl, args)
+        run = runner(tower, args.device, "both" if args.tokens_out else args.path, extra["precision"])
         patch = tower.patch_size[0]
     out = args.tokens_out
     if out:  # GEM and CLIP tokens of a seeded input, for the agreement check
@@ -313,6 +350,7 @@ def measure_in_subprocess(impl: str, size: int, args, *, tokens_out: str | None 
     cmd = [sys.executable, __file__, "--child", impl, "--device", args.device, "--sizes", str(size)]
     cmd += ["--batch", str(args.batch), "--model", args.model, "--repeats", str(args.repeats)]
     cmd += ["--warmup", str(args.warmup), "--path", args.path, "--kernels", args.kernels]
+    cmd += ["--precision", args.precision]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if impl == OFFICIAL:
@@ -426,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="the CPU path of 'project': auto = chosen per machine as the engine does (default)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "auto"),
+        default="fp32",
+        help="the CPU arithmetic of 'project': auto = bf16 where the CPU has it natively (default fp32)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (every implementation)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the sweep, rotating the order")
     parser.add_argument(
@@ -511,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     where = device_name or cpu_info().model
     print(
         f"GEM dense features, {args.model} random weights, {args.device} ({where}), "
-        f"torch {torch.__version__}, threads {threads}, {'bf16 autocast' if cuda else 'fp32'}, "
+        f"torch {torch.__version__}, threads {threads}, "
+        f"{'bf16 autocast' if cuda else 'project ' + impl_precision(PROJECT, args)}, "
         f"project path {args.path}, "
         f"median of {args.repeats} after {args.warmup} warm-up per round, {args.rounds} round(s), "
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
@@ -530,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "device_name": device_name,
         "threads": threads,
-        "precision": "bf16-autocast" if cuda else "fp32",
+        "precision": impl_precision(PROJECT, args),
         "project_path": args.path,
         "kernels": args.kernels,
         "repeats": args.repeats,

@@ -11,6 +11,12 @@ and writes benchmarks/results/quality.json.
     .venv/bin/python benchmarks/quality.py --methods --distill-steps 300 --scenes 150
     .venv/bin/python benchmarks/quality.py --sam             # GEM, +PAMR, +tiny SAM; clicks → SAM vs GEM
     .venv/bin/python benchmarks/quality.py --sam-tune        # refine=sam's rule on the tuning scenes
+    .venv/bin/python benchmarks/quality.py --quick --precision fp32 bf16   # bf16 against fp32 (CPU)
+    .venv/bin/python benchmarks/quality.py --sam --precision fp32 bf16
+
+``--precision`` (default fp32) runs the evaluated engines in each precision named (``auto``: as
+``GROUNDLABEL_CPU_PRECISION=auto`` on this CPU); GEM's temperature is chosen in fp32 either way. With
+several, a last table gives every score in each and its difference to the first.
 """
 
 from __future__ import annotations
@@ -43,8 +49,12 @@ def main() -> int:
     parser.add_argument("--bg-threshold", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="only the three methods, no depth/size variants")
-    parser.add_argument("--target", choices=("shape", "colour"), default="colour",
-                        help="what the classes are (default colour: the tiny CLIP knows colours, not shapes)")
+    parser.add_argument(
+        "--target",
+        choices=("shape", "colour"),
+        default="colour",
+        help="what the classes are (default colour: the tiny CLIP knows colours, not shapes)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     parser.add_argument(
         "--methods",
@@ -69,6 +79,13 @@ def main() -> int:
         help="refine=sam's min_iou × min_score on the tuning scenes (never the held-out ones)",
     )
     parser.add_argument("--sam-checkpoint", default=str(ROOT / "tests" / "assets" / "tiny_sam.pt"))
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "bf16", "auto"),
+        default=["fp32"],
+        help="the CPU arithmetic of the evaluated engines, one run each (default fp32)",
+    )
     args = parser.parse_args()
 
     if args.sam_tune:
@@ -108,21 +125,30 @@ def main() -> int:
             (f"original {2 * size}px", {"method": "original", "image_size": 2 * size}),
             (f"gem d{depth}{t_name} iter2", {**gem, "ss_attn_iter": 2}),
         ]
-    start = time.perf_counter()
-    results = evaluate_tiny_clip(
-        args.checkpoint,
-        scenes=args.scenes,
-        variants=variants,
-        bg_threshold=args.bg_threshold,
-        threads=args.threads,
-        target=args.target,
-    )
-    print(
-        f"tiny CLIP {Path(args.checkpoint).name}: {layers} blocks, width {cfg.vision_width}, "
-        f"{size}px input, patch {cfg.patch_size}; {args.scenes} held-out scenes; classes: {args.target}s"
-    )
-    print(format_results(results, args.bg_threshold))
-    print(f"total {time.perf_counter() - start:.1f} s")
+    runs = {}
+    for precision in args.precision:
+        start = time.perf_counter()
+        runs[precision] = evaluate_tiny_clip(
+            args.checkpoint,
+            scenes=args.scenes,
+            variants=variants,
+            bg_threshold=args.bg_threshold,
+            threads=args.threads,
+            target=args.target,
+            cpu_precision=precision,
+        )
+        print(
+            f"tiny CLIP {Path(args.checkpoint).name}: {layers} blocks, width {cfg.vision_width}, "
+            f"{size}px input, patch {cfg.patch_size}; {args.scenes} held-out scenes; classes: "
+            f"{args.target}s; precision {precision}"
+        )
+        print(format_results(runs[precision], args.bg_threshold))
+        print(f"total {time.perf_counter() - start:.1f} s")
+    results = runs[args.precision[0]]
+    metrics = ("fg_mIoU", "bg_mIoU", "bg_best_mIoU")
+    by_precision = {p: [r.row() for r in rs] for p, rs in runs.items()}
+    if len(runs) > 1:
+        print(precision_table(by_precision, metrics))
     out = write_result(
         args.out,
         {
@@ -133,7 +159,9 @@ def main() -> int:
             "adaptive_inverse_temperatures": temps,
             "validated_inverse_temperature": temp,
             "validation_sweep": [r.row() for r in sweep],
+            "precision": args.precision[0],
             "results": [r.row() for r in results],
+            "results_by_precision": by_precision,
         },
     )
     print(f"wrote {out}")
@@ -221,29 +249,58 @@ def sam_table(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     temp, _ = select_gem_temperature(args.checkpoint, scenes=min(args.scenes, 150), target="colour")
-    start = time.perf_counter()
-    rows = evaluate_refinement(args.checkpoint, args.sam_checkpoint, scenes=args.scenes, temperature=temp)
-    clicks = evaluate_clicks(args.checkpoint, args.sam_checkpoint, scenes=args.scenes, temperature=temp)
-    print(
-        f"{args.scenes} held-out scenes, classes: colours; GEM inverse temperature "
-        f"{'adaptive' if temp is None else temp} (validated); tiny SAM {Path(args.sam_checkpoint).name}"
-    )
-    print(format_rows(rows))
-    print()
-    print(format_rows(clicks).replace("mIoU ", "IoU  "))
-    print(f"total {time.perf_counter() - start:.1f} s")
+    runs = {}
+    for precision in args.precision:
+        start = time.perf_counter()
+        options = {"scenes": args.scenes, "temperature": temp, "cpu_precision": precision}
+        rows = evaluate_refinement(args.checkpoint, args.sam_checkpoint, **options)
+        clicks = evaluate_clicks(args.checkpoint, args.sam_checkpoint, **options)
+        print(
+            f"{args.scenes} held-out scenes, classes: colours; GEM inverse temperature "
+            f"{'adaptive' if temp is None else temp} (validated); tiny SAM {Path(args.sam_checkpoint).name}; "
+            f"precision {precision}"
+        )
+        print(format_rows(rows))
+        print()
+        print(format_rows(clicks).replace("mIoU ", "IoU  "))
+        print(f"total {time.perf_counter() - start:.1f} s")
+        runs[precision] = ([r.as_dict() for r in rows], [r.as_dict() for r in clicks])
+    if len(runs) > 1:
+        both = {p: [*maps, *clicks] for p, (maps, clicks) in runs.items()}
+        print(precision_table(both, ("mIoU", "boundary_F")))
+    first = runs[args.precision[0]]
     out = write_result(
         Path(args.out).with_name("quality_sam.json"),
         {
             "scenes": args.scenes,
             "gem_inverse_temperature": temp,
             "sam_checkpoint": Path(args.sam_checkpoint).name,
-            "label_maps": [r.as_dict() for r in rows],
-            "clicks": [r.as_dict() for r in clicks],
+            "precision": args.precision[0],
+            "label_maps": first[0],
+            "clicks": first[1],
+            "by_precision": {p: {"label_maps": m, "clicks": c} for p, (m, c) in runs.items()},
         },
     )
     print(f"wrote {out}")
     return 0
+
+
+def precision_table(runs: dict[str, list[dict]], metrics: tuple[str, ...]) -> str:
+    """Each method's ``metrics`` in every precision of ``runs`` (precision → rows with a ``method`` key, in
+    the same order) and the difference of each to the first precision, in points."""
+    names = list(runs)
+    first = runs[names[0]]
+    w = max(len("method"), *(len(r["method"]) for r in first))
+    head = f"{'method':<{w}} | {'score':<12} | " + " | ".join(f"{p:>6}" for p in names)
+    head += "".join(f" | {p + ' - ' + names[0]:>14}" for p in names[1:])
+    lines = [head, "-" * len(head)]
+    for i, row in enumerate(first):
+        for m in metrics:
+            values = [runs[p][i][m] for p in names]
+            line = f"{row['method']:<{w}} | {m:<12} | " + " | ".join(f"{v:6.2f}" for v in values)
+            line += "".join(f" | {v - values[0]:+14.2f}" for v in values[1:])
+            lines.append(line)
+    return "\n".join(lines)
 
 
 def sam_tune_table(args: argparse.Namespace) -> int:

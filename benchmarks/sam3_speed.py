@@ -18,6 +18,10 @@ image; images/s is then batch / (vision + batch × labels × pair).
     .venv/bin/python benchmarks/sam3_speed.py [--device auto] [--batches 1,8] [--labels 4] [--repeats N]
         [--precision auto|fp32|bf16]
 
+``--precision auto`` is the engine's own: bf16 autocast on a GPU, and on a CPU as
+``GROUNDLABEL_CPU_PRECISION=auto`` resolves there (bf16 where the CPU multiplies bf16 natively, AVX512-BF16
+or AMX); run it once with ``fp32`` and once with ``bf16`` to compare the two on one machine.
+
 GPU defaults: 5 timed repeats after a warm-up. CPU defaults: one timed call per row and a warm-up at
 batch 1 only (a real-size forward takes tens of seconds there). Writes ``benchmarks/results/sam3_speed.json``.
 """
@@ -53,7 +57,12 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--labels", type=int, default=4, help="labels of the multi-label rows (default 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (5 GPU, 1 CPU)")
-    parser.add_argument("--precision", default="auto", help="auto (bf16 on GPU), fp32 or bf16")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), else fp32",
+    )
     parser.add_argument("--parts", action="store_true", help="time the vision tower and one pair apart")
     parser.add_argument("--pair-repeats", type=int, default=3, help="timed pairs with --parts (median)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sam3_speed.json"))
@@ -64,6 +73,7 @@ def main() -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     engine = Sam3Engine(Sam3Config(model=None, device=args.device, precision=args.precision, batch_size=8))
+    print(f"precision {engine.precision} (--precision {args.precision})", flush=True)
     build_s = time.perf_counter() - start
     device = engine.device
     gpu = device.type == "cuda"
@@ -141,7 +151,7 @@ def _parts_row(engine, images: list, args, repeats: int) -> dict:
             torch.cuda.synchronize(device)
 
     text, mask = engine.text_features(["car"])
-    with torch.inference_mode(), autocast_context(device, engine.config.precision):
+    with torch.inference_mode(), autocast_context(device, engine.precision):
         pixels = engine.preprocess(images).to(device)
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
@@ -189,8 +199,7 @@ def _report(args, rows: list[dict], engine, repeats: int, params: float, size: i
     gpu = device.type == "cuda"
     cpu = platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({cpu})"
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and gpu)
-    precision = "bf16 autocast" if bf16 else "fp32"
+    precision = "bf16 autocast" if engine.precision == "bf16" else "fp32"
     print(f"\nSAM 3 engine, 640x480 images, {name}, {precision}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {repeats} timed call(s) per row")  # fmt: skip
     n = args.labels
