@@ -237,8 +237,8 @@ def cancel_background(run_id: str, state: State) -> dict[str, Any]:
 @protected.post("/webhook")
 def webhook(body: Webhook, state: State) -> JSONResponse:
     """Label Studio's events. ``START_TRAINING`` (the *Start Training* button) enqueues a training job and
-    answers its id at once; an annotation created or updated echoes its typed expression and counts towards
-    ``GROUNDLABEL_TRAIN_EVERY``."""
+    answers its id at once; an annotation created or updated echoes its typed expression, counts towards
+    ``GROUNDLABEL_TRAIN_EVERY`` and is queued for the live quality measures (``labeling_backend.quality``)."""
     if body.action not in WEBHOOK_ACTIONS:
         return JSONResponse({"status": "Unknown event", "action": body.action}, status_code=200)
     project_id = (body.project.id if body.project else None) or ""
@@ -250,6 +250,9 @@ def webhook(body: Webhook, state: State) -> JSONResponse:
         text = results_text(regions)
         if text:
             result["latest_prompt"] = text
+        if project_id and body.annotation is not None:  # measured later, on the quality thread
+            annotation = {**(body.annotation.model_extra or {}), "result": regions}
+            state.quality.annotation_event(project_id, annotation, body.task, label_studio_url=hostname)
         started = state.training.annotation_changed(project_id, label_studio_url=hostname)
         if started:
             result["training"] = started

@@ -16,6 +16,7 @@ from groundlabel.settings import Settings
 from groundlabel.spec import LabelingSpec, read_spec
 from labeling_backend.background import BackgroundRuns
 from labeling_backend.metrics import Metrics
+from labeling_backend.quality import Quality
 from labeling_backend.queue import RedisJobQueue
 from labeling_backend.training import Training
 
@@ -44,6 +45,9 @@ class BackendState:
         #: Late tasks of /predict finished and written into Label Studio (``labeling_backend.background``).
         self.background = BackgroundRuns(settings, runner, self.metrics, kv)
         self.metrics.registry.register(self.background)
+        #: First-try quality measured from the annotation webhooks (``labeling_backend.quality``).
+        self.quality = Quality(settings)
+        self.metrics.registry.register(self.quality)
         self.started = time.time()
         self.health_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
         self._spec_lock = threading.Lock()
@@ -75,3 +79,4 @@ class BackendState:
         self.health_pool.shutdown(wait=False, cancel_futures=True)
         self.runner.close()
         self.training.close()
+        self.quality.close()
