@@ -149,3 +149,34 @@ def test_a_project_without_a_held_out_image_is_refused(tmp_path):
     with pytest.raises(UserError, match="both parts need at least one"):
         calibrate_project("5", settings, ModelStore(tmp_path / "store"), annotations=(tasks, CONFIG))
     assert np.array(ModelStore(tmp_path / "store").projects()).size == 0
+
+
+@pytest.mark.integration
+def test_the_backend_announces_and_lists_a_promoted_calibration(redis_url, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from groundlabel.settings import Settings
+    from labeling_backend.app import create_app
+
+    base = "gem-test-base"
+    store = ModelStore(tmp_path / "store")
+    file = write_calibration(tmp_path / "c.json", [LabelChoice("mask", "red", "gem", 0.3)])
+    version = store.add(
+        project="5", kind="calibration", variant="gem", weights=file, parent=base, annotation_count=2,
+        metrics={"base": {"IoU": 0.2, "mIoU": 20.0}, "new": {"IoU": 0.3, "mIoU": 30.0}},
+    )  # fmt: skip
+    settings = Settings.from_env({}, redis_url=redis_url, model_store=str(store.root))
+    with TestClient(create_app(settings, model_version=base)) as client:
+        setup = {"project": "5.1700000000", "schema": CONFIG, "hostname": "http://ls"}
+        assert client.post("/setup", json=setup).json()["model_version"].startswith(base + "-cfg")
+        store.promote("5", version.name, "test")
+        announced = client.post("/setup", json=setup).json()["model_version"]
+        assert announced.startswith(f"{version.name}-cfg"), announced
+        other = {**setup, "project": "6.1700000000"}
+        assert client.post("/setup", json=other).json()["model_version"].startswith(base)
+        listed = client.get("/versions", params={"project": "5"}).json()
+        assert version.name in listed["versions"]
+        detail = next(d for d in listed["details"] if d["name"] == version.name)
+        assert detail["kind"] == "calibration" and detail["promoted"] and detail["heldout_mIoU"] == 30.0
+        store.rollback("5")
+        assert client.post("/setup", json=setup).json()["model_version"].startswith(base)
