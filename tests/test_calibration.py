@@ -180,3 +180,76 @@ def test_the_backend_announces_and_lists_a_promoted_calibration(redis_url, tmp_p
         assert detail["kind"] == "calibration" and detail["promoted"] and detail["heldout_mIoU"] == 30.0
         store.rollback("5")
         assert client.post("/setup", json=setup).json()["model_version"].startswith(base)
+
+
+@pytest.mark.slow
+def test_the_sweep_counts_what_the_served_masks_give_for_gem_pamr_and_sam3(tmp_path):
+    """The sweep's pooled IoU at a threshold is the IoU of the masks served at that threshold
+    (:func:`workers.calibration.label_mask` on GEM's and GEM + PAMR's maps, the instances kept for SAM 3),
+    recomputed here image by image; and a label calibrated to SAM 3 is served exactly its instances."""
+    from sam3_tiny import tiny_sam3_engine
+
+    from groundlabel.spec import read_spec
+    from workers.calibration import (
+        Sample,
+        calibrate,
+        calibrated_regions,
+        instances_mask,
+        label_mask,
+        with_refine,
+    )
+    from workers.evaluation.scenes import COLOURS, make_scenes
+    from workers.pipeline import PromptMaps, prompt_groups
+    from workers.regions import control_model
+    from workers.registry import gem_config, new_gem_engine
+
+    engine_settings, _ = tiny_engines(tmp_path)
+    gem = new_gem_engine(gem_config(engine_settings, register=True), engine_settings)
+    sam3 = tiny_sam3_engine()  # random weights: instances of every score
+    classes = list(COLOURS)
+    spec = read_spec(CONFIG)
+    control = spec.controls[0]
+    samples = [
+        Sample(scene.image.convert("RGB"), {n: scene.colour_labels == k + 1 for k, n in enumerate(classes)},
+               "train" if i < 4 else "val")
+        for i, scene in enumerate(make_scenes(6, 5, 48))
+    ]  # fmt: skip
+    by_name = {"gem": gem, "gem+pamr": with_refine(gem, "pamr"), "sam3": sam3}
+    current = lambda c, lab: ("gem", 0.5)  # noqa: E731
+    get = by_name.__getitem__
+    result = calibrate(spec, samples, get, list(by_name), current=current, default_threshold=0.5)
+    prompts, groups = prompt_groups(spec)
+    model = control_model(control)
+    checked = 0
+    for variant, threshold in (("gem", 0.3), ("gem+pamr", 0.6), ("sam3", 0.1)):
+        inter = dict.fromkeys(classes, 0)
+        union = dict.fromkeys(classes, 0)
+        for s in samples[4:]:
+            shape = (s.image.height, s.image.width)
+            if variant == "sam3":
+                (found,) = sam3.instances([s.image], prompts, groups=groups, min_score=0.02)
+                masks = {
+                    lab: instances_mask(found, control.prompts[lab], threshold, shape) for lab in classes
+                }
+            else:
+                (raw,) = by_name[variant].heatmaps([s.image], prompts, groups=groups)
+                best, index = model.best_label(PromptMaps(prompts, raw), width=shape[1], height=shape[0])
+                masks = {lab: label_mask(best, index, i, threshold) for i, lab in enumerate(classes)}
+            for lab in classes:
+                inter[lab] += int((masks[lab] & s.masks[lab]).sum())
+                union[lab] += int((masks[lab] | s.masks[lab]).sum())
+        for lab in classes:
+            if union[lab]:
+                swept = result.counts[(control.name, lab, variant)].iou("val", threshold)
+                assert swept == pytest.approx(inter[lab] / union[lab]), (variant, lab)
+                checked += 1
+    assert checked >= 3 * 4
+
+    calibration = Calibration([LabelChoice("mask", "red", "sam3", 0.1)])
+    (regions,) = calibrated_regions(
+        spec, [samples[0].image], calibration, by_name.__getitem__, current=lambda c: "gem", version="cal-v1"
+    )
+    (found,) = sam3.instances([samples[0].image], prompts, groups=groups, min_score=0.02)
+    red = [i for i in found if i.prompt in control.prompts["red"] and i.score >= 0.1]
+    served_red = [r for r in regions.results if r["value"]["brushlabels"] == ["red"]]
+    assert regions.model_version == "cal-v1" and len(served_red) == len(red)

@@ -180,6 +180,7 @@ class CalibrationResult:
     tuning_images: int
     heldout_images: int
     variants: list[str]
+    counts: dict[tuple[str, str, str], Counts] = field(default_factory=dict)  # (control, label, variant)
 
     def metrics(self) -> dict[str, Any]:
         """The figures a calibration version stores: ``base`` the current settings', ``new`` its own."""
@@ -304,6 +305,7 @@ def calibrate(
         tune,
         len(samples) - tune,
         list(variants),
+        counts,
     )
 
 
