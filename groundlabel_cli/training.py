@@ -177,7 +177,7 @@ def train_project(
                 progress_bar=progress_bar,
                 calibrated=compare,
             )
-        if served_calibration is not None and outcome.promoted:  # the new version, calibrated as before
+        if served_calibration is not None and outcome.promoted and kind == "gem":  # calibrated as before
             calibration = recalibrated(store, payload.project, served_calibration, outcome, count)
         out = {**outcome.to_dict(), "annotation_count": count, "splits": summary.get("splits", {})}
         return {**out, "calibration": calibration}
@@ -221,9 +221,8 @@ def calibrate_first(
 def recalibrated(
     store: ModelStore, project: str, calibration: Any, outcome: Any, count: int
 ) -> dict[str, Any]:
-    """After a fine-tuned version is promoted over a calibrated project (a GEM compared under the calibrated
-    settings, a LAVT whose expressions the calibration does not touch): the same choices stored as a
-    calibration over it, and promoted, so the project keeps its calibrated settings."""
+    """After a distilled GEM that beat the current one under the calibrated settings is promoted: the same
+    choices stored as a calibration over it, and promoted, so the project keeps its calibrated settings."""
     import json
 
     from groundlabel.calibration import Calibration
