@@ -112,7 +112,12 @@ def _dispatcher(state: BackendState, project: str | None = None) -> Dispatcher:
     version, versions = state.model_version, state.versions
     if trained is not None:
         own = trained_names(trained.name, trained.kind)
-        version, versions = trained.name, [*own, *(v for v in versions if not replaced_by(trained.kind, v))]
+        kinds = [trained.kind]
+        under = state.training.served_trained(project) if trained.kind == "calibration" else None
+        if under is not None:  # a calibration over a trained version: its names answer the rest
+            own, kinds = [*own, *trained_names(under.name, under.kind)], [*kinds, under.kind]
+        kept = (v for v in versions if not any(replaced_by(k, v) for k in kinds))
+        version, versions = trained.name, [*own, *kept]
     return Dispatcher(
         state.settings,
         state.runner,

@@ -120,6 +120,11 @@ class Training:
         a broken store is logged."""
         return self._read_store(lambda store: store.promoted(project), project)
 
+    def served_trained(self, project: str | None) -> ModelVersion | None:
+        """The trained version under ``project``'s promoted calibration, or its promoted trained version
+        (:meth:`ModelStore.served_trained`), or None; a broken store is logged."""
+        return self._read_store(lambda store: store.served_trained(project), project)
+
     def _read_store(self, read: Callable[[ModelStore], T], project: str | None) -> T | None:
         """``read(store)`` for a project, or None without a store or project, or when the project's store
         files are broken (logged: the project is served by the base models)."""

@@ -75,6 +75,14 @@ def test_the_store_keeps_calibrations_as_json_versions_and_refuses_other_files(t
     assert not replaced_by("calibration", "lavt-swin_b-refcoco")
 
 
+def safetensors_file(path: Path) -> Path:
+    """A small safetensors file (a version's weights need not fit a model to be listed or promoted)."""
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(4, np.float32)}, str(path))
+    return path
+
+
 def _settings(tmp_path, root: str, engines):
     from groundlabel.settings import Settings
 
@@ -180,6 +188,23 @@ def test_the_backend_announces_and_lists_a_promoted_calibration(redis_url, tmp_p
         assert detail["kind"] == "calibration" and detail["promoted"] and detail["heldout_mIoU"] == 30.0
         store.rollback("5")
         assert client.post("/setup", json=setup).json()["model_version"].startswith(base)
+
+        # a calibration over a distilled GEM: its name for the class prompts, the GEM's for the rest
+        from labeling_backend.routes import _dispatcher
+
+        gem = store.add(
+            project="5", kind="gem", variant="tiny", weights=safetensors_file(tmp_path / "w.safetensors"),
+            parent=base, annotation_count=2,
+        )  # fmt: skip
+        over = tmp_path / "over.json"
+        over.write_text(json.dumps(Calibration([LabelChoice("mask", "red", "gem", 0.3)], gem.name).to_dict()))
+        calibrated = store.add(
+            project="5", kind="calibration", variant="gem", weights=over, parent=gem.name, annotation_count=2
+        )
+        store.promote("5", calibrated.name, "test")
+        assert store.served_trained("5").name == gem.name
+        names = _dispatcher(client.app.state.backend, "5").versions
+        assert names[:3] == [calibrated.name, gem.name, gem.name + "-expressions"] and base not in names
 
 
 @pytest.mark.slow
