@@ -158,6 +158,8 @@ def _calibrated(
     from workers.calibration import calibrated_regions, current_variant
 
     name, calibration = calibrated
+    gem = engines.get_gem_engine(project)  # named like a trained version: -bf16 where GEM ran in bf16
+    name = versions.with_precision(name, getattr(gem, "version_precision", "fp32"))
     chosen = {c.control for c in calibration.choices}
     own = spec.without({c.name for c in spec.controls if c.name not in chosen})
     rest = spec.without(chosen)
