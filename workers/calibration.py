@@ -243,9 +243,11 @@ def calibrate(
                 continue
             base = "gem" + ("+pamr" if own == "pamr" else "")
             if base not in maps:
-                (raw,) = get_variant(base).heatmaps([image], prompts, groups=groups)
                 from workers.pipeline import PromptMaps
+                from workers.regions import working_size
 
+                work = working_size(image.width, image.height)  # as served; compared at the image's size
+                (raw,) = get_variant(base).heatmaps([image], prompts, groups=groups, sizes=[work], lazy=True)
                 maps[base] = PromptMaps(prompts, raw)
             for control in controls:
                 model = control_model(control)
@@ -327,8 +329,10 @@ def calibrated_regions(
     (:func:`label_mask`), the labels it made no choice for as the control is served now
     (``current(control)``, at the control's threshold)."""
     from workers.pipeline import ImageRegions, PromptMaps, instance_results, prompt_groups
+    from workers.regions import working_size
 
     prompts, groups = prompt_groups(spec)
+    sam3_floor = min((c.threshold for c in calibration.choices if c.variant == "sam3"), default=0.0)
     out: list[Any] = []
     for image in images:
         try:
@@ -351,7 +355,7 @@ def calibrated_regions(
                     size = {"width": image.width, "height": image.height}
                     if engine == "sam3":
                         if found is None:
-                            floor = min(t for v, t in picks if v == "sam3")
+                            floor = min(sam3_floor, threshold)
                             (found,) = get_variant("sam3").instances(
                                 [image], prompts, groups=groups, min_score=floor
                             )
@@ -360,12 +364,21 @@ def calibrated_regions(
                                 results.extend(instance_results(control, label, inst, **size))
                         continue
                     base = "gem" + ("+pamr" if own == "pamr" else "")
-                    if base not in maps:
-                        (raw,) = get_variant(base).heatmaps([image], prompts, groups=groups)
+                    if base not in maps:  # at the regions' working size, read one prompt at a time
+                        work = working_size(image.width, image.height)
+                        (raw,) = get_variant(base).heatmaps(
+                            [image], prompts, groups=groups, sizes=[work], lazy=True
+                        )
                         maps[base] = PromptMaps(prompts, raw)
-                    if base not in per_variant:
-                        per_variant[base] = model.best_label(maps[base], **size)
-                    best, index = per_variant[base]
+                    key = base + ("+sam" if with_sam else "")  # SAM is given the image's size
+                    if key not in per_variant:
+                        w, h = (
+                            (image.width, image.height)
+                            if with_sam
+                            else working_size(image.width, image.height)
+                        )
+                        per_variant[key] = model.best_label(maps[base], width=w, height=h)
+                    best, index = per_variant[key]
                     mask = label_mask(best, index, i, threshold, sam=sam if with_sam else None, image=image)
                     if mask.any():
                         results.extend(model.regions(label, mask, best, **size))
