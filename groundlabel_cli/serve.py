@@ -33,15 +33,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def make_runner(settings: Settings, *, warm_up: bool = True) -> JobRunner:
-    """The job runner the settings ask for: RQ on Redis with ``REDIS_URL``, else spawned children."""
+def make_runner(settings: Settings, *, warm_up: bool = True, reserve_interactive: bool = False) -> JobRunner:
+    """The job runner the settings ask for: RQ on Redis with ``REDIS_URL``, else spawned children
+    (``reserve_interactive``: with two or more, one is kept for interactive requests)."""
     if settings.queue.redis_url:
         from labeling_backend.queue import RedisJobQueue
 
         return RedisJobQueue(settings.queue)
     from workers.inprocess import InProcessRunner
 
-    return InProcessRunner(settings, warm_up=warm_up)
+    return InProcessRunner(settings, warm_up=warm_up, reserve_interactive=reserve_interactive)
 
 
 def build_app(settings: Settings, *, warm_up: bool = True) -> FastAPI:
@@ -52,7 +53,7 @@ def build_app(settings: Settings, *, warm_up: bool = True) -> FastAPI:
     version = announced_version(settings)  # an invalid engine setting is refused here, at start-up
     named = settings.backend.model_version  # the operator's one name: no engine names to look up
     versions = [] if named else all_model_versions(settings.engines)
-    runner = make_runner(settings, warm_up=warm_up)
+    runner = make_runner(settings, warm_up=warm_up, reserve_interactive=True)
     return create_app(settings, runner=runner, model_version=version, versions=versions)
 
 

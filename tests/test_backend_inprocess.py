@@ -118,3 +118,26 @@ def test_inprocess_interactive_jobs_go_before_queued_batches(tiny_gem_env):
         assert order[:2] == [batches[0], urgent], order  # right after the batch job that was running
     finally:
         runner.close()
+
+
+@pytest.mark.slow
+def test_serve_keeps_one_of_two_children_for_interactive_requests(tiny_gem_env):
+    from conftest import POLYGON_CONFIG, png_data_uri
+
+    from groundlabel.protocol import JobPayload
+    from groundlabel.settings import Settings
+    from groundlabel.spec import read_spec
+    from workers.inprocess import InProcessRunner
+
+    settings = Settings.from_env(tiny_gem_env)
+    spec = read_spec(POLYGON_CONFIG, settings)
+    runner = InProcessRunner(settings, workers=2, warm_up=False, reserve_interactive=True)
+    try:
+        payload = JobPayload([{"id": 1, "data": {"image": png_data_uri(seed=1)}}], spec)
+        batches = [runner.submit(payload, [f"key{i}"], interactive=False)[0] for i in range(4)]
+        details = [s.detail for s in runner.poll(batches).values()]
+        assert details.count("running") == 1, details  # the other child waits for interactive work
+        urgent = runner.submit(payload, ["urgent"], interactive=True)[0]
+        assert runner.poll([urgent])[urgent].detail == "running"  # at once, no batch job ahead of it
+    finally:
+        runner.close()

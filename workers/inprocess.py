@@ -7,7 +7,9 @@ backend's Redis queue client, with an in-memory result cache.
 
 The runner hands the pool one job per child at a time and keeps the rest in two queues of its own,
 interactive before batch, as RQ workers take the ``interactive`` queue first: an annotator's request
-waits for the jobs already running, never behind a whole project's batch.
+waits for the jobs already running, never behind a whole project's batch. ``groundlabel serve`` with two
+children or more (``GROUNDLABEL_WORKERS_INPROCESS``) keeps one of them for interactive requests, so they
+do not even wait for a batch job.
 
 No child outlives the backend: :meth:`InProcessRunner.close` (run when ``groundlabel serve`` stops, on
 SIGTERM too) terminates the children, busy or not, and a child whose parent died without closing it
@@ -72,9 +74,18 @@ class _Job:
 class InProcessRunner:
     """Jobs in ``workers`` spawned child processes; results cached in memory."""
 
-    def __init__(self, settings: Settings, workers: int | None = None, *, warm_up: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        workers: int | None = None,
+        *,
+        warm_up: bool = True,
+        reserve_interactive: bool = False,
+    ) -> None:
         self.settings = settings
         self.workers = int(workers or settings.backend.workers_inprocess)
+        #: With two children or more, batch jobs leave one free for interactive requests (``serve``).
+        self.batch_limit = self.workers - 1 if reserve_interactive and self.workers > 1 else self.workers
         self.where = "in-process"
         self._cache: LRUCache[dict[str, Any]] = LRUCache(100_000, ttl=settings.queue.result_ttl)
         self._pending: dict[str, tuple[str, int]] = {}
@@ -149,7 +160,7 @@ class InProcessRunner:
         with self._lock:
             while self._running < self.workers:
                 queue = next((q for q in (QUEUE_INTERACTIVE, QUEUE_BATCH) if self._queued[q]), None)
-                if queue is None:
+                if queue is None or (queue == QUEUE_BATCH and self._running >= self.batch_limit):
                     return
                 job = self._jobs.get(self._queued[queue].popleft())
                 if job is None or not job.future.set_running_or_notify_cancel():
