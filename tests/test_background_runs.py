@@ -272,3 +272,79 @@ def test_in_process_background_run_and_cancel(label_studio_session, tiny_gem_env
             timeout=60,
         )
         assert run["id"] in listing.stdout and "cancelled" in listing.stdout, listing.stdout
+
+
+# -- the backend's routes, on a real Redis without a worker (nothing is written) ---------------------
+
+
+def _predict(client, ids: list[int], project: str = "5") -> dict:
+    body = {
+        "tasks": [{"id": i, "data": {"image": f"http://127.0.0.1:9/{i}.png"}} for i in ids],
+        "label_config": CONFIG,
+        "project": f"{project}.1712345678",
+    }
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _backend(redis_url: str, **settings):
+    from fastapi.testclient import TestClient
+
+    from groundlabel.settings import Settings
+    from labeling_backend.app import create_app
+
+    values = {"redis_url": redis_url, "predict_timeout": 0.5, **settings}
+    return TestClient(create_app(Settings.from_env({}, **values), model_version="gem-test"))
+
+
+def test_without_label_studio_access_late_tasks_are_left_as_today(redis_server, redis_url, caplog):
+    redis_server.client().flushdb()
+    with _backend(redis_url) as client, caplog.at_level("INFO", logger="groundlabel.backend"):
+        health = client.get("/health").json()
+        assert health["background"]["enabled"] is False
+        assert "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY" in health["background"]["reason"]
+        answer = _predict(client, [1, 2])
+        assert answer["results"] == [[], []]
+        assert all("not finished within 0.5 s" in e["error"] for e in answer["errors"])
+        assert client.get("/background").json()["runs"] == []
+    assert "not finished in time: background predictions need LABEL_STUDIO_URL" in caplog.text
+    # The jobs keep the request's deadline: no image is fetched after it.
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    queued = Queue("batch", connection=redis_server.client(), serializer=JSONSerializer).jobs
+    assert queued and all(job.args[0]["deadline"] is not None for job in queued)
+
+
+def test_late_tasks_become_a_run_that_later_requests_leave_alone_until_cancelled(redis_server, redis_url):
+    redis_server.client().flushdb()
+    access = {"label_studio_url": "http://127.0.0.1:9", "api_key": "not-used"}
+    with _backend(redis_url, **access) as client:
+        first = _predict(client, [1, 2, 3])
+        assert first["results"] == [[], [], []]
+        runs = client.get("/background").json()["runs"]
+        assert len(runs) == 1
+        run = runs[0]
+        assert (run["project"], run["status"], run["total"], run["left"]) == ("5", "running", 3, 3)
+        assert all(f"background run {run['id']}" in e["error"] for e in first["errors"])
+        assert client.get("/health").json()["background"]["running"][0]["id"] == run["id"]
+        metrics = client.get("/metrics").text
+        assert 'groundlabel_background_tasks{project="5",state="left"} 3.0' in metrics
+
+        # A second click for the same tasks and one more: the run's tasks are left to it.
+        second = _predict(client, [2, 3, 4])
+        errors = {e["task"]: e["error"] for e in second["errors"]}
+        assert errors[2].startswith(f"being predicted by background run {run['id']}")
+        assert errors[3].startswith(f"being predicted by background run {run['id']}")
+        assert "being predicted" not in errors[4]  # a new run takes task 4 only
+        runs = client.get("/background").json()["runs"]
+        assert sorted(r["total"] for r in runs) == [1, 3]
+        # Another project's task 2 is another task.
+        assert "being predicted" not in _predict(client, [2], project="6")["errors"][0]["error"]
+
+        cancelled = client.post(f"/background/{run['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        assert client.post("/background/nosuchrun/cancel").status_code == 404
+        third = _predict(client, [1])
+        assert "being predicted" not in third["errors"][0]["error"]  # released by the cancel
