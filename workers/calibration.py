@@ -11,7 +11,9 @@ function (:func:`label_mask`: the pixels where the label is the control's best a
 threshold, then SAM when the variant says so), so the figures measured are what the project is served.
 
 IoU is pooled per label over a part's images (the intersections summed over the unions), and a part's
-figure is the mean over the labels annotated in it.
+figure is the mean over the labels annotated in it. :func:`calibrate_expressions` makes one choice for a
+project's typed referring expressions (LAVT or GEM grounding the expression, the threshold, SAM or not),
+by overall IoU pooled over the expressions (RefCOCO's oIoU).
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from groundlabel.calibration import THRESHOLDS, Calibration, LabelChoice, variant_parts
+from groundlabel.calibration import THRESHOLDS, Calibration, ExpressionChoice, LabelChoice, variant_parts
 from groundlabel.spec import ControlSpec, LabelingSpec
 from workers.regions import control_model, control_threshold, prediction_score
 
@@ -386,3 +388,78 @@ def calibrated_regions(
         except Exception as exc:
             out.append(exc)
     return out
+
+
+# -- referring expressions --------------------------------------------------------------------------------
+
+
+@dataclass
+class ExpressionSample:
+    """One corrected referring expression: the image, the typed expression, the annotated mask of what it
+    names (``[height, width]`` bool) and the image's ``split`` (``"train"`` or ``"val"``)."""
+
+    image: Any
+    expression: str
+    mask: np.ndarray
+    split: str
+
+
+@dataclass
+class ExpressionResult:
+    """The expression choice and its overall IoU (cumulative intersection over cumulative union, RefCOCO's
+    oIoU) per part, beside what is served now; ``counts`` per variant (``lavt``, ``gem+sam``...)."""
+
+    choice: ExpressionChoice
+    current: ExpressionChoice
+    counts: dict[str, Counts]
+
+    def oiou(self, choice: ExpressionChoice, split: str) -> float | None:
+        """The pooled IoU of ``choice`` on ``split``."""
+        return self.counts[choice.variant].iou(split, choice.threshold)
+
+    def metrics(self) -> dict[str, Any]:
+        """JSON: the choice and the current setting with their tuning and held-out oIoU."""
+
+        def figures(c: ExpressionChoice) -> dict[str, Any]:
+            return {**asdict(c), "oIoU": self.oiou(c, "val"), "tuning_oIoU": self.oiou(c, "train")}
+
+        return {"new": figures(self.choice), "base": figures(self.current), "variants": list(self.counts)}
+
+
+def calibrate_expressions(
+    samples: Sequence[ExpressionSample],
+    answer: Callable[[str, Any, str], np.ndarray],
+    engines: Sequence[str],
+    *,
+    current: ExpressionChoice,
+    sam: Any = None,
+) -> ExpressionResult:
+    """Choose for a project's expressions the engine (of ``engines``: ``"lavt"``, ``"gem"``), threshold and,
+    with ``sam``, SAM's sharpening of best tuning oIoU. ``answer(engine, image, expression)``: the engine's
+    probability map at the image's size; ``current``: what is served now (compared, and kept in a tie)."""
+    variants = [(e, False) for e in engines] + ([(e, True) for e in engines] if sam is not None else [])
+    extra = {current.threshold}
+    counts = {
+        e + ("+sam" if s else ""): Counts(tuple(sorted(set(SAM_THRESHOLDS if s else THRESHOLDS) | extra)))
+        for e, s in variants
+    }
+    for sample in samples:
+        for engine in engines:
+            prob = np.asarray(answer(engine, sample.image, sample.expression), dtype=np.float32)
+            zeros = np.zeros(prob.shape, dtype=np.int64)
+            counts[engine].add(
+                sample.split, *_map_counts(prob, zeros, 0, sample.mask, counts[engine].thresholds)
+            )
+            if sam is not None:
+                grid = counts[engine + "+sam"].thresholds
+                masks = [label_mask(prob, zeros, 0, t, sam=sam, image=sample.image) for t in grid]
+                counts[engine + "+sam"].add(sample.split, *_mask_counts(masks, sample.mask))
+    result = ExpressionResult(current, current, counts)
+    best = result.oiou(current, "train") if current.variant in counts else None
+    for e, s in variants:
+        for t in counts[e + ("+sam" if s else "")].thresholds:
+            candidate = ExpressionChoice(e, t, s)
+            iou = result.oiou(candidate, "train")
+            if iou is not None and (best is None or iou > best + 1e-9):
+                result.choice, best = candidate, iou
+    return result

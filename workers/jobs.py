@@ -108,8 +108,15 @@ def run_prediction_job(payload: JobPayload) -> list[dict[str, Any]]:
     excluded = {c.from_name for c in clicks if c.from_name} | context_text_controls(context)
     expressions = {i: _task_expression(tasks[i], spec, context) for i in images}
     project = payload.project
+    calibrated = engines.project_calibration(project)
+    chosen = calibrated[1].expressions if calibrated is not None else None  # the calibrated expression way
     wants_lavt = any(expressions.values()) and engines.lavt_enabled(project)
+    wants_lavt = wants_lavt and (chosen is None or chosen.engine == "lavt")
     lavt = engines.get_lavt_engine(project) if wants_lavt else None
+    if chosen is None:
+        sharpen = engines.refiner("lavt" if lavt is not None else "gem")
+    else:
+        sharpen = engines.get_sam_engine() if chosen.sam else None
     stand_in = versions.stand_in(gem.model_version)
     outputs = spec.without(excluded)
     default = engines.default_engine()
@@ -124,8 +131,15 @@ def run_prediction_job(payload: JobPayload) -> list[dict[str, Any]]:
         try:
             if expressions[i]:
                 regions = pipeline.text_regions(
-                    outputs, images[i], expressions[i], engine_for, default=default, lavt=lavt,
-                    stand_in_version=stand_in, sam=engines.refiner("lavt" if lavt is not None else "gem"),
+                    outputs,
+                    images[i],
+                    expressions[i],
+                    engine_for,
+                    default=default,
+                    lavt=lavt,
+                    stand_in_version=stand_in,
+                    sam=sharpen,
+                    threshold=chosen.threshold if chosen is not None else None,
                 )
             else:
                 regions = pipeline.click_regions(
@@ -136,8 +150,7 @@ def run_prediction_job(payload: JobPayload) -> list[dict[str, Any]]:
             log.warning("task %s failed: %s", tasks[i].get("id"), _describe(exc))
             out[i] = failed(exc)
 
-    calibrated = engines.project_calibration(project) if batch else None
-    if calibrated is not None:  # the calibrated controls answer per label, the others as before
+    if batch and calibrated is not None:  # the calibrated controls answer per label, the others as before
         found = _calibrated(outputs, [images[i] for i in batch], calibrated, engine_for, default, project)
     elif batch:
         found = pipeline.prompt_regions(

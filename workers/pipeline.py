@@ -240,22 +240,26 @@ def expression_regions(
     gem: Any,
     stand_in_version: str,
     sam: Any = None,
+    threshold: float | None = None,
 ) -> ImageRegions:
     """One region per control for a referring expression: LAVT's mask, or GEM's map of the expression
     thresholded at the lowest control threshold when ``lavt`` is None (named ``stand_in_version``).
-    ``sam``: a promptable SAM that sharpens the mask first (``refine=sam``)."""
+    ``sam``: a promptable SAM that sharpens the mask first (``refine=sam``); ``threshold``: a calibrated
+    threshold instead of either engine's own."""
     meta: dict[str, Any] = {}
     if lavt is not None:
         ((prob, lavt_meta),) = lavt.probabilities([image], [expression])
         prob = np.asarray(prob, dtype=np.float32)
-        mask = prob >= LAVT_MASK_THRESHOLD
+        mask = prob >= (LAVT_MASK_THRESHOLD if threshold is None else threshold)
         version = lavt.model_version
         if (lavt_meta or {}).get("truncated"):
             meta = {"truncated": True, "tokens": lavt_meta.get("tokens")}
     else:
         (maps,) = gem.heatmaps([image], [expression])
         prob = maps[0]
-        mask = prob >= min((control_threshold(c) for c in spec.controls), default=DEFAULT_THRESHOLD)
+        if threshold is None:
+            threshold = min((control_threshold(c) for c in spec.controls), default=DEFAULT_THRESHOLD)
+        mask = prob >= threshold
         version = stand_in_version
     if sam is not None:  # named after both engines even when there is nothing to sharpen
         from workers.models.sam.refine import refine_mask
@@ -594,10 +598,11 @@ def text_regions(
     lavt: Any = None,
     stand_in_version: str = "",
     sam: Any = None,
+    threshold: float | None = None,
 ) -> ImageRegions:
     """A typed phrase: the instances of the phrase in the controls whose engine answers instances
     (:func:`phrase_regions`), LAVT's mask, or the control's score-map engine standing in for it, in the
-    others (:func:`expression_regions`; sharpened by ``sam`` when given)."""
+    others (:func:`expression_regions`; sharpened by ``sam`` when given, at ``threshold`` when given)."""
     parts = []
     for name, part in (engine_specs(spec, default) or {"gem": spec}).items():
         if INSTANCES in get_entry(name).answers:
@@ -606,7 +611,14 @@ def text_regions(
             gem = get_engine(name)
             parts.append(
                 expression_regions(
-                    part, image, text, lavt=lavt, gem=gem, stand_in_version=stand_in_version, sam=sam
+                    part,
+                    image,
+                    text,
+                    lavt=lavt,
+                    gem=gem,
+                    stand_in_version=stand_in_version,
+                    sam=sam,
+                    threshold=threshold,
                 )
             )
     return combine_regions(parts)
