@@ -2,11 +2,13 @@
 
 Every ``ANNOTATION_CREATED`` (and an ``ANNOTATION_UPDATED`` of an annotation this backend has not measured
 yet) is handed to :meth:`Quality.annotation_event`, which only puts it on a bounded queue: the webhook answers
-at once. One thread of its own takes the events in turn, finds the prediction the annotation started from
-(in the event's task when Label Studio sent its predictions, otherwise read through Label Studio's API with
-``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY``, one request per event, with a timeout), measures the pair
-with :mod:`groundlabel.corrections` (what ``groundlabel report`` measures), and adds the figures up per
-project, label and model version. :meth:`Quality.collect` exposes them on ``/metrics``:
+at once. One thread of its own hands the events in turn to a child process (started on the first event), which
+finds the prediction the annotation started from (in the event's task when Label Studio sent its predictions,
+otherwise read through Label Studio's API with ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY``, one request
+per event, with a timeout) and measures the pair with :mod:`groundlabel.corrections`, what ``groundlabel
+report`` measures: reading and measuring never hold the backend's interpreter lock while requests wait. The
+thread adds the figures up per project, label and model version. :meth:`Quality.collect` exposes them on
+``/metrics``:
 
 - ``groundlabel_quality_annotations_total{project, model_version}``: annotations measured (``none``: made
   without a prediction);
@@ -22,8 +24,9 @@ project, label and model version. :meth:`Quality.collect` exposes them on ``/met
 
 The series are bounded: past :data:`MAX_SERIES` (project, label, model version) series, a new label is
 counted as ``_other`` (then a new version, then a new project). An annotation is counted once: its id is
-remembered (the last :data:`REMEMBERED` ones), so an update of an annotation already measured changes
-nothing. The figures live in this process and start from zero when it starts, as Prometheus counters do.
+remembered when it is queued (the last :data:`REMEMBERED` ones), so an update of an annotation already
+measured changes nothing. The figures live in this process and start from zero when it starts, as
+Prometheus counters do.
 """
 
 from __future__ import annotations
@@ -109,11 +112,81 @@ class _Event:
     label_studio_url: str | None
 
 
+class _Measurer:
+    """What the measuring process does with an event: find the prediction the annotation started from (the
+    event's own, else read through Label Studio) and measure the pair."""
+
+    def __init__(self, settings: Settings, client_factory: Callable[[str], Any] | None = None) -> None:
+        self.settings = settings
+        self.client_factory = client_factory
+        self.clients: dict[str, Any] = {}
+
+    def __call__(self, event: _Event) -> tuple[str, Any]:
+        """``("measured", TaskMeasures)``, or ``("prediction_unknown", reason)``."""
+        try:
+            predictions = self.predictions(event)
+        except UserError as exc:
+            return "prediction_unknown", str(exc)
+        annotation = event.annotation
+        prediction = started_from({"predictions": predictions}, annotation)
+        return "measured", measure_annotation(
+            annotation, prediction, task=event.task.get("id", annotation.get("task"))
+        )
+
+    def predictions(self, event: _Event) -> list[dict[str, Any]]:
+        """The task's predictions with their regions: the event's own, else read through Label Studio."""
+        listed = event.task.get("predictions")
+        if isinstance(listed, list) and listed and all(isinstance(p, dict) and "result" in p for p in listed):
+            return listed
+        if isinstance(listed, list) and not listed and event.annotation.get("parent_prediction") is None:
+            return []  # Label Studio said the task has none
+        task_id = event.task.get("id", event.annotation.get("task"))
+        if not isinstance(task_id, int) or isinstance(task_id, bool):
+            raise UserError("the event names no task")
+        fetch = self.settings.fetch
+        url = fetch.token_url(event.label_studio_url) if fetch.api_key else None
+        if not url:
+            raise UserError(
+                "reading predictions needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend"
+            )
+        from groundlabel.ls_client import list_predictions
+
+        try:
+            return list_predictions(self.client(url), task_id=task_id)
+        except UserError:
+            self.clients.pop(url, None)  # a refused or expired token: a new client next time
+            raise
+
+    def client(self, url: str) -> Any:
+        if url not in self.clients:
+            if self.client_factory is not None:
+                self.clients[url] = self.client_factory(url)
+            else:
+                from groundlabel.ls_client import make_client
+
+                self.clients[url] = make_client(url, self.settings.fetch.api_key, timeout=FETCH_TIMEOUT)
+        return self.clients[url]
+
+
+def _measure_forever(conn: Any, measurer: _Measurer) -> None:
+    """The measuring process: events in, :meth:`_Measurer.__call__`'s answers out, until the pipe closes."""
+    while True:
+        try:
+            event = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            answer: Any = measurer(event)
+        except Exception as exc:  # sent back: the event fails, the process goes on
+            answer = ("failed", f"{type(exc).__name__}: {exc}")
+        conn.send(answer)
+
+
 class Quality:
     """Live quality measures of one backend (see the module docstring); a Prometheus collector.
 
-    ``client_factory(url)`` makes the Label Studio client that reads predictions (default:
-    :func:`groundlabel.ls_client.make_client` with the settings' key)."""
+    ``client_factory(url)`` makes the Label Studio client that reads predictions in the measuring process
+    (default: :func:`groundlabel.ls_client.make_client` with the settings' key; it must pickle)."""
 
     def __init__(
         self,
@@ -126,7 +199,6 @@ class Quality:
         self.settings = settings
         self.max_series = max_series
         self._client_factory = client_factory
-        self._clients: dict[str, Any] = {}
         self._queue: queue.Queue[_Event | None] = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()  # the figures
         self._events_lock = threading.Lock()  # the outcome counts (counted while the figures may be held)
@@ -135,6 +207,8 @@ class Quality:
         self._annotations: dict[tuple[str, str], int] = {}
         self._lead_times: dict[tuple[str, str], _Histogram] = {}
         self._figures: dict[tuple[str, str, str], _Figures] = {}
+        self._child: Any = None  # the measuring process, and the pipe to it
+        self._conn: Any = None
         self._thread = threading.Thread(target=self._run, name="quality", daemon=True)
         self._thread.start()
 
@@ -148,10 +222,21 @@ class Quality:
         *,
         label_studio_url: str | None = None,
     ) -> bool:
-        """Queue a created or updated annotation for measuring; False when the queue was full (dropped).
+        """Queue a created or updated annotation for measuring; False when it is not queued (measured
+        already, or the queue is full: dropped).
 
         ``annotation`` is the event's annotation with its ``result`` as plain dicts, ``task`` the event's
         task; both are read later, on the measuring thread."""
+        key = (project, annotation.get("id"))
+        if key[1] is not None:
+            with self._lock:
+                seen = key in self._seen
+                self._seen[key] = None
+                while len(self._seen) > REMEMBERED:
+                    self._seen.popitem(last=False)
+            if seen:
+                self._count("already_measured")
+                return False
         try:
             self._queue.put_nowait(_Event(project, annotation, task or {}, label_studio_url))
         except queue.Full:
@@ -166,6 +251,7 @@ class Quality:
             event = self._queue.get()
             try:
                 if event is None:
+                    self._stop_child()
                     return
                 self.process(event)
             except Exception:  # one bad event never stops the thread
@@ -182,71 +268,56 @@ class Quality:
         return not self._queue.unfinished_tasks
 
     def process(self, event: _Event) -> None:
-        """Measure one event and add it up (on the measuring thread)."""
-        annotation = event.annotation
-        key = (event.project, annotation.get("id"))
-        if annotation.get("id") is not None:
-            with self._lock:
-                seen = key in self._seen
-            if seen:
-                self._count("already_measured")
-                return
-        if annotation.get("was_cancelled"):
+        """Have one event measured and add it up (on the measuring thread)."""
+        if event.annotation.get("was_cancelled"):
             self._count("cancelled")
             return
-        try:
-            predictions = self._predictions(event)
-        except UserError as exc:
-            log.info("quality: project %s: the annotation's prediction is unknown: %s", event.project, exc)
-            self._count("prediction_unknown")
+        outcome, found = self._measure(event)
+        if outcome == "failed":
+            raise RuntimeError(found)
+        if outcome != "measured":
+            log.info("quality: project %s: the annotation's prediction is unknown: %s", event.project, found)
+            self._count(outcome)
             return
-        task_id = event.task.get("id", annotation.get("task"))
-        prediction = started_from({"predictions": predictions}, annotation)
-        measures = measure_annotation(annotation, prediction, task=task_id)
-        if measures.errors:
-            log.info("quality: task %s: %s", task_id, "; ".join(measures.errors[:3]))
+        if found.errors:
+            log.info("quality: task %s: %s", found.task, "; ".join(found.errors[:3]))
         with self._lock:
-            if annotation.get("id") is not None:
-                self._seen[key] = None
-                while len(self._seen) > REMEMBERED:
-                    self._seen.popitem(last=False)
-            self._add(event.project, measures)
+            self._add(event.project, found)
         self._count("measured")
 
-    def _predictions(self, event: _Event) -> list[dict[str, Any]]:
-        """The task's predictions with their regions: the event's own, else read through Label Studio."""
-        listed = event.task.get("predictions")
-        if isinstance(listed, list) and listed and all(isinstance(p, dict) and "result" in p for p in listed):
-            return listed
-        parent = event.annotation.get("parent_prediction")
-        if not listed and parent is None and isinstance(listed, list):
-            return []  # Label Studio said the task has none
-        task_id = event.task.get("id", event.annotation.get("task"))
-        if not isinstance(task_id, int) or isinstance(task_id, bool):
-            raise UserError("the event names no task")
-        fetch = self.settings.fetch
-        url = fetch.token_url(event.label_studio_url) if fetch.api_key else None
-        if not url:
-            raise UserError(
-                "reading predictions needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend"
-            )
-        from groundlabel.ls_client import list_predictions
+    def _measure(self, event: _Event) -> tuple[str, Any]:
+        """The measuring process's answer for ``event`` (the process is started when needed, and again
+        when it died)."""
+        import multiprocessing
 
-        try:
-            return list_predictions(self._client(url), task_id=task_id)
-        except UserError:
-            self._clients.pop(url, None)  # a refused or expired token: a new client next time
-            raise
+        for attempt in (1, 2):
+            if self._child is None or not self._child.is_alive():
+                context = multiprocessing.get_context("spawn")
+                self._conn, child_conn = context.Pipe()
+                measurer = _Measurer(self.settings, self._client_factory)
+                self._child = context.Process(
+                    target=_measure_forever, args=(child_conn, measurer), name="quality", daemon=True
+                )
+                self._child.start()
+                child_conn.close()
+            try:
+                self._conn.send(event)
+                return self._conn.recv()
+            except (EOFError, OSError):
+                self._stop_child()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
-    def _client(self, url: str) -> Any:
-        if url not in self._clients:
-            if self._client_factory is not None:
-                self._clients[url] = self._client_factory(url)
-            else:
-                from groundlabel.ls_client import make_client
-
-                self._clients[url] = make_client(url, self.settings.fetch.api_key, timeout=FETCH_TIMEOUT)
-        return self._clients[url]
+    def _stop_child(self) -> None:
+        if self._child is None:
+            return
+        with contextlib.suppress(OSError):
+            self._conn.close()  # the child ends at the end of its pipe
+        self._child.join(5)
+        if self._child.is_alive():
+            self._child.terminate()
+        self._child = None
 
     # -- adding up -----------------------------------------------------------------------------------
 
@@ -355,7 +426,8 @@ class Quality:
         yield from (events, annotations, lead, *families.values(), regions)
 
     def close(self) -> None:
-        """Stop the measuring thread (what is still queued is not measured)."""
+        """Stop the measuring thread and process (what is still queued is measured first, while the queue
+        holds the stop)."""
         with contextlib.suppress(
             queue.Full
         ):  # a full queue: the thread is a daemon, it ends with the process

@@ -100,26 +100,33 @@ def test_an_annotation_is_counted_once_and_cancelled_ones_not_at_all(quality) ->
     assert sample(text, "groundlabel_quality_events_total", outcome="cancelled") == 1
 
 
-def test_predictions_are_read_from_label_studio_when_the_event_has_none() -> None:
+class StandInLabelStudio:
+    """label-studio-sdk's ``client.predictions.list(task=...)`` over generated tasks; made in the measuring
+    process, it writes each task asked for and each client made to ``log``."""
+
+    def __init__(self, tasks: list[dict], log: str, url: str = "") -> None:
+        self.tasks, self.log = tasks, log
+        self.predictions = self
+        if url:
+            self._write(f"client {url}")
+
+    def __call__(self, url: str) -> StandInLabelStudio:  # the client factory
+        return StandInLabelStudio(self.tasks, self.log, url)
+
+    def _write(self, line: str) -> None:
+        with open(self.log, "a") as fh:
+            fh.write(line + "\n")
+
+    def list(self, project=None, task=None) -> list[dict]:
+        self._write(f"task {task}")
+        return [copy.deepcopy(p) for t in self.tasks if t["id"] == task for p in t["predictions"]]
+
+
+def test_predictions_are_read_from_label_studio_when_the_event_has_none(tmp_path) -> None:
     tasks, _ = make_corrected_export(3, width=W, height=H)
-    asked: list[int] = []
-
-    class Predictions:
-        def list(self, project=None, task=None):  # label-studio-sdk's predictions.list
-            asked.append(task)
-            return [copy.deepcopy(p) for t in tasks if t["id"] == task for p in t["predictions"]]
-
-    class Client:
-        predictions = Predictions()
-
-    urls: list[str] = []
-
-    def factory(url: str) -> Client:
-        urls.append(url)
-        return Client()
-
+    log = tmp_path / "asked.txt"
     s = Settings.from_env({"LABEL_STUDIO_URL": "http://ls.example:8080", "LABEL_STUDIO_API_KEY": "k" * 40})
-    q = Quality(s, client_factory=factory)
+    q = Quality(s, client_factory=StandInLabelStudio(tasks, str(log)))
     try:
         for t in tasks:
             q.annotation_event("3", *event(t, with_predictions=False))
@@ -127,7 +134,8 @@ def test_predictions_are_read_from_label_studio_when_the_event_has_none() -> Non
         text = metrics_text(q)
     finally:
         q.close()
-    assert asked == [1, 2, 3] and urls == ["http://ls.example:8080"]  # one client, one request per event
+    # one client, one request per event
+    assert log.read_text().split("\n")[:-1] == ["client http://ls.example:8080", "task 1", "task 2", "task 3"]
     assert sample(text, "groundlabel_quality_events_total", outcome="measured") == 3
 
     # without Label Studio's URL and key, the prediction of such an event is unknown
@@ -179,23 +187,33 @@ def test_series_are_bounded() -> None:
 
 
 def test_a_full_queue_drops_events_and_counts_them() -> None:
+    import threading
     import time
 
     tasks, _ = make_corrected_export(3, width=W, height=H)
     q = Quality(settings(), max_queue=1)
+    release = threading.Event()
+    measure = q._measure
+
+    def slow(event):  # the measuring thread waits at its first event until released
+        release.wait(30)
+        return measure(event)
+
+    q._measure = slow
     try:
-        with q._lock:  # the measuring thread takes the first event and waits
-            assert q.annotation_event("1", *event(tasks[0]))
-            deadline = time.monotonic() + 10
-            while q._queue.qsize() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert q.annotation_event("1", *event(tasks[1]))  # waits in the queue
-            assert not q.annotation_event("1", *event(tasks[2]))  # the queue is full: dropped
+        assert q.annotation_event("1", *event(tasks[0]))
+        deadline = time.monotonic() + 10
+        while q._queue.qsize() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert q.annotation_event("1", *event(tasks[1]))  # waits in the queue
+        assert not q.annotation_event("1", *event(tasks[2]))  # the queue is full: dropped
+        release.set()
         assert q.drain()
         text = metrics_text(q)
         assert sample(text, "groundlabel_quality_events_total", outcome="dropped") == 1
         assert sample(text, "groundlabel_quality_events_total", outcome="measured") == 2
     finally:
+        release.set()
         q.close()
 
 
