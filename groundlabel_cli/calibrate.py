@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from groundlabel.errors import UserError
 from groundlabel.model_store import ModelStore
 from groundlabel.settings import Settings
@@ -54,6 +56,7 @@ class CalibrationOutcome:
             "default_threshold_IoU": m["default_threshold"]["IoU"],
             "global_threshold_IoU": m["global_threshold"]["IoU"],
             "choices": m["new"]["choices"],
+            "expressions": m.get("expressions"),
         }
 
 
@@ -88,6 +91,71 @@ def read_samples(data_root: Path, splits: dict[int, str]) -> list[Any]:
             masks[name] = masks[name] | mask if name in masks else mask
         samples.append(Sample(image, masks, split, str(img["file_name"])))
     return samples
+
+
+def read_expressions(out: Path, splits: dict[int, str]) -> list[Any]:
+    """The corrected referring expressions of an exported gRefCOCO folder, one sample per sentence with the
+    union of its targets' masks (empty for a no-target expression) and its image's split; images of no
+    split are left out."""
+    from PIL import Image
+
+    from exporters.geometry import decode_segmentation
+    from workers.calibration import ExpressionSample
+
+    data = out / "grefcoco"
+    coco = json.loads((data / "instances.json").read_text(encoding="utf-8"))
+    anns = {int(a["id"]): a for a in coco["annotations"]}
+    samples = []
+    for ref in json.loads((data / "grefs(unc).json").read_text(encoding="utf-8")):
+        split = splits.get(int(ref["image_id"]))
+        if split not in ("train", "val"):
+            continue
+        with Image.open(out / "images" / "train2014" / ref["file_name"]) as im:
+            image = im.convert("RGB")
+        mask = np.zeros((image.height, image.width), dtype=bool)
+        for ann_id in ref["ann_id"]:
+            if int(ann_id) in anns:
+                seg = anns[int(ann_id)]["segmentation"]
+                mask |= decode_segmentation(seg, image.width, image.height).astype(bool)
+        samples += [ExpressionSample(image, s["sent"], mask, split) for s in ref["sentences"]]
+    return samples
+
+
+def calibrate_expressions_of(
+    project: str, spec: Any, settings: Settings, samples: list[Any], served: Any
+) -> Any:
+    """The expression choice (:func:`workers.calibration.calibrate_expressions`) between LAVT, when the
+    deployment or the project has one, and GEM grounding the expression, with SAM's sharpening as a
+    candidate when a promptable SAM is configured; compared with what ``served`` (the promoted
+    calibration, or None) or the uncalibrated worker answers expressions with."""
+    from groundlabel.calibration import ExpressionChoice
+    from workers import engines
+    from workers.calibration import calibrate_expressions
+    from workers.pipeline import LAVT_MASK_THRESHOLD
+    from workers.regions import DEFAULT_THRESHOLD, control_threshold
+
+    has_lavt = engines.lavt_enabled(project)
+    current = served.expressions if served is not None else None
+    if current is None or (current.engine == "lavt" and not has_lavt):
+        kind = "lavt" if has_lavt else "gem"
+        threshold = (  # as the worker thresholds an uncalibrated expression
+            LAVT_MASK_THRESHOLD
+            if has_lavt
+            else min((control_threshold(c) for c in spec.controls), default=DEFAULT_THRESHOLD)
+        )
+        current = ExpressionChoice(kind, threshold, engines.sam_refines(settings.engines, kind))
+
+    def answer(engine: str, image: Any, expression: str) -> np.ndarray:
+        if engine == "lavt":
+            ((prob, _),) = engines.get_lavt_engine(project).probabilities([image], [expression])
+            return np.asarray(prob, dtype=np.float32)
+        (maps,) = engines.get_gem_engine(project).heatmaps([image], [expression])
+        return np.asarray(maps[0], dtype=np.float32)
+
+    sam = engines.get_sam_engine() if settings.engines.sam_enabled else None
+    return calibrate_expressions(
+        samples, answer, ["lavt", "gem"] if has_lavt else ["gem"], current=current, sam=sam
+    )
 
 
 def candidate_variants(spec: Any, settings: Settings, asked: list[str] | None) -> list[str]:
@@ -147,15 +215,28 @@ def calibrate_project(
     spec = read_spec(label_config, settings)
     scratch = Path(tempfile.mkdtemp(prefix=f"groundlabel-calibrate-{project}-", dir=work_dir))
     try:
-        resolver = ImageResolver(
-            images_root=fetch.local_files_root,
-            label_studio_url=url,
-            api_key=fetch.api_key,
-            allowed_hosts=fetch.allowed_hosts,
-        )
-        export_coco(tasks, scratch, label_config=label_config, resolver=resolver)
+
+        def resolver_of() -> ImageResolver:  # an export closes its resolver
+            return ImageResolver(
+                images_root=fetch.local_files_root,
+                label_studio_url=url,
+                api_key=fetch.api_key,
+                allowed_hosts=fetch.allowed_hosts,
+            )
+
+        export_coco(tasks, scratch, label_config=label_config, resolver=resolver_of())
         splits = split_coco_images(scratch, settings.training.holdout, settings.training.seed)
         samples = read_samples(scratch, splits)
+        expression_samples: list[Any] = []
+        if spec.text_key or any(c.type == "TextArea" for c in spec.controls):
+            from exporters.refcoco import export_grefcoco
+
+            refs = scratch / "expressions"
+            export_grefcoco(tasks, refs, label_config=label_config, resolver=resolver_of())
+            ref_splits = split_coco_images(
+                refs / "grefcoco", settings.training.holdout, settings.training.seed
+            )
+            expression_samples = read_expressions(refs, ref_splits)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     tune = sum(1 for s in samples if s.split == "train")
@@ -204,6 +285,18 @@ def calibrate_project(
     result.calibration.trained = trained.name if trained is not None else None
     metrics = result.metrics()
     new, base = result.calibrated.mean("val") or 0.0, result.current.mean("val") or 0.0
+    held = [s for s in expression_samples if s.split == "val"]
+    if held and len(held) < len(expression_samples):  # expressions count as one more label
+        chosen = calibrate_expressions_of(project, spec, settings, expression_samples, served)
+        result.calibration.expressions = chosen.choice
+        metrics["expressions"] = chosen.metrics()
+        new = with_expressions(result.calibrated, chosen.oiou(chosen.choice, "val"))
+        base = with_expressions(result.current, chosen.oiou(chosen.current, "val"))
+        log.info(
+            "project %s: expressions: %s at %g (held-out oIoU %.4f, served now %s at %g: %.4f)",
+            project, chosen.choice.variant, chosen.choice.threshold, chosen.oiou(chosen.choice, "val") or 0.0,
+            chosen.current.variant, chosen.current.threshold, chosen.oiou(chosen.current, "val") or 0.0,
+        )  # fmt: skip
     better = new > base + settings.training.min_gain
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "calibration.json"
@@ -227,6 +320,13 @@ def calibrate_project(
         reason = f"not promoted ({comparison}, needs a gain above {gain:g}): {parent} serves on"
     log.info("project %s: stored %s, %s", project, version.name, reason)
     return CalibrationOutcome(version.name, parent, better, reason, metrics)
+
+
+def with_expressions(setting: Any, oiou: float | None) -> float:
+    """The held-out figure of a setting with the expressions' oIoU counted as one more label's IoU."""
+    values = [v for v in setting.per_label.get("val", {}).values() if v is not None]
+    values += [oiou] if oiou is not None else []
+    return float(np.mean(values)) if values else 0.0
 
 
 def calibrated_iou(spec: Any, samples: list[Any], calibration: Any, gem: Any) -> float:
@@ -285,6 +385,13 @@ def run(args: argparse.Namespace) -> int:
     )
     for c in out["choices"]:
         print(f"  {c['control']}/{c['label']}: {c['variant']} at {c['threshold']:g}")
+    if out["expressions"]:
+        e = out["expressions"]
+        print(
+            f"  expressions: {e['new']['engine']}{'+sam' if e['new']['sam'] else ''} at "
+            f"{e['new']['threshold']:g} (held-out oIoU {e['new']['oIoU'] or 0:.4f}, "
+            f"served now {e['base']['oIoU'] or 0:.4f})"
+        )
     return 0
 
 

@@ -147,3 +147,65 @@ def test_a_promoted_calibration_answers_expressions_with_its_engine_and_threshol
     (lavt,) = predict_tasks(job)
     assert lavt["model_version"] == "lavt-tiny-shapes-tiny" and "error" not in lavt
     assert brush_area(lavt) < brush_area(plain)
+
+
+@pytest.mark.slow
+def test_calibrating_a_project_with_expressions_stores_and_serves_the_expression_choice(
+    lavt_checkpoint,  # noqa: F811
+    tmp_path,
+):
+    from dataclasses import replace
+
+    from test_calibration import _settings
+    from test_training_gem import CONFIG, scene_export, tiny_engines
+
+    from groundlabel.model_store import ModelStore
+    from groundlabel_cli.calibrate import calibrate_project
+    from workers import engines
+
+    tasks, root = scene_export(tmp_path, 24)
+    for task in tasks:  # one region per task, named by the task's expression
+        (region,) = task["annotations"][0]["result"][:1]
+        task["annotations"][0]["result"] = [region]
+        task["data"]["expression"] = f"the {region['value']['brushlabels'][0]} shape"
+    config = CONFIG.replace("</View>", '<TextArea name="prompt" toName="image" value="$expression"/></View>')
+    engine_settings, _ = tiny_engines(tmp_path)
+    settings = _settings(
+        tmp_path, root, replace(engine_settings, lavt_enabled=True, lavt_checkpoint=str(lavt_checkpoint))
+    )
+    engines.configure(settings)
+    store = ModelStore(tmp_path / "store")
+    try:
+        outcome = calibrate_project("5", settings, store, annotations=(tasks, config), variants=["gem"])
+        figures = outcome.metrics["expressions"]
+        assert figures["variants"] == ["lavt", "gem"]
+        assert figures["new"]["tuning_oIoU"] >= figures["base"]["tuning_oIoU"] - 1e-9
+        assert figures["base"]["engine"] == "lavt" and figures["base"]["threshold"] == 0.5
+        chosen = store.calibration(store.get("5", outcome.version)).expressions
+        assert chosen is not None and chosen.engine == figures["new"]["engine"]
+        assert chosen.threshold == figures["new"]["threshold"]
+        metrics = outcome.metrics
+        new = metrics["new"]["per_label"].values()
+        expected = np.mean([*(v for v in new if v is not None), figures["new"]["oIoU"]])
+        assert outcome.promoted == (expected > with_expressions_base(metrics, figures))  # min gain 0
+        print("expressions", figures, "labels", metrics["new"]["IoU"], metrics["base"]["IoU"])
+
+        # the workers answer the project's expressions with the chosen engine once it is promoted
+        from groundlabel.protocol import JobPayload
+        from groundlabel.spec import read_spec
+        from workers.jobs import run_prediction_job
+
+        if not outcome.promoted:
+            store.promote("5", outcome.version, "by hand, for the serving check")
+        job = [{"id": t["id"], "data": t["data"]} for t in tasks[:2]]
+        served = run_prediction_job(JobPayload(job, read_spec(config, settings), project="5"))
+        prefix = "lavt-" if chosen.engine == "lavt" else "gem-"
+        assert all(p["model_version"].startswith(prefix) for p in served), served
+    finally:
+        engines.configure(type(settings)())
+
+
+def with_expressions_base(metrics: dict, figures: dict) -> float:
+    """The held-out figure the calibration is compared with: the labels served now and the expressions."""
+    base = [v for v in metrics["base"]["per_label"].values() if v is not None]
+    return float(np.mean([*base, figures["base"]["oIoU"]]))
