@@ -8,7 +8,10 @@ per brush or polygon label the variant (GEM, GEM + PAMR, GEM + SAM, SAM 3: those
 the threshold of best IoU on the tuning images; the choice is checked on the held-out images against what
 the project is served now. It is stored as a ``calibration`` version (a small JSON file with its held-out
 figures) and promoted when its held-out IoU beats the current one's by more than
-``GROUNDLABEL_TRAIN_MIN_GAIN``; workers apply it to that project from their next job on. It is also the
+``GROUNDLABEL_TRAIN_MIN_GAIN``; workers apply it to that project from their next job on. Where the
+corrected tasks carry typed referring expressions, one choice for them all (LAVT or GEM grounding the
+expression, threshold, SAM or not; :func:`calibrate_expressions_of`) joins the record, its held-out oIoU
+counted as one more label's IoU. It is also the
 first, cheap step of a training job (:func:`groundlabel_cli.training.train_project`).
 """
 

@@ -188,7 +188,6 @@ def test_calibrating_a_project_with_expressions_stores_and_serves_the_expression
         new = metrics["new"]["per_label"].values()
         expected = np.mean([*(v for v in new if v is not None), figures["new"]["oIoU"]])
         assert outcome.promoted == (expected > with_expressions_base(metrics, figures))  # min gain 0
-        print("expressions", figures, "labels", metrics["new"]["IoU"], metrics["base"]["IoU"])
 
         # the workers answer the project's expressions with the chosen engine once it is promoted
         from groundlabel.protocol import JobPayload
