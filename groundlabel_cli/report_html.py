@@ -37,8 +37,8 @@ class _Chart:
         self.image = Image.new("RGB", (width, height), "white")
         self.draw = ImageDraw.Draw(self.image)
         self.font, self.small = _font(14), _font(12)
-        self.box = (left, 40, width - 20, height - bottom)  # plot area: x0, y0, x1, y1
-        self.draw.text((left, 10), title, fill="black", font=_font(16))
+        self.box = (left, 52, width - 20, height - bottom)  # plot area: x0, y0, x1, y1
+        self.draw.text((left, 8), title, fill="black", font=_font(16))
 
     def y_axis(self, top: float, label: str, ticks: Sequence[float]) -> None:
         x0, y0, x1, y1 = self.box
@@ -48,7 +48,7 @@ class _Chart:
             self.draw.text((x0 - 6, y), f"{t:g}", fill="black", font=self.small, anchor="rm")
         self.draw.line((x0, y0, x0, y1), fill="black")
         self.draw.line((x0, y1, x1, y1), fill="black")
-        self.draw.text((x0 - 6, y0 - 12), label, fill="black", font=self.small, anchor="rb")
+        self.draw.text((x0 - 6, y0 - 14), label, fill="black", font=self.small, anchor="rb")
 
     def y(self, value: float, top: float) -> float:
         _, y0, _, y1 = self.box
@@ -58,7 +58,7 @@ class _Chart:
         x, y = self.box[0], self.image.height - 28
         for name, colour in items:
             self.draw.rectangle((x, y, x + 12, y + 12), fill=colour)
-            text = name if len(name) <= 48 else name[:45] + "..."
+            text = name if len(name) <= 80 else name[:77] + "..."
             self.draw.text((x + 16, y + 6), text, fill="black", font=self.small, anchor="lm")
             x += 16 + int(self.draw.textlength(text, font=self.small)) + 18
 
@@ -83,8 +83,11 @@ def plot_iou_per_label(summary: dict[str, Any], path: Path) -> Path:
         for g in summary["groups"]
         if g["mask_iou_mean"] is not None
     }
-    width = max(640, 90 + len(keys) * (24 * max(len(versions), 1) + 30))
-    chart = _Chart(width, 420, "Mean mask IoU per label and model version (1 = kept as predicted)")
+    font = _font(13)
+    widest = max([font.getlength(t) for key in keys for t in key] or [0])  # names on two lines
+    slot_width = max(24 * max(len(versions), 1) + 30, widest + 14)
+    width = max(640, int(90 + len(keys) * slot_width))
+    chart = _Chart(width, 440, "Mean mask IoU per label and model version (1 = kept as predicted)")
     chart.y_axis(1.0, "IoU", [0, 0.25, 0.5, 0.75, 1.0])
     x0, _, x1, y1 = chart.box
     slot = (x1 - x0) / max(len(keys), 1)
@@ -99,8 +102,14 @@ def plot_iou_per_label(summary: dict[str, Any], path: Path) -> Path:
             chart.draw.rectangle((bx, chart.y(value, 1.0), bx + bar - 2, y1), fill=PALETTE[n])
             chart.draw.text((bx + bar / 2, chart.y(value, 1.0) - 2), f"{value:.2f}", fill="black",
                             font=chart.small, anchor="md")  # fmt: skip
-        name = f"{label} ({control})"
-        chart.draw.text((x0 + (k + 0.5) * slot, y1 + 6), name, fill="black", font=chart.font, anchor="ma")
+        chart.draw.multiline_text(
+            (x0 + (k + 0.5) * slot, y1 + 6),
+            f"{label}\n{control}",
+            fill="black",
+            font=font,
+            anchor="ma",
+            align="center",
+        )
     chart.legend([(v, PALETTE[n]) for n, v in enumerate(versions)])
     return chart.save(path)
 
@@ -217,9 +226,10 @@ def table_rows(
 
 
 def _html_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in columns)
+    text = ['class="t"' if form == "text" else "" for _, _, form in columns]  # text to the left
+    head = "".join(f"<th {t}>{html.escape(h)}</th>" for (h, _, _), t in zip(columns, text, strict=True))
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+        "<tr>" + "".join(f"<td {t}>{html.escape(c)}</td>" for c, t in zip(row, text, strict=True)) + "</tr>"
         for row in table_rows(rows, columns, empty="\u2013")
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -229,7 +239,7 @@ _STYLE = """
 body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1200px; }
 table { border-collapse: collapse; margin: 8px 0 24px; font-size: 14px; }
 th, td { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+th.t, td.t { text-align: left; }
 th { background: #f4f4f4; }
 img { display: block; margin: 8px 0 24px; max-width: 100%; }
 .note { color: #555; font-size: 14px; }
@@ -258,9 +268,9 @@ def write_html(report: dict[str, Any], summary: dict[str, Any], folder: Path) ->
 it started from.</p>
 <h2>Per model version</h2>{versions}
 <img src="changes.png" alt="kept, edited, deleted and added regions per model version">
-<h2>Per label</h2>{groups}
 <img src="iou_per_label.png" alt="mean mask IoU per label and model version">
 <img src="iou_distribution.png" alt="distribution of mask IoU">
+<h2>Per label</h2>{groups}
 <p class="note">Mask IoU and boundary F (2 px) compare the union of a label's brush and polygon regions in the
 prediction with the annotation's, per task. Regions are matched by id, else by IoU of at least 0.5 within one
 control: <b>kept</b> means the same pixels and labels, <b>edited</b> changed, <b>deleted</b> predicted but not
