@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -169,7 +170,10 @@ class _Measurer:
 
 
 def _measure_forever(conn: Any, measurer: _Measurer) -> None:
-    """The measuring process: events in, :meth:`_Measurer.__call__`'s answers out, until the pipe closes."""
+    """The measuring process: events in, :meth:`_Measurer.__call__`'s answers out, until the pipe closes. It
+    runs at a lower priority than the backend (``nice`` 10): requests get the CPU first."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)
     while True:
         try:
             event = conn.recv()
