@@ -250,18 +250,14 @@ def region_point(region: Region, width: int, height: int) -> tuple[float, float]
     return float(x), float(y)
 
 
-def label_masks(
-    regions: Iterable[Region], height: int, width: int, masks: Mapping[int, np.ndarray] | None = None
-) -> dict[tuple[str, str], np.ndarray]:
-    """The union of the brush and polygon regions per ``(control, label)``. ``masks`` may hold the regions'
-    masks already made, by position in ``regions``."""
+def label_masks(regions: Iterable[Region], height: int, width: int) -> dict[tuple[str, str], np.ndarray]:
+    """The union of the brush and polygon regions per ``(control, label)``, as boolean masks."""
     out: dict[tuple[str, str], np.ndarray] = {}
-    for index, region in enumerate(regions):
-        if region.kind not in MASK_KINDS:
-            continue
-        mask = masks[index] if masks is not None and index in masks else region_mask(region, height, width)
-        key = (region.control, region.label)
-        out[key] = out[key] | mask if key in out else mask
+    for region in regions:
+        if region.kind in MASK_KINDS:
+            key = (region.control, region.label)
+            mask = region_mask(region, height, width)
+            out[key] = out[key] | mask if key in out else mask
     return out
 
 

@@ -296,6 +296,10 @@ def test_label_measures_equal_pycocotools_on_the_same_pairs() -> None:
         assert m.boundary_f == pytest.approx(brute_boundary_f(a, b), abs=1e-12)
         assert not m.unchanged  # every label has a changed region
     assert got[("poly", "Dog")].iou == 0.0  # relabelled away: none of the Dog polygon is left
+    masks = corrections.label_masks(corrections.read_regions(s["predicted"]), H, W)
+    assert sorted(masks) == [("mask", "Cat"), ("mask", "Dog"), ("poly", "Cat"), ("poly", "Dog")]
+    for (control, label), m in masks.items():
+        np.testing.assert_array_equal(m, union(s["predicted"], control, label))
     # an annotation submitted as predicted: every label unchanged, every region kept, no pixel read
     labels, regions, _ = compare(s["predicted"], copy.deepcopy(s["predicted"]), W, H)
     assert all(m.unchanged and m.iou == m.boundary_f == 1.0 for m in labels) and len(labels) == 4
