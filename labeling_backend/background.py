@@ -111,6 +111,10 @@ class LocalStore:
                 self._expiry[key] = time.monotonic() + ex
             return True
 
+    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        with self._lock:
+            return [self._live(k) for k in keys]
+
     def delete(self, *keys: str) -> int:
         with self._lock:
             found = [k for k in keys if self._live(k) is not None]
@@ -187,35 +191,33 @@ class TaskOwners:
 
     def claim(self, project: str, task_ids: Iterable[int], owner: str) -> list[int]:
         """Claim each free task for ``owner``; the ids it now holds (those it held already included)."""
-        held = []
-        for task_id in task_ids:
-            key = self._key(project, task_id)
-            if self.kv.set(key, owner, nx=True, ex=OWNER_SECONDS) or _text(self.kv.get(key) or b"") == owner:
-                held.append(int(task_id))
-        return held
+        ids = [int(t) for t in task_ids]
+        won = {t for t in ids if self.kv.set(self._key(project, t), owner, nx=True, ex=OWNER_SECONDS)}
+        before = self.owners(project, [t for t in ids if t not in won])
+        return [t for t in ids if t in won or before.get(t) == owner]
 
     def owners(self, project: str, task_ids: Sequence[int]) -> dict[int, str]:
-        """The owner of each task that has one."""
-        out = {}
-        for task_id in task_ids:
-            value = self.kv.get(self._key(project, task_id))
-            if value is not None:
-                out[int(task_id)] = _text(value)
-        return out
+        """The owner of each task that has one (one round trip to the store)."""
+        if not task_ids:
+            return {}
+        values = self.kv.mget([self._key(project, t) for t in task_ids])
+        return {int(t): _text(v) for t, v in zip(task_ids, values, strict=True) if v is not None}
+
+    def _mine(self, project: str, task_ids: Iterable[int], owner: str) -> list[str]:
+        """The claim keys of these tasks that ``owner`` holds."""
+        held = self.owners(project, list(task_ids))
+        return [self._key(project, t) for t, o in held.items() if o == owner]
 
     def release(self, project: str, task_ids: Iterable[int], owner: str) -> None:
         """Drop ``owner``'s claims on these tasks (another owner's stay): they may be predicted again."""
-        for task_id in task_ids:
-            key = self._key(project, task_id)
-            if _text(self.kv.get(key) or b"") == owner:
-                self.kv.delete(key)
+        keys = self._mine(project, task_ids, owner)
+        if keys:
+            self.kv.delete(*keys)
 
     def settle(self, project: str, task_ids: Iterable[int], owner: str) -> None:
         """``owner`` wrote these tasks: its claims end after :data:`WRITTEN_SECONDS`, not at once."""
-        for task_id in task_ids:
-            key = self._key(project, task_id)
-            if _text(self.kv.get(key) or b"") == owner:
-                self.kv.set(key, owner, ex=WRITTEN_SECONDS)
+        for key in self._mine(project, task_ids, owner):
+            self.kv.set(key, owner, ex=WRITTEN_SECONDS)
 
 
 # -- one run -----------------------------------------------------------------------------------------
