@@ -19,8 +19,9 @@ Implementations (``--impls``):
   timed on ``dense_features(pixels, "gem")``, the engine's call (``--path both`` times
   ``GemVisionTower.forward``, which computes the CLIP tokens too, as gem-torch does);
 - ``project/packed``, ``project/onednn``, ``project/torch``: the tower on one CPU path (fp32);
-- ``project/bf16``: the tower as the engine runs it on a CPU in bf16 (``GROUNDLABEL_CPU_PRECISION``):
-  plain PyTorch under bf16 autocast (fast only on a CPU with native bf16: AVX512-BF16 or AMX);
+- ``project/bf16``: the tower as the engine runs it on a CPU in bf16 (``GROUNDLABEL_CPU_PRECISION``): the
+  path chosen per machine for bf16 products (the oneDNN kernels with bf16 operands, or plain PyTorch under
+  bf16 autocast; fast only on a CPU with native bf16: AVX512-BF16 or AMX);
 - ``gem-torch``: the official ``GEMWrapper``'s forward (GEM and CLIP tokens);
 - ``baseline``: the tower of another checkout of this project (``--baseline DIR``, e.g. an earlier
   commit unpacked with ``git archive``), for before/after figures in one run.
@@ -180,39 +181,40 @@ def impl_precision(impl: str, args) -> str:
 
 
 def set_kernels(tower, impl: str, size: int, args) -> dict:
-    """Put the tower on its CPU path: the one ``impl`` names, else the machine's choice as the engine
-    makes it (``--kernels`` forces one; in bf16 plain PyTorch, as the engine takes). Returns what the row
+    """Put the tower on its CPU path and precision: the path ``impl`` names (fp32), else the machine's
+    choice for the row's precision as the engine makes it (``--kernels`` forces one). Returns what the row
     records of it."""
     if args.device != "cpu" or not hasattr(tower, "cpu_kernels"):
         return {}
-    if impl_precision(impl, args) == "bf16":
-        tower.cpu_kernels = "torch"
-        return {"cpu_kernels": "torch", "kernel_source": "bf16"}
-    if "/" in impl:
+    precision = impl_precision(impl, args)
+    if hasattr(tower, "cpu_precision"):
+        tower.cpu_precision = precision
+    if "/" in impl and impl != BF16:
         tower.cpu_kernels = impl.split("/", 1)[1]
         return {"cpu_kernels": tower.cpu_kernels, "kernel_source": "impl"}
     from groundlabel.settings import cache_folder
     from workers.models.gem.kernel_choice import choose
 
-    choice = choose(tower, args.kernels, cache_folder(), size=(size, size))
+    choice = choose(tower, args.kernels, cache_folder(), size=(size, size), precision=precision)
     tower.cpu_kernels = choice.path
     return {"cpu_kernels": choice.path, "kernel_source": choice.source, "kernel_timings_s": choice.timings}
 
 
 def runner(tower, device: str, path: str = "gem", precision: str = "fp32"):
     """The project's forward to time: ``gem``, the GEM tokens alone as the engine asks for them; ``both``,
-    ``GemVisionTower.forward`` (GEM and CLIP tokens); in bf16 autocast on CUDA, and on a CPU for ``bf16``
-    (the engine's autocast, :func:`workers.models.device.autocast_context`)."""
+    ``GemVisionTower.forward`` (GEM and CLIP tokens); in bf16 autocast on CUDA; on a CPU the tower applies
+    its ``cpu_precision`` itself (set by :func:`set_kernels`; a tower without one, from an older checkout,
+    takes the engine's autocast for ``bf16``)."""
     import torch
 
     from workers.models.device import autocast_context
 
     if device == "cuda":
         amp = torch.autocast("cuda", dtype=torch.bfloat16)
+    elif precision == "bf16" and not hasattr(tower, "cpu_precision"):
+        amp = autocast_context(torch.device("cpu"), "bf16")
     else:
-        amp = (
-            autocast_context(torch.device("cpu"), "bf16") if precision == "bf16" else contextlib.nullcontext()
-        )
+        amp = contextlib.nullcontext()
 
     def run(pixels):
         with torch.inference_mode(), amp:

@@ -1,6 +1,7 @@
 """GROUNDLABEL_CPU_PRECISION: the choice from a CPU's flags (never timed), the engines in bf16 on a CPU (their
-outputs near fp32's, their names with -bf16, GEM on plain PyTorch), the names the backend reads the result
-cache under, and the tests' own engines staying fp32 on a CPU with native bf16."""
+outputs near fp32's, their names with -bf16, GEM's tower with bf16 operands on oneDNN or under autocast),
+the names the backend reads the result cache under, and the tests' own engines staying fp32 on a CPU with
+native bf16."""
 
 from __future__ import annotations
 
@@ -126,16 +127,16 @@ def _image(seed: int = 0, size: tuple[int, int] = (72, 56)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def test_gem_in_bf16_takes_plain_pytorch_and_stays_near_fp32(monkeypatch) -> None:
+def test_gem_in_bf16_is_named_so_and_stays_near_fp32(monkeypatch) -> None:
     from workers.models.gem import kernels
 
     monkeypatch.setattr(cpu, "machine_cpu", lambda: cpu_of(SAPPHIRE_RAPIDS))  # auto on an AMX machine
     bf16 = make_tiny_gem_engine(seed=1)
     fp32 = make_tiny_gem_engine(seed=1, cpu_precision="fp32")
     assert bf16.precision == "bf16" and bf16.model_version == fp32.model_version + BF16_SUFFIX
-    assert bf16.kernel_choice is not None and bf16.kernel_choice.source == "bf16"
-    assert bf16.tower.cpu_kernels == "torch"  # the oneDNN kernels are fp32 only
-    assert fp32.precision == "fp32" and fp32.kernel_choice is not None and fp32.kernel_choice.source != "bf16"
+    assert bf16.kernel_choice is not None and bf16.kernel_choice.path in kernels.available_paths("bf16")
+    assert (bf16.tower.cpu_kernels, bf16.tower.cpu_precision) == (bf16.kernel_choice.path, "bf16")
+    assert fp32.precision == "fp32" and fp32.kernel_choice is not None and fp32.tower.cpu_precision == "fp32"
     x = torch.ones(2, 2)
     with kernels.using("packed"):
         assert kernels.onednn_usable(x) == (kernels.available_paths() != ("torch",))
@@ -152,6 +153,52 @@ def test_gem_in_bf16_takes_plain_pytorch_and_stays_near_fp32(monkeypatch) -> Non
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _gem_tokens(tower, path: str, precision: str, pixels: torch.Tensor) -> torch.Tensor:
+    tower.cpu_kernels, tower.cpu_precision = path, precision
+    with torch.inference_mode():
+        return tower.dense_features(pixels, "gem").float()
+
+
+def test_gem_tower_with_bf16_operands_on_the_onednn_paths(monkeypatch) -> None:
+    """bf16 on the oneDNN paths rounds the products' operands only (packed bf16 weights, bf16 q/k/v and
+    probabilities, fp32 in between): the tokens move from fp32 by bf16's rounding, less than under
+    autocast, and the same on both oneDNN paths, also with several blocks of query rows per head."""
+    from workers.models.gem import kernels
+
+    if not kernels.ONEDNN_BF16:
+        pytest.skip("oneDNN has no bf16 products on this CPU (it needs AVX-512 or newer)")
+    tower = make_tiny_gem_engine(seed=2, cpu_precision="fp32").tower
+    pixels = torch.randn(1, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    reference = _gem_tokens(tower, "torch", "fp32", pixels)
+    autocast = _relative(_gem_tokens(tower, "torch", "bf16", pixels), reference)
+    kernels.release_packed_weights()
+    packed = _gem_tokens(tower, "packed", "bf16", pixels)
+    assert {dtype for _, dtype in kernels._packed} == {torch.bfloat16}  # bf16 copies of the weights
+    assert 1e-4 < _relative(packed, reference) < min(2e-2, autocast)
+    assert _relative(_gem_tokens(tower, "onednn", "bf16", pixels), packed) < 1e-6
+    gh, gw = tower.grid_for(64, 48)
+    assert 1 + gh * gw > 16
+    monkeypatch.setattr(kernels, "_SCORE_BLOCK", 16 * (1 + gh * gw))  # 16-row blocks, keys packed
+    blocked = _gem_tokens(tower, "packed", "bf16", pixels)
+    assert _relative(blocked, packed) < 1e-2 and _relative(blocked, reference) < 2e-2
+    assert kernels.current_precision() == "fp32"  # the tower's setting holds for its own forwards
+
+
+def test_bf16_without_onednn_bf16_takes_plain_pytorch_under_autocast(monkeypatch) -> None:
+    """On a CPU where oneDNN has no bf16 products (AVX2 only), asking a oneDNN path for bf16 gives plain
+    PyTorch under autocast, and the choice has that one path."""
+    from workers.models.gem import kernels
+
+    monkeypatch.setattr(kernels, "ONEDNN_BF16", False)
+    assert kernels.available_paths("bf16") == ("torch",)
+    with kernels.using("packed", "bf16"):
+        assert kernels.current_path() == "torch" and torch.is_autocast_enabled("cpu")
+    with kernels.using("packed", "fp32"):
+        assert kernels.current_path() == "packed" and not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="unknown CPU precision"), kernels.using("packed", "fp16"):
+        pass
 
 
 def test_lavt_in_bf16_is_named_so_and_its_probabilities_stay_near_fp32(tmp_path) -> None:

@@ -190,14 +190,14 @@ def test_a_kept_path_this_process_may_not_take_is_timed_again(tmp_path, monkeypa
     tower = GemVisionTower(tiny_clip().visual)
     kept = {"version": 1, "choices": {"k": {"path": "packed", "timings_s": {}}}}
     (tmp_path / CACHE_FILE).write_text(json.dumps(kept))
-    monkeypatch.setattr(kernels, "available_paths", lambda: ("onednn", "torch"))
+    monkeypatch.setattr(kernels, "available_paths", lambda precision="fp32": ("onednn", "torch"))
     measure = Measure({"onednn": 0.5, "torch": 1.0})
     choice = choose(tower, "auto", tmp_path, measure=measure, key="k")
     assert (choice.path, choice.source) == ("onednn", "timed")
 
 
 def test_a_single_available_path_is_taken_without_timing(monkeypatch):
-    monkeypatch.setattr(kernels, "available_paths", lambda: ("torch",))
+    monkeypatch.setattr(kernels, "available_paths", lambda precision="fp32": ("torch",))
     measure = Measure({"torch": 1.0})
     choice = choose(GemVisionTower(tiny_clip().visual), "auto", None, measure=measure)
     assert (choice.path, choice.source, measure.calls) == ("torch", "only", [])
@@ -342,3 +342,41 @@ def test_cpuinfo_gives_the_model_name_flags_and_native_bf16():
     assert not zen_masked.native_bf16 and not zen_masked.avx512
     assert zen_masked.fingerprint() != parse_cpuinfo("model name : AMD EPYC\nflags : avx512f\n").fingerprint()
     assert parse_cpuinfo("").model  # platform's name where /proc/cpuinfo says nothing
+
+
+# ----------------------------------------------------------------------------- bf16 products
+def test_bf16_choices_are_timed_in_bf16_and_kept_apart_from_fp32(tmp_path):
+    """The engine in bf16 times the paths with bf16 products (the probe runs under ``using(path, "bf16")``)
+    and keeps that choice under a key of its own: an fp32 engine on the same machine is not answered with
+    it. Where oneDNN has no bf16 products, plain PyTorch (autocast) is the only path."""
+    tower = GemVisionTower(tiny_clip().visual)
+    paths = kernels.available_paths("bf16")
+    fp32_key, bf16_key = (machine_key(tower, paths, 17, precision=p) for p in ("fp32", "bf16"))
+    assert bf16_key == fp32_key + " | bf16"
+    seen: list[str] = []
+
+    def measure(ps):
+        seen.append(kernels.current_precision())
+        return {p: {"packed": 0.5, "onednn": 0.6, "torch": 1.0}[p] for p in ps}
+
+    bf16 = choose(tower, "auto", tmp_path, measure=measure, precision="bf16")
+    fp32 = choose(tower, "auto", tmp_path, measure=Measure({"packed": 1.2, "onednn": 1.3, "torch": 1.0}))
+    if kernels.ONEDNN_BF16 and len(paths) > 1:
+        assert (bf16.path, bf16.source) == ("packed", "timed") and fp32.path == "torch"
+        kept = json.loads((tmp_path / CACHE_FILE).read_text())["choices"]
+        assert [k.endswith(" | bf16") for k in sorted(kept)] == [False, True]
+    else:
+        assert bf16 == kernel_choice.Choice("torch", "only") and not seen
+
+
+def test_time_paths_runs_each_path_with_the_products_it_is_timed_for():
+    seen: list[tuple[str, str, bool]] = []
+
+    def run():
+        seen.append((kernels.current_path(), kernels.current_precision(), torch.is_autocast_enabled("cpu")))
+
+    paths = kernels.available_paths("bf16")
+    time_paths(run, paths, rounds=1, precision="bf16")
+    assert {s[1] for s in seen} == {"bf16"}
+    assert {(p, a) for p, _, a in seen} == {(p, p == "torch") for p in paths}  # autocast on plain PyTorch
+    assert kernels.current_precision() == "fp32" and not torch.is_autocast_enabled("cpu")

@@ -718,18 +718,18 @@ def test_packed_linear_weights_follow_in_place_changes_and_can_be_turned_off():
     x, res = torch.randn(3, 7, 24), torch.randn(3, 7, 10)
     with torch.no_grad():
         first = kernels.linear(x, layer.weight, layer.bias)
-        assert id(layer.weight) in kernels._packed  # packed on first use
-        packed = kernels._packed[id(layer.weight)][2]
+        assert (id(layer.weight), torch.float32) in kernels._packed  # packed on first use
+        packed = kernels._packed[id(layer.weight), torch.float32][2]
         assert rel_diff(kernels.linear(x, layer.weight, layer.bias), first) < 1e-6
-        assert kernels._packed[id(layer.weight)][2] is packed  # reused while unchanged
+        assert kernels._packed[id(layer.weight), torch.float32][2] is packed  # reused while unchanged
         assert rel_diff(first, F.linear(x, layer.weight, layer.bias)) < 1e-5
         layer.load_state_dict({"weight": -2.0 * layer.weight, "bias": layer.bias})  # in place
         fused = kernels.linear(x, layer.weight, layer.bias, residual=res)
         assert rel_diff(fused, res + F.linear(x, layer.weight, layer.bias)) < 1e-5
-        assert kernels._packed[id(layer.weight)][2] is not packed  # repacked after the change
+        assert kernels._packed[id(layer.weight), torch.float32][2] is not packed  # repacked after the change
         view = torch.randn(20, 24)[:10]  # a view is used as it is, never kept
         assert rel_diff(kernels.linear(x, view), F.linear(x, view)) < 1e-5
-        assert id(view) not in kernels._packed
+        assert (id(view), torch.float32) not in kernels._packed
         try:
             kernels.set_weight_packing(False)
             assert not kernels._packed
@@ -737,6 +737,6 @@ def test_packed_linear_weights_follow_in_place_changes_and_can_be_turned_off():
             assert not kernels._packed
         finally:
             kernels.set_weight_packing(True)
-    key = id(layer.weight)
+    key = (id(layer.weight), torch.float32)
     del layer
     assert key not in kernels._packed  # released with its weight

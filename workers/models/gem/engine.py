@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Hashable, Sequence
@@ -168,18 +169,24 @@ class GemEngine:
 
     def _choose_cpu_kernels(self) -> Choice | None:
         """On the CPU, the path GEM's tower takes (:mod:`.kernel_choice`: forced, kept for this machine, or
-        timed now; plain PyTorch under bf16 autocast, the oneDNN kernels being fp32 only); None elsewhere."""
+        timed now, in the engine's precision; the tower then applies the precision itself, bf16 being
+        autocast on the ``torch`` path and bf16 operands on the oneDNN ones); None elsewhere."""
         if self.device.type != "cpu" or not isinstance(self.tower, GemVisionTower):
             return None
         cfg = self.config
-        if self.precision == "bf16":
-            if cfg.cpu_kernels not in ("auto", "torch"):
-                log.warning("GEM CPU kernels: %s is fp32 only; bf16 takes plain PyTorch", cfg.cpu_kernels)
-            self.tower.cpu_kernels = "torch"
-            return Choice("torch", "bf16")
-        choice = choose(self.tower, cfg.cpu_kernels, cfg.kernel_cache, size=cfg.input_size)
+        choice = choose(
+            self.tower, cfg.cpu_kernels, cfg.kernel_cache, size=cfg.input_size, precision=self.precision
+        )
         self.tower.cpu_kernels = choice.path
+        self.tower.cpu_precision = self.precision
         return choice
+
+    def _tower_precision(self) -> contextlib.AbstractContextManager:
+        """The context of a tower forward: nothing when the tower applies its CPU precision itself (GEM's
+        tower on the CPU), else the engine's autocast."""
+        if self.kernel_choice is not None:
+            return contextlib.nullcontext()
+        return autocast_context(self.device, self.precision)
 
     # ------------------------------------------------------------------- text
     @property
@@ -228,7 +235,7 @@ class GemEngine:
         """Unit-norm dense features ``[B, gh, gw, D]`` (float32) of preprocessed ``pixels [B, 3, H, W]``,
         computed under ``torch.inference_mode`` (an inference tensor: read it, do not modify it in place)."""
         gh, gw = self.tower.grid_for(pixels.shape[-2], pixels.shape[-1])
-        with autocast_context(self.device, self.precision):
+        with self._tower_precision():
             tokens = self.tower.dense_features(
                 pixels.to(self.device), self.config.method, naclip_std=self.config.naclip_std
             )

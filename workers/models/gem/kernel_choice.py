@@ -13,6 +13,10 @@ path's time relative to plain PyTorch's in the same round. Plain PyTorch is kept
 it by more than :data:`TOLERANCE`, so the choice is never slower than plain PyTorch by more than the timing
 noise.
 
+With bf16 products (``precision="bf16"``, the engine's ``GROUNDLABEL_CPU_PRECISION`` on a CPU with native
+bf16) the same paths are timed in bf16, plain PyTorch under CPU autocast against the oneDNN kernels on bf16
+operands (:mod:`.kernels`), and the choice is kept under a key of its own.
+
 The choice is written to :data:`CACHE_FILE` in the cache folder (``GemConfig.kernel_cache``; the workers'
 ``$XDG_CACHE_HOME/groundlabel``), keyed by :func:`machine_key`: the CPU (model name and a hash of its flags),
 the torch version, the thread count, the paths allowed, the tower's shape and the token count. Later loads
@@ -57,8 +61,7 @@ _memo_lock = threading.Lock()
 @dataclass(frozen=True)
 class Choice:
     """The CPU path a tower takes, and why: ``forced`` (the setting), ``cached`` (timed on this machine
-    before), ``timed`` (timed now), ``only`` (a single path available) or ``bf16`` (plain PyTorch under
-    bf16 autocast: the oneDNN kernels compute in fp32 only)."""
+    before), ``timed`` (timed now) or ``only`` (a single path available)."""
 
     path: str
     source: str
@@ -107,9 +110,10 @@ def machine_key(
     cpu: CpuInfo | None = None,
     torch_version: str | None = None,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> str:
-    """The key a choice is kept under: CPU model and flags, torch version, threads, paths, tower shape and
-    token count."""
+    """The key a choice is kept under: CPU model and flags, torch version, threads, paths, tower shape,
+    token count and (when not fp32) the precision of the products."""
     cpu = cpu or cpu_info()
     transformer = tower.visual.transformer
     heads = tower._attentions[0].num_heads
@@ -117,15 +121,16 @@ def machine_key(
         f"width {transformer.width} blocks {len(transformer.resblocks)} heads {heads} "
         f"depth {tower.gem_depth} iter {tower.ss_attn_iter} tokens {tokens}"
     )
-    return " | ".join(
-        (
-            cpu.fingerprint(),
-            f"torch {torch_version or torch.__version__}",
-            f"threads {threads or torch.get_num_threads()}",
-            ",".join(paths),
-            shape,
-        )
-    )
+    parts = [
+        cpu.fingerprint(),
+        f"torch {torch_version or torch.__version__}",
+        f"threads {threads or torch.get_num_threads()}",
+        ",".join(paths),
+        shape,
+    ]
+    if precision != "fp32":
+        parts.append(precision)
+    return " | ".join(parts)
 
 
 def time_paths(
@@ -134,18 +139,19 @@ def time_paths(
     *,
     rounds: int = ROUNDS,
     clock: Callable[[], float] = time.perf_counter,
+    precision: str = "fp32",
 ) -> dict[str, list[float]]:
-    """Seconds of ``run()`` under each of ``paths`` (:func:`kernels.using`), one per round: one warm-up call
-    per path (packing, compiling), then ``rounds`` rounds in which every path runs once, the order
-    rotating."""
+    """Seconds of ``run()`` under each of ``paths`` (:func:`kernels.using`, products in ``precision``), one
+    per round: one warm-up call per path (packing, compiling), then ``rounds`` rounds in which every path
+    runs once, the order rotating."""
     for path in paths:
-        with kernels.using(path):
+        with kernels.using(path, precision):
             run()
     times: dict[str, list[float]] = {path: [] for path in paths}
     for r in range(rounds):
         order = list(paths[r % len(paths) :]) + list(paths[: r % len(paths)])
         for path in order:
-            with kernels.using(path):
+            with kernels.using(path, precision):
                 start = clock()
                 run()
                 times[path].append(clock() - start)
@@ -183,23 +189,25 @@ def choose(
     size: tuple[int, int] | None = None,
     measure: Callable[[Sequence[str]], Times] | None = None,
     key: str | None = None,
+    precision: str = "fp32",
 ) -> Choice:
-    """The CPU path for ``tower`` on inputs of ``size`` (height, width; default the tower's native size):
-    ``setting`` when it names one, else the machine's kept choice, else the fastest by timing
-    (``measure(paths)`` → seconds by path, per round; default :func:`time_paths` on a probe of the tower),
-    written to ``cache_dir`` (when None, kept for this process only)."""
+    """The CPU path for ``tower`` on inputs of ``size`` (height, width; default the tower's native size)
+    with its products in ``precision`` (:data:`kernels.PRECISIONS`): ``setting`` when it names one, else
+    the machine's kept choice, else the fastest by timing (``measure(paths)`` → seconds by path, per round;
+    default :func:`time_paths` on a probe of the tower), written to ``cache_dir`` (when None, kept for this
+    process only)."""
     if setting != "auto":
         if setting not in kernels.PATHS:
             raise ValueError(f"unknown CPU kernel path {setting!r}; expected auto or one of {kernels.PATHS}")
         return Choice(setting, "forced")
-    paths = kernels.available_paths()
+    paths = kernels.available_paths(precision)
     if len(paths) == 1:
         return Choice(paths[0], "only")
     if size is None:
         native = tower.visual.image_size
         size = (native, native) if isinstance(native, int) else (int(native[0]), int(native[1]))
     tokens = _tokens(tower, size)
-    key = key or machine_key(tower, paths, tokens)
+    key = key or machine_key(tower, paths, tokens, precision=precision)
     file = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
     memo_key = (str(file or ""), key)
     with _memo_lock:
@@ -210,7 +218,8 @@ def choose(
             if isinstance(kept, dict) and kept.get("path") in paths:
                 choice = Choice(kept["path"], "cached", dict(kept.get("timings_s") or {}))
             else:
-                rounds = _rounds((measure or (lambda ps: time_paths(_probe(tower, tokens), ps)))(paths))
+                probe = _probe(tower, tokens)
+                rounds = _rounds((measure or (lambda ps: time_paths(probe, ps, precision=precision)))(paths))
                 choice = Choice(fastest(rounds), "timed", medians(rounds))
                 log.info(
                     "GEM CPU kernels: %s (median %s; %s)",

@@ -32,6 +32,14 @@ Which of these paths a CPU forward takes is one of :data:`PATHS`, set for a bloc
 :func:`using` (the tower does it with its ``cpu_kernels``; :mod:`.kernel_choice` times them on a machine):
 ``packed`` (oneDNN with packed weights, the default), ``onednn`` (oneDNN, the weights reordered on every
 call) or ``torch`` (plain PyTorch: ``F.linear``, ``scaled_dot_product_attention``, ``torch.softmax``).
+
+``using(path, "bf16")`` computes the products in bf16 (on CPUs that multiply bf16 natively, AVX512-BF16 or
+AMX). On the oneDNN paths the tensors between the products stay fp32 (the residual streams, LayerNorms,
+normalisations and softmax), and only the operands of each product are rounded to bf16, oneDNN
+accumulating in fp32: the linear weights are kept as packed bf16 copies (``packed``; ``onednn`` rounds
+them on every call), the attention's queries, keys and values are rounded once per head, each score
+block comes back to fp32 for the softmax and its probabilities go to bf16 for the product with v. On the
+``torch`` path ``bf16`` is CPU autocast, as anywhere else in the project.
 """
 
 from __future__ import annotations
@@ -48,9 +56,12 @@ from . import rowexp
 
 __all__ = [
     "PATHS",
+    "ONEDNN_BF16",
+    "PRECISIONS",
     "attention",
     "available_paths",
     "current_path",
+    "current_precision",
     "linear",
     "onednn_usable",
     "release_packed_weights",
@@ -72,14 +83,29 @@ def _find_linear_op():
 
 _LINEAR = _find_linear_op()
 _REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _LINEAR is not None else None
+
+
+def _onednn_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: Whether oneDNN multiplies bf16 on this CPU (AVX-512 or newer; without it bf16 takes plain PyTorch).
+ONEDNN_BF16 = _LINEAR is not None and _onednn_bf16()
 _SCORE_BLOCK = 1 << 20  # score-block elements per (image, head) step: 4 MiB of fp32
 _PACK_ROWS = 1024  # the row count oneDNN's weight layout is chosen for (any count computes exactly)
 _packing = True
-_packed: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}  # id(weight) -> (weight, key, packed)
+#: (id(weight), dtype) -> (weight, key, packed copy in that dtype)
+_packed: dict[tuple[int, torch.dtype], tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
 #: The CPU paths, from the most specialised to plain PyTorch.
 PATHS = ("packed", "onednn", "torch")
 _path: ContextVar[str] = ContextVar("gem_cpu_path", default="packed")
+#: The CPU arithmetic of the products: ``fp32`` or ``bf16`` (:func:`using`).
+PRECISIONS = ("fp32", "bf16")
+_bf16: ContextVar[bool] = ContextVar("gem_cpu_bf16", default=False)
 
 
 def set_weight_packing(enabled: bool) -> None:
@@ -100,9 +126,10 @@ def weight_packing() -> bool:
     return _packing
 
 
-def available_paths() -> tuple[str, ...]:
-    """The :data:`PATHS` this build and :func:`set_weight_packing` allow, plain PyTorch always."""
-    if _LINEAR is None:
+def available_paths(precision: str = "fp32") -> tuple[str, ...]:
+    """The :data:`PATHS` this build, this CPU (for ``bf16`` products) and :func:`set_weight_packing` allow,
+    plain PyTorch always."""
+    if _LINEAR is None or (precision == "bf16" and not ONEDNN_BF16):
         return ("torch",)
     return PATHS if _packing and _REORDER is not None else ("onednn", "torch")
 
@@ -112,40 +139,57 @@ def current_path() -> str:
     return _path.get()
 
 
+def current_precision() -> str:
+    """The arithmetic of the oneDNN products here (:func:`using`; ``fp32`` by default)."""
+    return "bf16" if _bf16.get() else "fp32"
+
+
 @contextlib.contextmanager
-def using(path: str | None) -> Iterator[None]:
-    """CPU forwards inside the block take ``path`` (one of :data:`PATHS`; ``None`` keeps the current one).
+def using(path: str | None, precision: str | None = None) -> Iterator[None]:
+    """CPU forwards inside the block take ``path`` (one of :data:`PATHS`) with their products in
+    ``precision`` (one of :data:`PRECISIONS`; ``bf16`` on the ``torch`` path is CPU autocast, and so on
+    every path where oneDNN has no bf16 products, :data:`ONEDNN_BF16`); ``None`` keeps the current one.
     Per thread and task, like any context variable."""
-    if path is None:
-        yield
-        return
-    if path not in PATHS:
+    if path is not None and path not in PATHS:
         raise ValueError(f"unknown CPU kernel path {path!r}; expected one of {PATHS}")
-    token = _path.set(path)
-    try:
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"unknown CPU precision {precision!r}; expected one of {PRECISIONS}")
+    with contextlib.ExitStack() as stack:
+        if path is not None:
+            token = _path.set(path)
+            stack.callback(_path.reset, token)
+        if precision is not None:
+            if precision == "bf16" and not ONEDNN_BF16 and _path.get() != "torch":
+                token = _path.set("torch")
+                stack.callback(_path.reset, token)
+            flag = _bf16.set(precision == "bf16")
+            stack.callback(_bf16.reset, flag)
+            if precision == "bf16" and _path.get() == "torch":
+                stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
         yield
-    finally:
-        _path.reset(token)
 
 
-def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` in oneDNN's layout, packed on first use and kept while the weight is unchanged; ``weight``
-    itself when packing is off or does not apply (a view, a strided tensor, an inference tensor)."""
+def _packed_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``weight`` in ``dtype`` and oneDNN's layout, packed on first use and kept while the weight is
+    unchanged; when packing is off or does not apply (a view, a strided tensor, an inference tensor)
+    ``weight`` itself, rounded to ``dtype`` on this call."""
+    plain = weight if weight.dtype == dtype else weight.to(dtype)
     if not _packing or _REORDER is None or weight._base is not None or not weight.is_contiguous():
-        return weight
+        return plain
     if _path.get() != "packed":
-        return weight
+        return plain
     if weight.is_inference():
-        return weight
+        return plain
     key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-    entry = _packed.get(id(weight))
+    slot = (id(weight), dtype)
+    entry = _packed.get(slot)
     if entry is not None and entry[0]() is weight and entry[1] == key:
         return entry[2]
     with torch.inference_mode(False), torch.no_grad():
-        packed = _REORDER(weight.detach(), _PACK_ROWS)
+        packed = _REORDER(weight.detach().to(dtype), _PACK_ROWS)
     if entry is None or entry[0]() is not weight:
-        weakref.finalize(weight, _packed.pop, id(weight), None)
-    _packed[id(weight)] = (weakref.ref(weight), key, packed)
+        weakref.finalize(weight, _packed.pop, slot, None)
+    _packed[slot] = (weakref.ref(weight), key, packed)
     return packed
 
 
@@ -174,6 +218,10 @@ def linear(
     """``x Wᵀ + b``, then the exact (erf) GELU when ``gelu``, plus ``residual`` when given (never both)."""
     if gelu and residual is not None:
         raise ValueError("linear fuses either gelu or a residual, not both")
+    if onednn_usable(x, weight, bias, residual) and _bf16.get():
+        w = _packed_weight(weight.contiguous(), torch.bfloat16)
+        y = _LINEAR(x.to(torch.bfloat16), w, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        return y.float() if residual is None else residual + y
     if onednn_usable(x, weight, bias, residual):
         w = _packed_weight(weight.contiguous())  # a strided weight takes oneDNN's slow reference reorder
         if residual is not None and residual.shape == (*x.shape[:-1], weight.shape[0]):
@@ -204,13 +252,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     rows = _rows(k.shape[-2])
     for i in range(b):
         for j in range(h):
-            qh = q[i, j] * scale
-            kh = _weight(k[i, j].contiguous(), rows, n)  # oneDNN weights: contiguous (or packed)
-            vt = _weight(v[i, j].t().contiguous(), rows, n)
+            qh = _operand(q[i, j] * scale)
+            kh = _weight(_operand(k[i, j].contiguous()), rows, n)  # oneDNN weights: contiguous (or packed)
+            vt = _weight(_operand(v[i, j].t().contiguous()), rows, n)
             for r in range(0, n, rows):
-                s = _LINEAR(qh[r : r + rows], kh, None, "none", [], "")
+                s = _scores(qh[r : r + rows], kh)
                 _times_values(*_softmax_rows(s), vt, out[i, r : r + rows, j])
     return out.transpose(1, 2)
+
+
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as an operand of the products here: rounded to bf16 under ``using(..., "bf16")``."""
+    return t.to(torch.bfloat16) if _bf16.get() else t
+
+
+def _scores(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``rows @ keysᵀ`` for the oneDNN weight ``keys``, in fp32 whatever the operands' precision."""
+    s = _LINEAR(rows, keys, None, "none", [], "")
+    return s if s.dtype == torch.float32 else s.float()
 
 
 def _softmax_rows(s: torch.Tensor, row_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -231,7 +290,7 @@ def _times_values(
 ) -> None:
     """``out = (p / sums) @ values`` for the oneDNN weight ``values_t`` (values transposed or packed), the
     division done on the product's ``rows × d`` numbers rather than on ``p``."""
-    product = _LINEAR(p, values_t, None, "none", [], "")
+    product = _LINEAR(_operand(p), values_t, None, "none", [], "")
     if sums is None:
         out.copy_(product)
     else:
@@ -264,14 +323,11 @@ def self_self_attention_rows(
             for _ in range(iters):
                 branches = [attention_step(F.normalize(z, dim=-1), t, rows) for z in branches]
             unit = [F.normalize(z, dim=-1) for z in branches]
-            scaled = [z * t for z in unit]
-            keys = [_weight(z, rows, n) for z in unit]
-            vt = _weight(v[i, j].t().contiguous(), rows, n)
+            scaled = [_operand(z * t) for z in unit]
+            keys = [_weight(_operand(z), rows, n) for z in unit]
+            vt = _weight(_operand(v[i, j].t().contiguous()), rows, n)
             for r in range(0, n, rows):
-                scores = (
-                    _LINEAR(zq[r : r + rows], zk, None, "none", [], "")
-                    for zq, zk in zip(scaled, keys, strict=True)
-                )
+                scores = (_scores(zq[r : r + rows], zk) for zq, zk in zip(scaled, keys, strict=True))
                 _times_values(*_mean_softmax(scores, t), vt, out[i, r : r + rows, j])
     return out.transpose(1, 2)
 
@@ -304,9 +360,10 @@ def _shift(s: torch.Tensor, row_max: float | None) -> torch.Tensor:
 def attention_step(z: torch.Tensor, inv_temp: float, rows: int) -> torch.Tensor:
     """One self-self step on one head's unit rows ``z [N, d]``: ``softmax(z zᵀ · inv_temp) z``."""
     n = z.shape[0]
-    zq, zt, key = z * inv_temp, _weight(z.t().contiguous(), rows, n), _weight(z, rows, n)
+    zq = _operand(z * inv_temp)
+    zt, key = _weight(_operand(z.t().contiguous()), rows, n), _weight(_operand(z), rows, n)
     out = torch.empty_like(z)
     for r in range(0, n, rows):
-        s = _LINEAR(zq[r : r + rows], key, None, "none", [], "")
+        s = _scores(zq[r : r + rows], key)
         _times_values(*_softmax_rows(s, inv_temp), zt, out[r : r + rows])
     return out

@@ -215,6 +215,10 @@ class GemVisionTower(nn.Module):
         #: The CPU path (:data:`kernels.PATHS`) that :meth:`forward` and :meth:`dense_features` take; None
         #: keeps the caller's (``packed`` unless set with :func:`kernels.using`). The numbers are the same.
         self.cpu_kernels: str | None = None
+        #: The arithmetic of the CPU products (:data:`kernels.PRECISIONS`): ``bf16`` rounds the operands of
+        #: the linear layers and attention products to bf16 (autocast on the ``torch`` path); None keeps
+        #: the caller's (fp32 unless set with :func:`kernels.using`).
+        self.cpu_precision: str | None = None
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -326,7 +330,7 @@ class GemVisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GEM's forward: ``(gem_tokens, original_tokens)``, each ``[B, 1 + gh*gw, D]`` after ln_post/proj."""
-        with kernels.using(self.cpu_kernels):
+        with kernels.using(self.cpu_kernels, self.cpu_precision):
             gem, ori = self._dual(pixels, self._gem_attention)
         assert ori is not None
         return gem, ori
@@ -403,7 +407,7 @@ class GemVisionTower(nn.Module):
         self, pixels: torch.Tensor, method: str = "gem", *, naclip_std: float = 5.0
     ) -> torch.Tensor:
         """Tokens ``[B, 1 + gh*gw, D]`` of the chosen method (class token first)."""
-        with kernels.using(self.cpu_kernels):
+        with kernels.using(self.cpu_kernels, self.cpu_precision):
             return self._dense_features(pixels, method, naclip_std)
 
     def _dense_features(self, pixels: torch.Tensor, method: str, naclip_std: float) -> torch.Tensor:
