@@ -412,16 +412,31 @@ def serve_backend(label_studio_session, tiny_gem_env, tmp_path_factory) -> Itera
         yield url
 
 
-@pytest.fixture(autouse=True)
-def _engines_in_fp32(monkeypatch) -> None:
+def _pin_engines_to_fp32() -> Callable:
     """Engines built in the tests resolve ``auto`` precisions as on a CPU without native bf16, so every
     output compared with a reference is fp32 on any machine (a test asking for bf16 says so, with
-    ``cpu_precision="bf16"`` or a CPU's flags). Workers started by the tests get
-    ``GROUNDLABEL_CPU_PRECISION=fp32`` from this process's environment (set below)."""
+    ``cpu_precision="bf16"`` or a CPU's flags). Pinned when this file is imported, before any fixture of
+    module or session scope builds an engine; :func:`_engines_in_fp32` restores it after a test that
+    patched it. Workers started by the tests get ``GROUNDLABEL_CPU_PRECISION=fp32`` from this process's
+    environment (set above)."""
     from workers.models import cpu
 
     pinned = without_native_bf16(cpu.machine_cpu())
-    monkeypatch.setattr(cpu, "machine_cpu", lambda: pinned)
+
+    def machine_cpu() -> cpu.CpuInfo:
+        return pinned
+
+    cpu.machine_cpu = machine_cpu
+    return machine_cpu
+
+
+@pytest.fixture(autouse=True)
+def _engines_in_fp32(monkeypatch) -> None:
+    """Each test starts with the tests' view of the CPU (:func:`_pin_engines_to_fp32`), whatever an
+    earlier test patched."""
+    from workers.models import cpu
+
+    monkeypatch.setattr(cpu, "machine_cpu", _PINNED_MACHINE_CPU)
 
 
 def without_native_bf16(info):
@@ -430,3 +445,6 @@ def without_native_bf16(info):
     from workers.models import cpu
 
     return cpu.CpuInfo(info.model, info.flags - set(cpu.BF16_FLAGS))
+
+
+_PINNED_MACHINE_CPU = _pin_engines_to_fp32()

@@ -55,6 +55,7 @@ SIZE = 64
 def _env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "GROUNDLABEL_"))}
     env.pop("REDIS_URL", None)
+    env["GROUNDLABEL_CPU_PRECISION"] = "fp32"  # the workers compute as the tests compare, on any CPU
     env.update(extra, PYTHONPATH=str(REPO))
     return env
 
