@@ -4,7 +4,7 @@ Random weights at the published architectures' sizes (SAM ViT-B, SAM-HQ ViT-B, S
 the SAM 3 tracker), on one photo-sized image. The first click on an image computes its embedding (and
 keeps it in the engine's cache); the next clicks on the same image run only the prompt encoder and the
 mask decoder. Prints a table and writes benchmarks/results/sam_speed.json; exits 1 when a next click
-costs more than a tenth of the first.
+costs half an image embedding or more (the cached embedding was not reused).
 
     .venv/bin/python benchmarks/sam_speed.py                          # every family, CPU
     .venv/bin/python benchmarks/sam_speed.py --families sam2 edgetam --clicks 5
@@ -136,9 +136,9 @@ def main() -> int:
     result = {"device": args.device, "image": [w, h], "precision": args.precision, "results": rows}
     out = write_result(args.out, result)
     print(f"wrote {out}")
-    slow = [r["family"] for r in rows if r["ratio"] > 0.1]
+    slow = [r["family"] for r in rows if r["next_click_s"] >= 0.5 * r["embedding_s"]]
     if slow:
-        print(f"a next click costs more than a tenth of the first for: {', '.join(slow)}")
+        print(f"a next click costs half an embedding or more (recomputed?) for: {', '.join(slow)}")
         return 1
     return 0
 
