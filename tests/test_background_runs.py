@@ -10,6 +10,7 @@ a restarted backend.
 
 from __future__ import annotations
 
+import concurrent.futures
 import subprocess
 import sys
 import time
@@ -160,6 +161,18 @@ def _wait_count(label_studio, project: int, n: int, timeout: float) -> Counter:
         time.sleep(0.5)
 
 
+def _wait_run(backend: str, project: str, timeout: float) -> dict:
+    """The backend's first background run of ``project`` as soon as it exists."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = httpx.get(backend + "/background", timeout=5).json()["runs"]
+        run = next((r for r in runs if r["project"] == project), None)
+        if run is not None:
+            return run
+        assert time.monotonic() < deadline, f"no background run of project {project} after {timeout} s"
+        time.sleep(0.05)
+
+
 def _env(label_studio, tiny_gem_env, **extra: str) -> dict[str, str]:
     return clean_env(
         {
@@ -250,17 +263,28 @@ def test_in_process_background_run_and_cancel(label_studio_session, tiny_gem_env
 
         other, other_ids = _project(ls, "background cancelled", 200)
         _connect(ls, backend, other)
-        _click(ls, other)
-        runs = httpx.get(backend + "/background", timeout=5).json()["runs"]
-        run = next(r for r in runs if r["project"] == str(other))
-        cli = subprocess.run(
-            [sys.executable, "-m", "groundlabel", "background", "--backend", backend, "cancel", run["id"]],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        # Cancelled as soon as the run exists (the click still in flight), before it can have finished.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            click = pool.submit(_click, ls, other)
+            run = _wait_run(backend, str(other), 120)
+            cli = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "groundlabel",
+                    "background",
+                    "--backend",
+                    backend,
+                    "cancel",
+                    run["id"],
+                ],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            click.result(timeout=200)
         assert cli.returncode == 0, cli.stderr
         assert "cancelled" in cli.stdout
         time.sleep(3)
