@@ -218,8 +218,8 @@ def choose(
             if isinstance(kept, dict) and kept.get("path") in paths:
                 choice = Choice(kept["path"], "cached", dict(kept.get("timings_s") or {}))
             else:
-                probe = _probe(tower, tokens)
-                rounds = _rounds((measure or (lambda ps: time_paths(probe, ps, precision=precision)))(paths))
+                timing = measure or (lambda ps: time_paths(_probe(tower, tokens), ps, precision=precision))
+                rounds = _rounds(timing(paths))
                 choice = Choice(fastest(rounds), "timed", medians(rounds))
                 log.info(
                     "GEM CPU kernels: %s (median %s; %s)",

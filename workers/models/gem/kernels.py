@@ -173,13 +173,15 @@ def _packed_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     """``weight`` in ``dtype`` and oneDNN's layout, packed on first use and kept while the weight is
     unchanged; when packing is off or does not apply (a view, a strided tensor, an inference tensor)
     ``weight`` itself, rounded to ``dtype`` on this call."""
-    plain = weight if weight.dtype == dtype else weight.to(dtype)
-    if not _packing or _REORDER is None or weight._base is not None or not weight.is_contiguous():
-        return plain
-    if _path.get() != "packed":
-        return plain
-    if weight.is_inference():
-        return plain
+    if (
+        not _packing
+        or _REORDER is None
+        or weight._base is not None
+        or not weight.is_contiguous()
+        or _path.get() != "packed"
+        or weight.is_inference()
+    ):
+        return weight if weight.dtype == dtype else weight.to(dtype)
     key = (weight.data_ptr(), weight._version, tuple(weight.shape))
     slot = (id(weight), dtype)
     entry = _packed.get(slot)
@@ -218,11 +220,11 @@ def linear(
     """``x Wᵀ + b``, then the exact (erf) GELU when ``gelu``, plus ``residual`` when given (never both)."""
     if gelu and residual is not None:
         raise ValueError("linear fuses either gelu or a residual, not both")
-    if onednn_usable(x, weight, bias, residual) and _bf16.get():
-        w = _packed_weight(weight.contiguous(), torch.bfloat16)
-        y = _LINEAR(x.to(torch.bfloat16), w, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-        return y.float() if residual is None else residual + y
     if onednn_usable(x, weight, bias, residual):
+        if _bf16.get():
+            w = _packed_weight(weight.contiguous(), torch.bfloat16)
+            y = _LINEAR(x.to(torch.bfloat16), w, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+            return y.float() if residual is None else residual + y
         w = _packed_weight(weight.contiguous())  # a strided weight takes oneDNN's slow reference reorder
         if residual is not None and residual.shape == (*x.shape[:-1], weight.shape[0]):
             return _LINEAR.binary(x, residual.contiguous(), w, bias, "add")
