@@ -82,20 +82,6 @@ def _interactive(client, backend: str, seed: int) -> float:
     return seconds
 
 
-def _click(ls, project: int) -> float:
-    """*Retrieve Predictions* on every task, as the Data Manager sends it; Label Studio's seconds."""
-    start = time.monotonic()
-    response = ls.api(
-        "POST",
-        "/api/dm/actions",
-        params={"id": "retrieve_tasks_predictions", "project": project},
-        json={"selectedItems": {"all": True, "excluded": []}},
-        timeout=3600,
-    )
-    assert response.status_code == 200, response.text[:300]
-    return time.monotonic() - start
-
-
 def _summary(values: list[float]) -> dict[str, float]:
     values = sorted(values)
     return {
@@ -188,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             assert ml.get("state") != "ER", ml
             clicked, clicked_at = time.monotonic(), time.time()
             with ThreadPoolExecutor(1) as pool:  # Label Studio's request, while this thread watches
-                click = pool.submit(_click, ls, project)
+                click = pool.submit(ls.retrieve_predictions, project, timeout=3600)
                 run, busy, last_print = None, [], time.monotonic()
                 while True:
                     runs = client.get(backend + "/background", timeout=30).json()["runs"]

@@ -137,20 +137,6 @@ def _connect(label_studio, backend: str, project: int) -> None:
     assert ml["id"] and ml.get("state") != "ER", ml
 
 
-def _click(label_studio, project: int) -> float:
-    """*Retrieve Predictions* on every task, as the Data Manager sends it; the seconds it took."""
-    start = time.monotonic()
-    response = label_studio.api(
-        "POST",
-        "/api/dm/actions",
-        params={"id": "retrieve_tasks_predictions", "project": project},
-        json={"selectedItems": {"all": True, "excluded": []}},
-        timeout=200,
-    )
-    assert response.status_code == 200, response.text[:500]
-    return time.monotonic() - start
-
-
 def _wait_count(label_studio, project: int, n: int, timeout: float) -> Counter:
     """The predictions per task once at least ``n`` tasks have one (or at the timeout)."""
     deadline = time.monotonic() + timeout
@@ -199,7 +185,7 @@ def test_retrieve_predictions_on_redis_ends_with_every_task_once(
     worker.wait_ready(redis_url)
     with serve_process(env, tmp_path / "serve1.log") as backend:
         _connect(ls, backend, project)
-        seconds = _click(ls, project)
+        seconds = ls.retrieve_predictions(project, timeout=200)
         after_click = len(_predictions(ls, project))
         assert after_click < 300, "every task was answered within the deadline: nothing was left over"
         health = httpx.get(backend + "/health", timeout=5).json()
@@ -207,7 +193,7 @@ def test_retrieve_predictions_on_redis_ends_with_every_task_once(
         assert len(running) == 1 and running[0]["project"] == str(project), health
         run_id = running[0]["id"]
         # A second click while the run goes on: the run's tasks are left to it.
-        _click(ls, project)
+        ls.retrieve_predictions(project, timeout=200)
         # Kill the worker once some of the run is written.
         _wait_count(ls, project, after_click + 20, 120)
         worker.kill()
@@ -255,7 +241,7 @@ def test_in_process_background_run_and_cancel(label_studio_session, tiny_gem_env
     project, ids = _project(ls, "background in process", 120)
     with serve_process(env, tmp_path / "serve.log") as backend:
         _connect(ls, backend, project)
-        _click(ls, project)
+        ls.retrieve_predictions(project, timeout=200)
         runs = httpx.get(backend + "/background", timeout=5).json()["runs"]
         assert [r["project"] for r in runs] == [str(project)], runs  # the late tasks became a run
         counts = _wait_count(ls, project, len(ids), 180)
@@ -265,7 +251,7 @@ def test_in_process_background_run_and_cancel(label_studio_session, tiny_gem_env
         _connect(ls, backend, other)
         # Cancelled as soon as the run exists (the click still in flight), before it can have finished.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            click = pool.submit(_click, ls, other)
+            click = pool.submit(ls.retrieve_predictions, other, timeout=200)
             run = _wait_run(backend, str(other), 120)
             cli = subprocess.run(
                 [

@@ -77,13 +77,7 @@ def _connect_and_retrieve(label_studio, backend: str, project: int) -> None:
         json={"url": backend, "project": project, "title": "groundlabel", "is_interactive": False},
     )
     assert ml["id"] and ml.get("state") != "ER", ml
-    response = label_studio.api(
-        "POST",
-        "/api/dm/actions",
-        params={"id": "retrieve_tasks_predictions", "project": project},
-        json={"selectedItems": {"all": True, "excluded": []}},
-    )
-    assert response.status_code == 200, response.text[:500]
+    label_studio.retrieve_predictions(project)
 
 
 def test_backend_connected_to_label_studio(label_studio, backend):
@@ -91,12 +85,7 @@ def test_backend_connected_to_label_studio(label_studio, backend):
     _connect_and_retrieve(label_studio, backend, project)
     _check_predictions(label_studio, ids, MODEL_VERSION)
     # Asking again stores nothing new: Label Studio skips tasks predicted by the backend's version.
-    label_studio.api(
-        "POST",
-        "/api/dm/actions",
-        params={"id": "retrieve_tasks_predictions", "project": project},
-        json={"selectedItems": {"all": True, "excluded": []}},
-    )
+    label_studio.retrieve_predictions(project)
     _check_predictions(label_studio, ids, MODEL_VERSION)
 
 

@@ -147,16 +147,6 @@ class Processes:
                 proc.wait(10)
 
 
-def _retrieve(label_studio, project: int, ids: list[int]) -> None:
-    response = label_studio.api(
-        "POST",
-        "/api/dm/actions",
-        params={"id": "retrieve_tasks_predictions", "project": project},
-        json={"selectedItems": {"all": False, "included": ids}},
-    )
-    assert response.status_code == 200, response.text[:500]
-
-
 def test_start_training_in_label_studio_promotes_a_better_model_that_serves_the_next_predictions(
     redis_url, tmp_path
 ):
@@ -241,7 +231,7 @@ def test_start_training_in_label_studio_promotes_a_better_model_that_serves_the_
         )
         phase("processes up")
         sample = ids[:6]
-        _retrieve(label_studio, project, sample)
+        label_studio.retrieve_predictions(project, sample)
         before = {p["model_version"] for t in sample for p in label_studio.predictions(t)}
         assert len(before) == 1 and before.pop().startswith("lavt-tiny-base-cfg"), procs.logs()
 
@@ -289,7 +279,7 @@ def test_start_training_in_label_studio_promotes_a_better_model_that_serves_the_
         assert f'groundlabel_training_promoted{{project="{project}"}} 1.0' in metrics
 
         # The next Retrieve Predictions stores predictions under the new version (workers not restarted).
-        _retrieve(label_studio, project, sample)
+        label_studio.retrieve_predictions(project, sample)
         for task_id in sample:
             versions = {p["model_version"] for p in label_studio.predictions(task_id)}
             assert any(v.startswith(version + "-cfg") for v in versions), versions
@@ -368,7 +358,7 @@ def test_start_training_on_a_project_without_expressions_distils_gem_and_serves_
             json={"url": backend, "project": project, "title": "groundlabel", "auto_update": True},
         )
         sample = ids[:4]
-        _retrieve(label_studio, project, sample)
+        label_studio.retrieve_predictions(project, sample)
         before = {p["model_version"] for t in sample for p in label_studio.predictions(t)}
         assert len(before) == 1 and before.pop().startswith("gem-tiny-clip-trained-"), procs.logs()
 
@@ -403,7 +393,7 @@ def test_start_training_on_a_project_without_expressions_distils_gem_and_serves_
 
         served = store.promoted_name(str(project))  # the version, or the same calibration over it
         assert served == version or store.calibration(store.get(str(project), served)).trained == version
-        _retrieve(label_studio, project, sample)
+        label_studio.retrieve_predictions(project, sample)
         for task_id in sample:
             versions = {p["model_version"] for p in label_studio.predictions(task_id)}
             assert any(v.startswith(served + "-cfg") for v in versions), (versions, procs.logs())
