@@ -237,7 +237,8 @@ def test_in_process_background_run_and_cancel(label_studio_session, tiny_gem_env
     """Without Redis: a click's late tasks are written once; a second project's run is cancelled from the
     command line and writes nothing more."""
     ls = label_studio_session
-    env = _env(ls, tiny_gem_env)
+    # A deadline short enough that a fast CPU cannot answer every task inside it (2 s did, 120 tasks).
+    env = _env(ls, tiny_gem_env, GROUNDLABEL_PREDICT_TIMEOUT="0.5")
     project, ids = _project(ls, "background in process", 120)
     with serve_process(env, tmp_path / "serve.log") as backend:
         _connect(ls, backend, project)
