@@ -24,6 +24,7 @@ from workers.models.gem.kernel_choice import (  # noqa: E402
     fastest,
     machine_key,
     medians,
+    settled,
     time_paths,
 )
 from workers.models.gem.modules import DENSE_METHODS, GemVisionTower  # noqa: E402
@@ -106,11 +107,64 @@ def test_time_paths_alternates_the_paths_and_times_each_round():
         seen.append(path)
         now[0] += durations[path].pop(0)
 
-    result = time_paths(run, kernels.PATHS, rounds=3, clock=lambda: now[0])
+    result = time_paths(run, kernels.PATHS, rounds=3, max_rounds=3, clock=lambda: now[0])
     assert seen[:3] == ["packed", "onednn", "torch"]  # warm-ups, not timed
     assert seen[3:] == ["packed", "onednn", "torch", "onednn", "torch", "packed", "torch", "packed", "onednn"]
     assert result == {"packed": [1.0, 5.0, 3.0], "onednn": [2.0, 2.0, 8.0], "torch": [4.0, 4.0, 4.0]}
     assert kernels.current_path() == "packed"  # the default again after timing
+
+
+def test_rounds_are_settled_when_every_round_agrees_with_the_choice():
+    # torch chosen and never beaten by more than the tolerance: more rounds cannot change it
+    assert settled({"packed": [1.3, 1.1, 0.98], "onednn": [1.2, 1.25, 1.3], "torch": [1.0, 1.0, 1.0]})
+    # the AVX2 EPYC's disturbed probe: onednn chosen by its median, though slower in one round of three
+    probe = {
+        "packed": [0.2698, 0.2774, 0.2631],
+        "onednn": [0.2984, 0.2725, 0.2662],
+        "torch": [0.2475, 0.2864, 0.2867],
+    }
+    assert fastest(probe) == "onednn" and not settled(probe)
+    assert settled({"packed": [0.5, 0.6, 0.55], "onednn": [0.7, 1.4, 0.6], "torch": [1.0, 1.0, 1.0]})
+    assert not settled({"packed": [0.5, 0.6, 1.0], "torch": [1.0, 1.0, 1.0]})  # torch as fast once
+    assert not settled({"packed": [0.5, 0.6, 0.96], "torch": [1.0, 1.0, 1.0]}, tolerance=0.05)
+    assert settled({"packed": [0.5, 0.7]}) and settled({"packed": [0.0], "torch": [0.0]})
+
+
+def test_time_paths_adds_rounds_until_they_agree_and_stops_at_the_most():
+    """The disturbed probe's three rounds, then rounds in which plain PyTorch is clearly faster: timing
+    goes on while the rounds disagree, and the choice follows the longer record."""
+    now = [0.0]
+    extra = {"packed": 0.33, "onednn": 0.32, "torch": 0.24}
+    first = {
+        "packed": [0.3, 0.2698, 0.2774, 0.2631],
+        "onednn": [0.3, 0.2984, 0.2725, 0.2662],
+        "torch": [0.3, 0.2475, 0.2864, 0.2867],
+    }
+    runs = {p: 0 for p in kernels.PATHS}
+
+    def run():
+        path = kernels.current_path()
+        runs[path] += 1
+        now[0] += first[path].pop(0) if first[path] else extra[path]
+
+    result = time_paths(run, kernels.PATHS, clock=lambda: now[0])
+    assert 3 < len(result["torch"]) <= kernel_choice.MAX_ROUNDS
+    assert {len(ts) for ts in result.values()} == {len(result["torch"])} and fastest(result) == "torch"
+    assert settled(result) or len(result["torch"]) == kernel_choice.MAX_ROUNDS
+    # rounds that never agree stop at the most
+    packed = iter([0.5, 1.5] * 20)  # half or one and a half of torch's time, round after round
+    now[0] = 0.0
+
+    def noisy():
+        now[0] += next(packed) if kernels.current_path() == "packed" else 1.0
+
+    result = time_paths(noisy, ("packed", "torch"), max_rounds=5, clock=lambda: now[0])
+    assert len(result["torch"]) == 5
+    # rounds that agree at once stop at the least
+    steady = time_paths(
+        lambda: None, ("packed", "torch"), max_rounds=7, clock=iter(range(0, 10**6, 1)).__next__
+    )
+    assert len(steady["torch"]) == kernel_choice.ROUNDS
 
 
 # ----------------------------------------------------------------------------- choose and keep

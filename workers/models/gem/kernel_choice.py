@@ -8,10 +8,12 @@ AVX-512, slower than plain PyTorch on an Intel Xeon, and on an AVX2-only machine
 on two threads) but slowed far more when other jobs took a core. So :func:`choose`, on a tower's first CPU
 load on a machine, times a small input of the engine's token count on every path the build allows: one
 unchanged block and one GEM block's self-self attention (what a forward repeats, at about a sixth of its
-cost), the paths alternating for a few rounds, and keeps the fastest by the median over rounds of each
-path's time relative to plain PyTorch's in the same round. Plain PyTorch is kept unless another path beats
-it by more than :data:`TOLERANCE`, so the choice is never slower than plain PyTorch by more than the timing
-noise.
+cost), the paths alternating, and keeps the fastest by the median over rounds of each path's time relative
+to plain PyTorch's in the same round. Plain PyTorch is kept unless another path beats it by more than
+:data:`TOLERANCE`, so the choice is never slower than plain PyTorch by more than the timing noise. The
+timing stops after :data:`ROUNDS` rounds when every round agrees (:func:`settled`) and goes on up to
+:data:`MAX_ROUNDS` when they do not: on a 2-core AVX2 EPYC three rounds disturbed by a passing load once
+picked oneDNN's kernels, which ran whole forwards 25 % slower than plain PyTorch there.
 
 With bf16 products (``precision="bf16"``, the engine's ``GROUNDLABEL_CPU_PRECISION`` on a CPU with native
 bf16) the same paths are timed in bf16, plain PyTorch under CPU autocast against the oneDNN kernels on bf16
@@ -46,14 +48,29 @@ from workers.models.cpu import CpuInfo, cpu_info
 from . import kernels
 from .modules import GemVisionTower
 
-__all__ = ["CACHE_FILE", "TOLERANCE", "Choice", "choose", "fastest", "machine_key", "medians", "time_paths"]
+__all__ = [
+    "CACHE_FILE",
+    "MAX_ROUNDS",
+    "ROUNDS",
+    "TOLERANCE",
+    "Choice",
+    "choose",
+    "fastest",
+    "machine_key",
+    "medians",
+    "settled",
+    "time_paths",
+]
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "gem-cpu-kernels.json"
 #: How much faster than plain PyTorch another path must be to be chosen (a fraction of torch's time).
 TOLERANCE = 0.03
-ROUNDS = 3  # timed rounds after one warm-up forward per path
+#: Timed rounds after one warm-up run per path, when they all agree (:func:`settled`) ...
+ROUNDS = 3
+#: ... and at most, while they do not.
+MAX_ROUNDS = 9
 _memo: dict[tuple[str, str], Choice] = {}  # (cache file or "", key) -> choice, per process
 _memo_lock = threading.Lock()
 
@@ -89,17 +106,43 @@ def fastest(times: Times, tolerance: float = TOLERANCE) -> str:
     if not rounds:
         raise ValueError("no timings to choose from")
     if "torch" in rounds:
-        base = rounds["torch"]
-        score = {
-            path: statistics.median(t / b for t, b in zip(ts, base, strict=True))
-            for path, ts in rounds.items()
-        }
+        score = {path: statistics.median(rs) for path, rs in _ratios(rounds).items()}
+        score["torch"] = 1.0
     else:
         score = medians(rounds)
     best = min(score, key=lambda path: (score[path], kernels.PATHS.index(path)))
     if "torch" in score and best != "torch" and score[best] > 1.0 - tolerance:
         return "torch"
     return best
+
+
+def _ratios(rounds: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """Each path's time over plain PyTorch's, round by round (the rounds aligned)."""
+
+    def ratio(t: float, b: float) -> float:
+        if b > 0:
+            return t / b
+        return 1.0 if t <= 0 else float("inf")  # a clock too coarse to tell
+
+    base = rounds["torch"]
+    return {
+        p: [ratio(t, b) for t, b in zip(ts, base, strict=True)] for p, ts in rounds.items() if p != "torch"
+    }
+
+
+def settled(times: Times, tolerance: float = TOLERANCE) -> bool:
+    """Whether the rounds so far agree on :func:`fastest`'s choice, so that more rounds would not change it:
+    plain PyTorch beaten by the chosen path by more than ``tolerance`` in every round, or, when plain
+    PyTorch is chosen, no other path beating it by that much in any round. Without plain PyTorch's times,
+    always."""
+    rounds = _rounds(times)
+    if "torch" not in rounds:
+        return True
+    ratios = _ratios(rounds)
+    best = fastest(rounds, tolerance)
+    if best == "torch":
+        return all(r >= 1.0 - tolerance for rs in ratios.values() for r in rs)
+    return all(r < 1.0 - tolerance for r in ratios[best])
 
 
 def machine_key(
@@ -138,17 +181,20 @@ def time_paths(
     paths: Sequence[str],
     *,
     rounds: int = ROUNDS,
+    max_rounds: int = MAX_ROUNDS,
     clock: Callable[[], float] = time.perf_counter,
     precision: str = "fp32",
 ) -> dict[str, list[float]]:
     """Seconds of ``run()`` under each of ``paths`` (:func:`kernels.using`, products in ``precision``), one
     per round: one warm-up call per path (packing, compiling), then ``rounds`` rounds in which every path
-    runs once, the order rotating."""
+    runs once, the order rotating, and more rounds, up to ``max_rounds``, until they are :func:`settled`."""
     for path in paths:
         with kernels.using(path, precision):
             run()
     times: dict[str, list[float]] = {path: [] for path in paths}
-    for r in range(rounds):
+    for r in range(max(rounds, max_rounds)):
+        if r >= rounds and settled(times):
+            break
         order = list(paths[r % len(paths) :]) + list(paths[: r % len(paths)])
         for path in order:
             with kernels.using(path, precision):
