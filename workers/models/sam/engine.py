@@ -30,6 +30,7 @@ from workers.models.device import autocast_context, resolve_device, resolve_prec
 
 from .config import SamConfig
 from .families import Family, family, real_config
+from .reparam import ReparamBackbone
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,8 @@ class SamEngine:
         self.input_size = int(self._prompt_config().image_size)
         self.cache = EmbeddingLRU(self.config.cache_bytes)
         self._lock = threading.RLock()
+        #: EdgeTAM's RepViT folded for inference (docs/sam.md, *Speed*); a no-op for the other families.
+        self.reparam = ReparamBackbone(self.model)
         self._mean = torch.tensor(fam.mean).view(1, 3, 1, 1)
         self._std = torch.tensor(fam.std).view(1, 3, 1, 1)
 
@@ -239,7 +242,7 @@ class SamEngine:
             if cached is not None:
                 return cached
             pixels = self.preprocess(image).to(self.device)
-            with autocast_context(self.device, self.precision):
+            with autocast_context(self.device, self.precision), self.reparam.active():
                 out = self.model.get_image_embeddings(pixels)
             if self.precision == "bf16":
                 out = _as_float(out)
