@@ -47,13 +47,20 @@ def test_the_folded_backbone_gives_the_same_embeddings_with_fewer_modules() -> N
     backbone = engine.model.vision_encoder.backbone.timm_model
     keys = set(engine.model.state_dict())
     image = picture()
+    built = engine.reparam._folded  # folded when the engine was built, before any click
+    copy = engine.reparam.folded(backbone)
+    assert built is not None and copy is built
+    ran = []
+    # hooks on their first layers (transformers calls the timm model's forward itself, past its hooks)
+    next(copy.children()).register_forward_hook(lambda *_: ran.append("folded"))
+    next(backbone.children()).register_forward_hook(lambda *_: ran.append("original"))
     folded = engine.embed(image).tensors
+    assert ran == ["folded"]  # the embedding ran the folded copy, not the model's own backbone
     for a, b in zip(folded, unfolded_embedding(engine, image), strict=True):
         assert rel(a, b) < 1e-5
     # the model keeps its own backbone and its published state dict; the copy has no BatchNorm left
     assert engine.model.vision_encoder.backbone.timm_model is backbone
     assert set(engine.model.state_dict()) == keys and any(".bn." in k for k in keys)
-    copy = engine.reparam.folded(backbone)
     count = sum(isinstance(m, torch.nn.BatchNorm2d) for m in copy.modules())
     assert count == 0 < sum(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
     assert engine.reparam.folded(backbone) is copy  # kept while the weights are unchanged
